@@ -1,0 +1,187 @@
+"""Job payloads producers send, and the one function workers decode them with (no torch)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from schemas.base import Contract, Versioned
+from schemas.errors import InvalidJob
+from schemas.refs import ModelRef
+from schemas.specs import DType, PlacementSpec, QuantizationSpec
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,63}")
+_MODEL_KEY = re.compile(r"[0-9a-f]{16,64}")
+
+
+class JobKind(str, Enum):
+    """What a job asks a worker to do."""
+
+    load = "load"  # load a base model (and adapters) into a worker's cache
+    attach = "attach"  # attach an adapter to a resident model
+    unload = "unload"  # free a resident model
+
+
+def check_adapter_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_tenant(tenant: str) -> str:
+    if not _TENANT.fullmatch(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-64 lowercase letters, digits, '_' or '-'")
+    return tenant
+
+
+class AdapterSpec(Contract):
+    """A PEFT adapter to attach, under `name` (default: 'default' for the first)."""
+
+    ref: ModelRef
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"ref": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_adapter_name(value)
+
+
+class _Job(Contract):
+    tenant: str = "default"
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return check_tenant(value)
+
+
+class LoadJob(_Job):
+    """Load `model` (or, for an adapter repo, its base plus the adapter) on a worker.
+
+    `adapters` are attached in order after loading; `active_adapter` picks the
+    active one (default: the last attached).
+    """
+
+    kind: Literal["load"] = "load"
+    model: ModelRef
+    dtype: DType = DType.auto
+    quantization: QuantizationSpec = QuantizationSpec()
+    placement: PlacementSpec = PlacementSpec()
+    adapters: tuple[AdapterSpec, ...] = ()
+    active_adapter: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> LoadJob:
+        names = [a.name for a in self.adapters if a.name is not None]
+        if len(names) != len(set(names)):
+            raise ValueError("adapter names must be unique within a job")
+        if len([a for a in self.adapters if a.name is None]) > 1:
+            raise ValueError("when attaching several adapters, give each a name ('REF:NAME')")
+        if self.active_adapter is not None:
+            check_adapter_name(self.active_adapter)
+            if self.adapters and self.active_adapter not in names and \
+                    not (self.active_adapter == "default" and None in [a.name for a in self.adapters]):
+                raise ValueError(f"active_adapter {self.active_adapter!r} is not among the job's adapters")
+        if self.trust_remote_code and self.model.repo_id is not None and not _is_commit(self.model.revision):
+            raise ValueError("trust_remote_code needs the model pinned to a 40-character commit revision")
+        return self
+
+
+class AttachAdapterJob(_Job):
+    """Attach `adapter` to the resident model `model_key` under `name`."""
+
+    kind: Literal["attach"] = "attach"
+    model_key: str
+    adapter: ModelRef
+    name: str = "default"
+    activate: bool = True
+
+    @field_validator("model_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_model_key(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_adapter_name(value)
+
+
+class UnloadJob(_Job):
+    """Free the resident model `model_key` (with its adapters) from its worker."""
+
+    kind: Literal["unload"] = "unload"
+    model_key: str
+
+    @field_validator("model_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_model_key(value)
+
+
+def check_model_key(value: str) -> str:
+    if not _MODEL_KEY.fullmatch(value):
+        raise ValueError(f"model key {value!r} must be the hex key a load job reported")
+    return value
+
+
+def _is_commit(revision: str | None) -> bool:
+    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
+Job = Annotated[Union[LoadJob, AttachAdapterJob, UnloadJob], Field(discriminator="kind")]
+
+
+class Envelope(Versioned):
+    """What travels on the queue: the job, its id and when it was submitted."""
+
+    job_id: str
+    submitted_at: datetime
+    job: Job
+
+
+_ENVELOPE = TypeAdapter(Envelope)
+_JOB = TypeAdapter(Job)
+
+
+def parse_job(payload: Any) -> LoadJob | AttachAdapterJob | UnloadJob:
+    """Validate a job dict (or JSON string) from a producer; InvalidJob says what to fix."""
+    try:
+        if isinstance(payload, (str, bytes)):
+            return _JOB.validate_json(payload)
+        return _JOB.validate_python(payload)
+    except ValidationError as exc:
+        raise InvalidJob(describe(exc)) from None
+
+
+def decode_envelope(payload: Any) -> Envelope:
+    """The one way a worker reads a queue message; InvalidJob when it is malformed."""
+    try:
+        if isinstance(payload, (str, bytes)):
+            return _ENVELOPE.validate_json(payload)
+        return _ENVELOPE.validate_python(payload)
+    except ValidationError as exc:
+        raise InvalidJob(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one line per problem: 'field.path: what to change'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)

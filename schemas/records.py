@@ -1,0 +1,125 @@
+"""What a job's record and event stream say: status, stage, progress, result, error.
+
+No torch here. `tasks/store.py` is the one place records change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import Field
+
+from schemas.base import Contract, Versioned
+from schemas.jobs import AttachAdapterJob, JobKind, LoadJob, UnloadJob
+
+
+class JobStatus(str, Enum):
+    """Lifecycle of a job."""
+
+    queued = "queued"  # recorded and sent; no worker has started it
+    running = "running"  # a worker is on it; `stage` says where
+    retrying = "retrying"  # an attempt ended (worker lost, out of memory); it will run again
+    succeeded = "succeeded"  # done; `result` holds the ModelInfo
+    failed = "failed"  # done; `error` holds the ErrorInfo
+    cancelled = "cancelled"  # stopped on request before it finished
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+ACTIVE = frozenset({JobStatus.running, JobStatus.retrying})
+
+
+class Stage(str, Enum):
+    """Where a running job is."""
+
+    resolving = "resolving"  # finding the repo, revision and files
+    downloading = "downloading"  # fetching files not yet in the hub cache
+    loading = "loading"  # reading weights, quantizing, placing layers
+    attaching = "attaching"  # attaching PEFT adapters
+    unloading = "unloading"  # freeing a resident model
+
+
+class Progress(Contract):
+    """How far the current stage is: a 0..1 fraction, plus bytes where known."""
+
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    done: int | None = None
+    total: int | None = None
+    unit: str = "bytes"
+
+
+class ErrorInfo(Contract):
+    """Why a job failed. `type` is a stable name from schemas.errors."""
+
+    type: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] = {}
+
+
+class BaseModelInfo(Contract):
+    """The resolved base model: where it came from, at which revision."""
+
+    ref: str
+    revision: str | None = None  # hub commit hash; None for a local folder
+    path: str  # the folder the weights were read from
+    fingerprint: str | None = None  # local folders: a hash of file names, sizes and times
+
+
+class ModelInfo(Contract):
+    """A resident model as a worker reports it."""
+
+    model_key: str
+    model_class: str
+    base_model: BaseModelInfo
+    num_parameters: int
+    footprint_bytes: int
+    dtype: str
+    quantization: str
+    device_map: dict[str, str]  # module prefix -> device, summarised
+    adapters: tuple[str, ...] = ()
+    active_adapters: tuple[str, ...] = ()
+    worker: str | None = None
+    device: str | None = None
+    cache_hit: bool = False
+    load_seconds: float | None = None
+
+
+JobSpec = LoadJob | AttachAdapterJob | UnloadJob
+
+
+class JobRecord(Versioned):
+    """The state of one job, as stored in Redis and shown by `modelq status`."""
+
+    job_id: str
+    kind: JobKind
+    tenant: str
+    status: JobStatus
+    stage: Stage | None = None
+    progress: Progress | None = None
+    attempt: int = 0
+    worker: str | None = None
+    device: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: ModelInfo | None = None
+    error: ErrorInfo | None = None
+    job: JobSpec
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Event(Versioned):
+    """One line of a job's event stream."""
+
+    job_id: str
+    at: datetime
+    status: JobStatus
+    stage: Stage | None = None
+    progress: Progress | None = None
+    message: str | None = None
+    worker: str | None = None

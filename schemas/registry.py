@@ -1,0 +1,39 @@
+"""What a worker publishes about itself in the registry (no torch)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from schemas.base import Contract, Versioned
+
+
+class ResidentModel(Contract):
+    """One model in a worker's cache."""
+
+    model_key: str
+    base: str
+    tenant: str
+    bytes: int
+    adapters: tuple[str, ...] = ()
+    active_adapters: tuple[str, ...] = ()
+    quantization: str = "none"
+    pinned: bool = False
+    last_used: datetime
+
+
+class WorkerInfo(Versioned):
+    """A live worker: where it runs, what it can hold and what it holds."""
+
+    name: str
+    host: str
+    pid: int
+    device: str
+    queue: str
+    capacity_bytes: int
+    free_bytes: int
+    models: tuple[ResidentModel, ...] = ()
+    started_at: datetime
+    heartbeat_at: datetime
+
+    def holds(self, model_key: str) -> bool:
+        return any(m.model_key == model_key for m in self.models)

@@ -1,0 +1,279 @@
+"""The `modelq` command line (no torch; `modelq worker` imports worker/ only when run).
+
+Exit codes: 0 succeeded, 1 the job failed or was cancelled, 2 the input was invalid
+(nothing was enqueued), 3 timed out waiting, 4 Redis unreachable (nothing enqueued).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from schemas import (
+    BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, JobStatus, ModelqError, ModelNotFound,
+    TimedOut, parse_bytes, parse_job,
+)
+from tasks import render
+from tasks.settings import Settings
+
+OK, FAILED, INVALID, TIMED_OUT, UNREACHABLE = 0, 1, 2, 3, 4
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def _client() -> Any:
+    from tasks.client import Client
+
+    return Client(Settings())
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    render.console(stderr=True).print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def _exit_for(record: JobRecord) -> int:
+    return OK if record.status is JobStatus.succeeded else FAILED
+
+
+def _ref(value: str) -> str:
+    """A ref as typed: an existing relative folder becomes absolute; else as given."""
+    if os.path.isdir(value) and not value.startswith(("/", "~")):
+        return os.path.abspath(value)
+    return value
+
+
+def _adapter(value: str) -> dict[str, Any]:
+    head, sep, tail = value.rpartition(":")
+    if sep and head and _ADAPTER_NAME.fullmatch(tail):
+        return {"ref": _ref(head), "name": tail}
+    return {"ref": _ref(value)}
+
+
+def _show(record: JobRecord, as_json: bool) -> None:
+    if as_json:
+        click.echo(record.model_dump_json(indent=2))
+    else:
+        render.console().print(render.record_table(record))
+
+
+def _submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, as_json: bool) -> None:
+    try:
+        parsed = parse_job(job)
+        handle = _client().submit(parsed)
+    except InvalidJob as exc:
+        _fail(f"invalid job: {exc.message}", INVALID)
+    except BrokerUnavailable as exc:
+        _fail(exc.message, UNREACHABLE)
+    except ModelNotFound as exc:
+        _fail(exc.message, INVALID)
+    if not wait:
+        if as_json:
+            _show(handle.status(), True)
+        else:
+            click.echo(handle.job_id)
+        return
+    try:
+        record = handle.wait(timeout=timeout)
+    except TimedOut as exc:
+        if as_json:
+            _show(handle.status(), True)
+        _fail(exc.message, TIMED_OUT)
+    _show(record, as_json)
+    sys.exit(_exit_for(record))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """modelq: a job queue that loads Hugging Face models and PEFT adapters onto GPU workers."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N")
+@click.option("--name", default=None, help="Worker name (default: HOST-DEVICE).")
+@click.option("--capacity", default=None, help="Bytes this worker may fill, e.g. 2GiB.")
+def worker(device: str, name: str | None, capacity: str | None) -> None:
+    """Run one worker pinned to one device (foreground)."""
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    from worker.main import run_worker
+
+    try:
+        size = parse_bytes(capacity) if capacity else None
+    except ValueError as exc:
+        _fail(f"--capacity: {exc}", INVALID)
+    try:
+        run_worker(Settings(), device=device, name=name, capacity=size)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), INVALID)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub repo.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--quant", default="none", show_default=True,
+              type=click.Choice(["none", "int8", "nf4", "fp4"]))
+@click.option("--double-quant/--no-double-quant", default=None, help="4-bit: quantize the scales too.")
+@click.option("--compute-dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="4-bit: dtype of the matmuls.")
+@click.option("--int8-threshold", default=None, type=float, help="int8: outlier threshold.")
+@click.option("--skip-module", "skip_modules", multiple=True, help="Module left unquantized (repeat).")
+@click.option("--device-map", default=None,
+              help="auto, balanced, sequential, a device (cpu, cuda:0) or a JSON module map.")
+@click.option("--max-memory", multiple=True, metavar="DEV=SIZE", help="e.g. 0=20GiB, cpu=30GiB (repeat).")
+@click.option("--adapter", "adapters", multiple=True, metavar="REF[:NAME]", help="Adapter to attach (repeat).")
+@click.option("--active-adapter", default=None, help="Adapter to activate (default: the last).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the repo's own code (pinned commit only).")
+@click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"))
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit code says how.")
+@click.option("--timeout", default=None, type=float, help="Seconds to wait (with --wait).")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: bool | None,
+         compute_dtype: str | None, int8_threshold: float | None, skip_modules: tuple[str, ...],
+         device_map: str | None, max_memory: tuple[str, ...], adapters: tuple[str, ...],
+         active_adapter: str | None, trust_remote_code: bool, tenant: str, wait: bool,
+         timeout: float | None, as_json: bool) -> None:
+    """Submit a load job for REF (a hub repo id or a local folder); prints its id."""
+    model: dict[str, Any] = {"path": _ref(ref)} if os.path.isdir(ref) else {"repo_id": ref}
+    if ref.startswith(("/", "./", "../", "~")):
+        model = {"path": _ref(ref)}
+    if revision:
+        model["revision"] = revision
+    quantization: dict[str, Any] = {"method": quant}
+    for key, value in (("double_quant", double_quant), ("compute_dtype", compute_dtype),
+                       ("int8_threshold", int8_threshold)):
+        if value is not None:
+            quantization[key] = value
+    if skip_modules:
+        quantization["skip_modules"] = list(skip_modules)
+    placement: dict[str, Any] = {}
+    if device_map:
+        placement["device_map"] = json.loads(device_map) if device_map.startswith("{") else device_map
+    if max_memory:
+        try:
+            placement["max_memory"] = dict(item.split("=", 1) for item in max_memory)
+        except ValueError:
+            _fail("--max-memory takes DEV=SIZE, e.g. 0=20GiB", INVALID)
+    job: dict[str, Any] = {"kind": "load", "model": model, "dtype": dtype,
+                           "quantization": quantization, "placement": placement,
+                           "adapters": [_adapter(a) for a in adapters], "tenant": tenant,
+                           "trust_remote_code": trust_remote_code}
+    if active_adapter:
+        job["active_adapter"] = active_adapter
+    _submit_and_report(job, wait, timeout, as_json)
+
+
+@main.command()
+@click.argument("model_key")
+@click.argument("adapter_ref")
+@click.option("--name", default="default", show_default=True, help="Adapter name on the model.")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub adapter repo.")
+@click.option("--no-activate", is_flag=True, help="Attach without making it active.")
+@click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"))
+@click.option("--wait", is_flag=True)
+@click.option("--timeout", default=None, type=float)
+@click.option("--json", "as_json", is_flag=True)
+def attach(model_key: str, adapter_ref: str, name: str, revision: str | None, no_activate: bool,
+           tenant: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Attach ADAPTER_REF to the resident model MODEL_KEY."""
+    ref = _ref(adapter_ref)
+    adapter: Any = {"path": ref} if os.path.isdir(adapter_ref) else ref
+    if revision:
+        adapter = {"repo_id": adapter_ref, "revision": revision}
+    _submit_and_report({"kind": "attach", "model_key": model_key, "adapter": adapter, "name": name,
+                        "activate": not no_activate, "tenant": tenant}, wait, timeout, as_json)
+
+
+@main.command()
+@click.argument("model_key")
+@click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"))
+@click.option("--wait", is_flag=True)
+@click.option("--timeout", default=None, type=float)
+@click.option("--json", "as_json", is_flag=True)
+def unload(model_key: str, tenant: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Free the resident model MODEL_KEY."""
+    _submit_and_report({"kind": "unload", "model_key": model_key, "tenant": tenant}, wait, timeout,
+                       as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str, as_json: bool) -> None:
+    """Print a job's record."""
+    record = _read(job_id)
+    _show(record, as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", default=None, type=float, help="Stop watching after this many seconds.")
+def watch(job_id: str, timeout: float | None) -> None:
+    """Follow a job's events with a progress bar until it ends."""
+    from tasks.watch import follow_with_bar
+
+    client = _client()
+    _read(job_id, client)
+    record = follow_with_bar(client, job_id, timeout)
+    if not record.terminal:
+        _fail(f"job {job_id} is still {record.status.value}", TIMED_OUT)
+    render.console().print(render.record_table(record))
+    sys.exit(_exit_for(record))
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a queued or running job."""
+    client = _client()
+    _read(job_id, client)
+    record = client.cancel(job_id)
+    if record.status is JobStatus.cancelled:
+        click.echo(f"{job_id} cancelled")
+    elif record.terminal:
+        click.echo(f"{job_id} already {record.status.value}")
+    else:
+        click.echo(f"{job_id} is {record.status.value}: it stops at its next stage")
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+def ls(as_json: bool) -> None:
+    """List workers and their resident models."""
+    workers = _client().workers()
+    if as_json:
+        click.echo(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
+    else:
+        render.console().print(render.workers_table(workers))
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of jobs, records and events."""
+    from tasks.schema_doc import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+def _read(job_id: str, client: Any = None) -> JobRecord:
+    try:
+        return (client or _client()).status(job_id)
+    except JobNotFound as exc:
+        _fail(exc.message, INVALID)
+    except ModelqError as exc:
+        _fail(exc.message, UNREACHABLE if isinstance(exc, BrokerUnavailable) else FAILED)
+    except Exception as exc:  # redis.ConnectionError and kin
+        _fail(f"cannot read job {job_id}: {exc}", UNREACHABLE)
+
+
+if __name__ == "__main__":
+    main()

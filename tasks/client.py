@@ -1,0 +1,152 @@
+"""The producer's API: `Client.submit(job) -> JobHandle` (no torch).
+
+A job is validated before anything is written; the record is written before the
+task is sent, and removed again if the send fails, so nothing is half-enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from schemas import (
+    AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobKind, JobRecord, JobStatus,
+    LoadJob, ModelNotFound, TERMINAL, TimedOut, UnloadJob, WorkerInfo, parse_job,
+)
+from tasks.keys import SHARED_QUEUE, Keys
+from tasks.registry import Registry, route
+from tasks.settings import Settings
+from tasks.store import Store, follow, now
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+AnyJob = LoadJob | AttachAdapterJob | UnloadJob
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client that fails within the connect timeout instead of hanging."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.connect_timeout_seconds,
+        socket_timeout=settings.connect_timeout_seconds + 60,
+        health_check_interval=30,
+    )
+
+
+class Client:
+    """Submits jobs and reads their records, events and the worker pool."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.redis = connect(self.settings)
+        self.keys = Keys(self.settings.key_prefix)
+        self.store = Store(self.redis, self.keys, self.settings.record_ttl_seconds)
+        self.registry = Registry(self.redis, self.keys)
+        self._app: Celery | None = None
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:  # celery is slow to import; `modelq status` never needs it
+            from tasks.app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+    def submit(self, job: AnyJob | dict[str, Any]) -> JobHandle:
+        """Record and enqueue `job`; InvalidJob if it does not validate, nothing written."""
+        if isinstance(job, dict):
+            job = parse_job(job)
+        job_id = uuid.uuid4().hex
+        try:
+            queue = route(job, self.registry.workers())
+            if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
+                raise ModelNotFound(
+                    f"model {job.model_key} is not resident on any live worker; load it first "
+                    "(`modelq ls` lists resident models)", model_key=job.model_key)
+            record = JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
+                               status=JobStatus.queued, created_at=now(), job=job)
+            envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
+            self.store.create(record)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(self._unreachable(exc)) from exc
+        try:
+            self.app.send_task(
+                "modelq.run", args=[envelope.model_dump(mode="json")], task_id=job_id,
+                queue=queue, retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:
+            self._forget(job_id)
+            raise BrokerUnavailable(self._unreachable(exc)) from exc
+        log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
+        return JobHandle(self, job_id)
+
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def status(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def workers(self) -> list[WorkerInfo]:
+        return self.registry.workers()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once; a running one stops at its next stage boundary."""
+        record = self.store.transition(job_id, JobStatus.cancelled, message="cancelled before start",
+                                       only_from=frozenset({JobStatus.queued, JobStatus.retrying}))
+        if record is None:
+            current = self.store.get(job_id)
+            if not current.terminal:
+                self.store.request_cancel(job_id)
+            return current
+        return record
+
+    def _forget(self, job_id: str) -> None:
+        try:
+            self.store.delete(job_id)
+        except redis.RedisError:
+            log.warning("could not remove the record of unsent job %s", job_id)
+
+    def _unreachable(self, exc: Exception) -> str:
+        where = self.settings.redis_url.rsplit("@", 1)[-1]  # never print a password
+        return (f"Redis at {where} is unreachable ({type(exc).__name__}); nothing was enqueued. "
+                "Start Redis (or `modelq up`) or set MODELQ_REDIS_URL")
+
+
+class JobHandle:
+    """A submitted job: read its record, follow its events, wait for it, cancel it."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
+
+    def status(self) -> JobRecord:
+        return self.client.status(self.job_id)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events from the first until the terminal one (or until `timeout`)."""
+        return follow(self.client.store, self.job_id, timeout=timeout)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        """The terminal record; TimedOut (the job goes on) if it takes longer than `timeout`."""
+        for event in self.events(timeout=timeout):
+            if event.status in TERMINAL:
+                break
+        record = self.status()
+        if not record.terminal:
+            raise TimedOut(f"job {self.job_id} is still {record.status.value} after {timeout}s; "
+                           "it goes on: wait again or cancel it", job_id=self.job_id)
+        return record
+
+    def cancel(self) -> JobRecord:
+        return self.client.cancel(self.job_id)

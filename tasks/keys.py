@@ -1,0 +1,47 @@
+"""The Redis key layout: the one module that knows modelq's key names (no torch).
+
+Nothing else formats a key string. Celery's own broker keys (its queues, named by
+`queue_*` below) are laid out by kombu.
+"""
+
+from __future__ import annotations
+
+SHARED_QUEUE = "modelq"
+"""The queue every worker consumes; jobs go here when no worker is preferred."""
+
+
+class Keys:
+    """Key names under one prefix (Settings.key_prefix)."""
+
+    def __init__(self, prefix: str = "modelq") -> None:
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        """String: the JobRecord as JSON."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Stream: the job's Events, field 'event' holding JSON."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def cancel(self, job_id: str) -> str:
+        """String: set when a cancel was asked for a job that may be running."""
+        return f"{self.prefix}:job:{job_id}:cancel"
+
+    def worker(self, name: str) -> str:
+        """String with a TTL: the worker's registry entry as JSON, refreshed by its heartbeat."""
+        return f"{self.prefix}:worker:{name}"
+
+    def workers(self) -> str:
+        """Set: names of workers that registered (entries may have expired)."""
+        return f"{self.prefix}:workers"
+
+    def jobs(self, tenant: str) -> str:
+        """Sorted set: a tenant's job ids by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+
+def worker_queue(name: str) -> str:
+    """The queue only worker `name` consumes (routing to where a model is resident)."""
+    return f"modelq.worker.{name}"
+

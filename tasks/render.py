@@ -1,0 +1,84 @@
+"""How the CLI shows records, events and the pool to a person (no torch)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from schemas import Event, JobRecord, WorkerInfo
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def record_table(record: JobRecord) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows: list[tuple[str, str]] = [
+        ("job", record.job_id), ("kind", record.kind.value), ("tenant", record.tenant),
+        ("status", record.status.value), ("attempt", str(record.attempt)),
+    ]
+    if record.stage is not None and not record.terminal:
+        rows.append(("stage", record.stage.value))
+    if record.worker:
+        rows.append(("worker", f"{record.worker} ({record.device})"))
+    if record.started_at and record.finished_at:
+        rows.append(("took", f"{(record.finished_at - record.started_at).total_seconds():.2f}s"))
+    if record.result is not None:
+        info = record.result
+        rows += [
+            ("model_key", info.model_key), ("model", f"{info.model_class} from {info.base_model.ref}"),
+            ("revision", info.base_model.revision or info.base_model.fingerprint or "-"),
+            ("parameters", f"{info.num_parameters:,}"), ("footprint", size(info.footprint_bytes)),
+            ("dtype", info.dtype), ("quantization", info.quantization),
+            ("device_map", ", ".join(f"{k or '*'}: {v}" for k, v in info.device_map.items())),
+            ("adapters", ", ".join(info.adapters) or "-"),
+            ("active", ", ".join(info.active_adapters) or "-"),
+            ("cache_hit", "yes" if info.cache_hit else "no"),
+        ]
+    if record.error is not None:
+        rows += [("error", record.error.type), ("message", record.error.message),
+                 ("retryable", "yes" if record.error.retryable else "no")]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def event_line(event: Event) -> str:
+    parts = [event.at.strftime("%H:%M:%S"), event.status.value]
+    if event.stage is not None:
+        parts.append(event.stage.value)
+    if event.progress is not None and event.progress.total:
+        parts.append(f"{event.progress.fraction:.0%}")
+    if event.message:
+        parts.append(event.message)
+    return "  ".join(parts)
+
+
+def workers_table(workers: list[WorkerInfo]) -> Table:
+    table = Table(title="modelq pool")
+    for column in ("worker", "device", "capacity", "free", "model_key", "base", "tenant", "size",
+                   "adapters", "pinned"):
+        table.add_column(column)
+    for worker in workers:
+        first = (worker.name, worker.device, size(worker.capacity_bytes), size(worker.free_bytes))
+        if not worker.models:
+            table.add_row(*first, "-", "-", "-", "-", "-", "-")
+        for i, model in enumerate(worker.models):
+            head = first if i == 0 else ("", "", "", "")
+            table.add_row(*head, model.model_key, model.base, model.tenant, size(model.bytes),
+                          ", ".join(model.adapters) or "-", "yes" if model.pinned else "no")
+    return table
+
+
+def console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)

@@ -1,0 +1,46 @@
+"""One typed settings object (prefix MODELQ_), built once at start and passed in (no torch)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Everything a producer or worker reads from the environment.
+
+    Tests build one directly (`Settings(redis_url=...)`) instead of patching globals.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELQ_", frozen=True, extra="ignore")
+
+    redis_url: str = DEFAULT_REDIS_URL
+    """Redis for the broker, records and registry; AUTH/TLS go in the URL (rediss://user:pw@host)."""
+
+    key_prefix: str = "modelq"
+    """Prefix of every Redis key modelq writes, so several deployments can share one Redis."""
+
+    max_load_seconds: int = Field(default=3600, gt=0)
+    """The longest a load may run; the broker's visibility timeout is set above it."""
+
+    record_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    """How long a finished job's record and events stay readable."""
+
+    heartbeat_seconds: float = Field(default=2.0, gt=0)
+    """How often a worker refreshes its registry entry."""
+
+    worker_ttl_seconds: float = Field(default=10.0, gt=0)
+    """A worker whose entry is not refreshed for this long is gone."""
+
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    """How long a client waits for Redis before `submit` fails with BrokerUnavailable."""
+
+    max_attempts: int = Field(default=3, ge=1)
+    """Deliveries of one job before it fails as WorkerLost."""
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before an unacked task is delivered again: above the longest load."""
+        return self.max_load_seconds + 600

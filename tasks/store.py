@@ -1,0 +1,158 @@
+"""Job records and event streams in Redis: the one place a job's status changes (no torch).
+
+Each change is one mapping (status, its timestamp, worker, result or error) written
+with its event in one MULTI/EXEC, under WATCH so a cancel and a worker's update
+never overwrite each other. A terminal record never changes again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+from schemas import TERMINAL, Event, JobNotFound, JobRecord, JobStatus, Progress, Stage
+from tasks.keys import Keys
+
+log = logging.getLogger(__name__)
+
+EVENTS_MAXLEN = 10_000
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Store:
+    """Reads and writes records and events under `keys`."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, record_ttl: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.record_ttl = record_ttl
+
+    # --- reading -------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self.redis.get(self.keys.job(job_id))
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r}: check the id (records expire after a week)",
+                              job_id=job_id)
+        return JobRecord.model_validate_json(raw)
+
+    def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None,
+               count: int = 200) -> list[tuple[str, Event]]:
+        """Events after stream id `after`, waiting up to `block_ms` for the first."""
+        reply = self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
+        out: list[tuple[str, Event]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
+        return out
+
+    # --- writing -------------------------------------------------------------------
+
+    def create(self, record: JobRecord) -> None:
+        """Write a new record with its first event; refuses to overwrite an existing job."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.job(record.job_id), record.model_dump_json(), nx=True,
+                 ex=self.record_ttl)
+        self._add_event(pipe, record, message="submitted")
+        pipe.zadd(self.keys.jobs(record.tenant), {record.job_id: record.created_at.timestamp()})
+        created, *_ = pipe.execute()
+        if not created:
+            raise ValueError(f"job {record.job_id} already exists")
+
+    def delete(self, job_id: str) -> None:
+        """Remove a record that was never enqueued (the send failed)."""
+        self.redis.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id))
+
+    def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,
+                   only_from: frozenset[JobStatus] | None = None,
+                   **changes: Any) -> JobRecord | None:
+        """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`."""
+        key = self.keys.job(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
+                    current = JobRecord.model_validate_json(raw)
+                    if current.status in TERMINAL or (only_from and current.status not in only_from):
+                        pipe.unwatch()
+                        return None
+                    record = current.model_copy(update={"status": status, **_stamps(current, status),
+                                                        **changes})
+                    pipe.multi()
+                    pipe.set(key, record.model_dump_json(), ex=self.record_ttl)
+                    self._add_event(pipe, record, message=message)
+                    if status in TERMINAL:
+                        pipe.expire(self.keys.events(job_id), self.record_ttl)
+                        pipe.delete(self.keys.cancel(job_id))
+                    pipe.execute()
+                    return record
+                except redis.WatchError:
+                    continue
+
+    def report(self, job_id: str, stage: Stage, progress: Progress | None = None,
+               message: str | None = None) -> JobRecord | None:
+        """A running job's stage and progress; ignored once the job left `running`."""
+        return self.transition(job_id, JobStatus.running, message=message,
+                               only_from=frozenset({JobStatus.running}),
+                               stage=stage, progress=progress)
+
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.set(self.keys.cancel(job_id), "1", ex=self.record_ttl)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.cancel(job_id)))
+
+    def _add_event(self, pipe: Any, record: JobRecord, message: str | None) -> None:
+        event = Event(job_id=record.job_id, at=now(), status=record.status, stage=record.stage,
+                      progress=record.progress, message=message, worker=record.worker)
+        pipe.xadd(self.keys.events(record.job_id), {"event": event.model_dump_json()},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
+    if status is JobStatus.running and current.status is not JobStatus.running:
+        return {"started_at": now(), "stage": None, "progress": None}
+    if status in TERMINAL:
+        return {"finished_at": now()}
+    return {}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _field(fields: dict[Any, Any]) -> Any:
+    return b"event" if b"event" in fields else "event"
+
+
+def follow(store: Store, job_id: str, timeout: float | None = None,
+           poll_ms: int = 1000) -> Iterator[Event]:
+    """Yield a job's events from the start until a terminal one (or `timeout` passes)."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    after = "0-0"
+    while True:
+        block = poll_ms
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            block = max(1, min(poll_ms, int(left * 1000)))
+        batch = store.events(job_id, after=after, block_ms=block)
+        for after, event in batch:
+            yield event
+            if event.status in TERMINAL:
+                return
+        if not batch and store.get(job_id).terminal:
+            return

@@ -1,0 +1,1 @@
+"""modelq worker runtime: the only layer that imports torch, transformers, peft, bitsandbytes."""

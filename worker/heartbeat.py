@@ -1,0 +1,95 @@
+"""The worker's registry entry: written at start, refreshed by a heartbeat, removed at exit.
+
+The entry has a TTL, so a worker that dies without cleaning up vanishes within it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import redis
+
+from schemas import ResidentModel, WorkerInfo
+from tasks.keys import Keys, worker_queue
+
+log = logging.getLogger(__name__)
+
+
+class WorkerNameTaken(RuntimeError):
+    """A live worker already holds this name."""
+
+
+class Heartbeat:
+    """Publishes this worker's WorkerInfo every `interval` seconds with a `ttl`."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, name: str, device: str,
+                 capacity: Callable[[], int], free: Callable[[], int],
+                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float) -> None:
+        self.redis = client
+        self.keys = keys
+        self.name = name
+        self.device = device
+        self._capacity = capacity
+        self._free = free
+        self._models = models
+        self.interval = interval
+        self.ttl_ms = int(ttl * 1000)
+        self.started_at = datetime.now(timezone.utc)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
+                          device=self.device, queue=worker_queue(self.name),
+                          capacity_bytes=self._capacity(), free_bytes=self._free(),
+                          models=tuple(self._models()), started_at=self.started_at,
+                          heartbeat_at=datetime.now(timezone.utc))
+
+    def register(self) -> None:
+        """Claim the name; WorkerNameTaken if another live process holds it."""
+        info = self.info()
+        if not self.redis.set(self.keys.worker(self.name), info.model_dump_json(), nx=True,
+                              px=self.ttl_ms):
+            raw = self.redis.get(self.keys.worker(self.name))
+            other = WorkerInfo.model_validate_json(raw) if raw else None
+            if other is not None and (other.host, other.pid) != (info.host, info.pid):
+                raise WorkerNameTaken(
+                    f"a live worker named {self.name!r} runs on {other.host} (pid {other.pid}); "
+                    "stop it or start this one with another --name")
+        self.redis.sadd(self.keys.workers(), self.name)
+        self.publish()
+
+    def publish(self) -> None:
+        """Write the entry now (after the cache changed)."""
+        with self._lock:
+            try:
+                self.redis.set(self.keys.worker(self.name), self.info().model_dump_json(),
+                               px=self.ttl_ms)
+                self.redis.sadd(self.keys.workers(), self.name)
+            except redis.RedisError as exc:
+                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="modelq-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and leave the registry."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 1)
+        try:
+            self.redis.delete(self.keys.worker(self.name))
+            self.redis.srem(self.keys.workers(), self.name)
+        except redis.RedisError as exc:
+            log.warning("worker %s: could not leave the registry: %s", self.name, exc)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()

@@ -1,0 +1,86 @@
+"""`modelq worker`: one long-lived process pinned to one device, consuming jobs.
+
+The device is pinned before torch loads; the model stack is imported at start so
+no job pays for it; the Celery pool is `solo` (no fork after CUDA), so the model
+cache lives as long as the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{device.replace(':', '')}"
+
+
+def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = None,
+               capacity: int | None = None) -> None:
+    """Run a worker in the foreground until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+    from worker.device import pin
+
+    local_device = pin(device)
+    started = time.monotonic()
+    import_model_stack()
+    log.info("model stack imported in %.1fs", time.monotonic() - started)
+
+    from tasks.app import TASK_RUN, create_app
+    from tasks.client import connect
+    from tasks.store import Store
+    from worker import device as devices
+    from worker.cache import ModelCache
+    from worker.heartbeat import Heartbeat
+    from worker.runner import Runner
+    from worker.service import ModelService, WorkerSpot
+
+    name = name or default_name(device)
+    keys = Keys(settings.key_prefix)
+    client = connect(settings)
+    cache = ModelCache(devices.capacity(local_device, capacity))
+    heartbeat = Heartbeat(client, keys, name=name, device=device, capacity=lambda: cache.capacity,
+                          free=lambda: cache.free,
+                          models=lambda: [e.resident() for e in cache.entries()],
+                          interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds)
+    service = ModelService(cache, WorkerSpot(name=name, device=device, local_device=local_device))
+    runner = Runner(Store(client, keys, settings.record_ttl_seconds), service,
+                    max_attempts=settings.max_attempts, on_change=heartbeat.publish)
+
+    app = create_app(settings)
+
+    @app.task(name=TASK_RUN, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def run(task: object, envelope: dict[str, object]) -> None:
+        runner.run(envelope)
+
+    heartbeat.register()
+    heartbeat.start()
+    log.info("worker %s on %s (%s): capacity %d bytes, queues %s and %s", name, device,
+             local_device, cache.capacity, SHARED_QUEUE, worker_queue(name))
+    try:
+        worker = app.Worker(hostname=f"{name}@{socket.gethostname()}", pool="solo", concurrency=1,
+                            queues=[SHARED_QUEUE, worker_queue(name)], loglevel="WARNING",
+                            without_mingle=True, without_gossip=True, without_heartbeat=True,
+                            optimization="fair", quiet=True)
+        worker.start()
+    finally:
+        heartbeat.stop()
+        log.info("worker %s stopped", name)
+
+
+def import_model_stack() -> None:
+    """Import torch, transformers, peft, bitsandbytes and accelerate once, at start."""
+    import accelerate  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import worker.adapters  # noqa: F401
+    import worker.loader  # noqa: F401

@@ -1,0 +1,201 @@
+"""What a worker does for each job kind: load, attach, unload, against its model cache.
+
+No Redis here: the runner hands in a Reporter and turns the result into a record.
+A job either completes or leaves the cache as it found it (a fresh model whose
+adapter fails is dropped; adapters a failed job attached to a cached model are removed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from schemas import (
+    AdapterSpec, AttachAdapterJob, BaseModelInfo, Cancelled, LoadJob, ModelInfo, ModelNotFound,
+    ModelRef, Stage, UnloadJob,
+)
+from schemas.errors import AdapterIncompatible, InvalidJob, ModelqError
+from worker import adapters, loader
+from worker.cache import Entry, ModelCache, release_memory
+from worker.errors import translate
+from worker.progress import Reporter
+from worker.resolve import ADAPTER_CONFIG, CONFIG, Source, base_of, fetch, read_json, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpot:
+    """Who is doing the work: the worker's name, its device as configured and as torch sees it."""
+
+    name: str
+    device: str  # as given to `modelq worker --device` (cuda:3)
+    local_device: str  # as torch sees it after pinning (cuda:0) or cpu
+
+
+class ModelService:
+    """Runs load, attach and unload jobs against one worker's cache."""
+
+    def __init__(self, cache: ModelCache, spot: WorkerSpot) -> None:
+        self.cache = cache
+        self.spot = spot
+
+    def load(self, job: LoadJob, reporter: Reporter) -> ModelInfo:
+        started = time.monotonic()
+        reporter.stage(Stage.resolving, f"resolving {job.model.display}")
+        if job.model.repo_id is not None:
+            reporter.stage(Stage.downloading, f"fetching {job.model.display}")
+        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code,
+                           tqdm_class=reporter.tqdm_class())
+        _check_cancel(reporter)
+        key = loader.model_key(resolved.base.identity, job)
+        entry = self.cache.get(key)
+        cache_hit = entry is not None
+        if entry is None:
+            reporter.stage(Stage.loading, f"loading {resolved.base.ref}")
+            try:
+                model = loader.load(resolved, job, self.spot.local_device, reporter)
+            except ModelqError:
+                raise
+            except Exception as exc:
+                release_memory()
+                raise translate(exc, ref=resolved.base.ref) from exc
+            entry = self._entry(key, model, resolved.base, job)
+            if reporter.cancelled():
+                entry.model = None  # type: ignore[assignment]
+                release_memory()
+                raise Cancelled("cancelled after loading; the model was freed")
+        wanted = list(job.adapters)
+        if resolved.adapter is not None:
+            wanted.insert(0, AdapterSpec(ref=_ref_of(resolved.adapter), name=None))
+        attached: list[str] = []
+        try:
+            for spec in wanted:
+                _check_cancel(reporter)
+                name = spec.name or "default"
+                source = resolved.adapter if spec.ref == _ref_of_or_none(resolved.adapter) else None
+                if self._attach(entry, spec.ref, name, reporter, source=source, activate=True):
+                    attached.append(name)
+            if job.active_adapter is not None:
+                adapters.activate(entry.model, job.active_adapter)
+        except BaseException:
+            if not cache_hit:
+                entry.model = None  # type: ignore[assignment]
+                release_memory()
+            else:
+                self._detach(entry, attached)
+            raise
+        entry.info = self._info(entry, cache_hit, time.monotonic() - started)
+        self.cache.put(entry)
+        return entry.info
+
+    def attach(self, job: AttachAdapterJob, reporter: Reporter) -> ModelInfo:
+        started = time.monotonic()
+        entry = self._resident(job.model_key, job.tenant)
+        self._attach(entry, job.adapter, job.name, reporter, activate=job.activate)
+        entry.info = self._info(entry, True, time.monotonic() - started)
+        return entry.info
+
+    def unload(self, job: UnloadJob, reporter: Reporter) -> ModelInfo:
+        entry = self._resident(job.model_key, job.tenant)
+        reporter.stage(Stage.unloading, f"freeing {entry.base.ref}")
+        info = entry.info
+        self.cache.remove(job.model_key)
+        return info
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _resident(self, key: str, tenant: str) -> Entry:
+        entry = self.cache.get(key)
+        if entry is None or entry.tenant != tenant:
+            raise ModelNotFound(f"model {key} is not resident on worker {self.spot.name}: load it "
+                                "first (`modelq ls` lists resident models)", model_key=key)
+        return entry
+
+    def _attach(self, entry: Entry, ref: ModelRef, name: str, reporter: Reporter, *,
+                activate: bool, source: Source | None = None) -> bool:
+        """Attach `ref` as `name`; False when that very adapter is already attached."""
+        reporter.stage(Stage.attaching, f"attaching {ref.display} as {name!r}")
+        source = source or fetch(ref, tqdm_class=reporter.tqdm_class())
+        if entry.adapters.get(name) == source.identity:
+            if activate:
+                adapters.activate(entry.model, name)
+            return False
+        if name in entry.adapters:
+            raise InvalidJob(f"adapter name {name!r} is taken on model {entry.key} by another "
+                             "adapter: pick another name", name=name)
+        _check_base(entry.base, source)
+        entry.model = adapters.attach(entry.model, source, name, activate=activate)
+        entry.adapters[name] = source.identity
+        return True
+
+    def _detach(self, entry: Entry, names: list[str]) -> None:
+        for name in names:
+            try:
+                entry.model.delete_adapter(name)
+            except Exception:  # the model stays usable; the name is dropped regardless
+                log.exception("could not remove adapter %s from %s", name, entry.key)
+            entry.adapters.pop(name, None)
+
+    def _entry(self, key: str, model: torch.nn.Module, base: Source, job: LoadJob) -> Entry:
+        info = ModelInfo(
+            model_key=key, model_class=type(model).__name__,
+            base_model=BaseModelInfo(ref=base.ref, revision=base.revision, path=str(base.path),
+                                     fingerprint=base.fingerprint),
+            num_parameters=loader.count_parameters(model), footprint_bytes=loader.footprint(model),
+            dtype=str(model.dtype).removeprefix("torch."),
+            quantization=job.quantization.method.value,
+            device_map=loader.device_summary(model, self.spot.device))
+        return Entry(key=key, model=model, info=info, base=base, tenant=job.tenant,
+                     bytes=info.footprint_bytes)
+
+    def _info(self, entry: Entry, cache_hit: bool, seconds: float) -> ModelInfo:
+        attached, active = adapters.names(entry.model)
+        footprint = loader.footprint(entry.model)
+        entry.bytes = footprint
+        return entry.info.model_copy(update={
+            "adapters": attached, "active_adapters": active, "footprint_bytes": footprint,
+            "worker": self.spot.name, "device": self.spot.device, "cache_hit": cache_hit,
+            "load_seconds": round(seconds, 4)})
+
+
+def _check_base(base: Source, adapter: Source) -> None:
+    """AdapterIncompatible when the adapter names a base that is clearly not `base`.
+
+    Same hub repo, or a folder with the same config.json, counts as the same base;
+    when the declared base can't be compared here, peft's own shape checks decide.
+    """
+    name = read_json(adapter.path / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not name:
+        return
+    declared = base_of(adapter.ref, str(name))
+    if declared.repo_id is not None:
+        same = base.repo_id is None or base.repo_id == declared.repo_id
+    else:
+        path = Path(os.path.expanduser(str(declared.path))).resolve()
+        same = (path == base.path or not (path / CONFIG).is_file()
+                or read_json(path / CONFIG) == read_json(base.path / CONFIG))
+    if not same:
+        raise AdapterIncompatible(
+            f"adapter {adapter.ref} was trained on {name}, but the model is {base.ref}: load "
+            f"{name} and attach it there", ref=adapter.ref, declared_base=str(name))
+
+
+def _ref_of(source: Source) -> ModelRef:
+    if source.repo_id is not None:
+        return ModelRef(repo_id=source.repo_id, revision=source.revision)
+    return ModelRef(path=str(source.path))
+
+
+def _ref_of_or_none(source: Source | None) -> ModelRef | None:
+    return None if source is None else _ref_of(source)
+
+
+def _check_cancel(reporter: Reporter) -> None:
+    if reporter.cancelled():
+        raise Cancelled("cancelled on request")
