@@ -58,6 +58,12 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     def run(task: object, envelope: dict[str, object]) -> None:
         runner.run(envelope)
 
+    from celery.signals import worker_ready
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        log.info("worker %s ready", name)
+
     heartbeat.register()
     heartbeat.start()
     log.info("worker %s on %s (%s): capacity %d bytes, queues %s and %s", name, device,

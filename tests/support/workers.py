@@ -1,0 +1,100 @@
+"""Real `modelq worker` subprocesses for end-to-end tests.
+
+Each worker is a separate process started through the console script, as a user
+starts it; tests can stop it (SIGTERM), kill it (SIGKILL) and read its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from tasks.keys import Keys
+
+
+class WorkerProcess:
+    """One `modelq worker` process and its log file."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class WorkerPool:
+    """Starts workers against one Redis with a shared environment; stops them all at the end."""
+
+    def __init__(self, redis_url: str, log_dir: Path, env: dict[str, str] | None = None,
+                 key_prefix: str = "modelq") -> None:
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.env = env or {}
+        self.keys = Keys(key_prefix)
+        self.workers: list[WorkerProcess] = []
+
+    def start(self, name: str, *args: str, wait: bool = True, timeout: float = 90,
+              env: dict[str, str] | None = None) -> WorkerProcess:
+        log = self.log_dir / f"worker-{name}-{len(self.workers)}.log"
+        full_env = {**os.environ, "MODELQ_REDIS_URL": self.redis_url,
+                    "MODELQ_HEARTBEAT_SECONDS": "0.5", "MODELQ_WORKER_TTL_SECONDS": "3",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                    "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tasks.cli", "worker", "--device", "cpu", "--name", name, *args],
+                stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        worker = WorkerProcess(name, proc, log)
+        self.workers.append(worker)
+        if wait:
+            self.wait_registered(worker, timeout)
+        return worker
+
+    def wait_registered(self, worker: WorkerProcess, timeout: float = 90) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not worker.alive():
+                raise RuntimeError(f"worker {worker.name} exited:\n{worker.log_text()[-3000:]}")
+            if client.exists(self.keys.worker(worker.name)) and "ready" in worker.log_text():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {worker.name} did not register:\n{worker.log_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.terminate(timeout=20)
+
+    def __iter__(self) -> Iterator[WorkerProcess]:
+        return iter(self.workers)
