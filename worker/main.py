@@ -71,7 +71,11 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     def run(task: object, envelope: dict[str, object]) -> None:
         runner.run(envelope)
 
-    from celery.signals import worker_ready
+    from celery.signals import setup_logging, worker_ready
+
+    @setup_logging.connect(weak=False)
+    def _keep_our_logging(**_: object) -> None:
+        """A receiver here tells Celery to leave logging as the entry point set it up."""
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
