@@ -26,10 +26,17 @@ OK, FAILED, INVALID, TIMED_OUT, UNREACHABLE = 0, 1, 2, 3, 4
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
+def _settings() -> Settings:
+    """The one Settings of this command, built by `main` (flags over MODELQ_* variables)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Settings) else Settings()
+
+
 def _client() -> Any:
     from tasks.client import Client
 
-    return Client(Settings())
+    return Client(_settings())
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -90,17 +97,24 @@ def _submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, a
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("--log-json", is_flag=True, default=None,
+              help="Log JSON lines with job id, tenant and worker (or MODELQ_LOG_JSON=1).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, log_json: bool | None) -> None:
     """modelq: a job queue that loads Hugging Face models and PEFT adapters onto GPU workers."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tasks import logs
+
+    settings = Settings(log_json=True) if log_json else Settings()
+    ctx.obj = settings
+    logs.configure(logging.WARNING - 10 * verbose, as_json=settings.log_json)
 
 
 @main.command()
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N")
 @click.option("--name", default=None, help="Worker name (default: HOST-DEVICE).")
 @click.option("--capacity", default=None, help="Bytes this worker may fill, e.g. 2GiB.")
-def worker(device: str, name: str | None, capacity: str | None) -> None:
+@click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics on this port.")
+def worker(device: str, name: str | None, capacity: str | None, metrics_port: int | None) -> None:
     """Run one worker pinned to one device (foreground)."""
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     from worker.main import run_worker
@@ -110,7 +124,7 @@ def worker(device: str, name: str | None, capacity: str | None) -> None:
     except ValueError as exc:
         _fail(f"--capacity: {exc}", INVALID)
     try:
-        run_worker(Settings(), device=device, name=name, capacity=size)
+        run_worker(_settings(), device=device, name=name, capacity=size, metrics_port=metrics_port)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc), INVALID)
 
@@ -262,6 +276,51 @@ def schema() -> None:
     from tasks.schema_doc import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--device", "devices", multiple=True,
+              help="Worker device (repeat); default: one per visible GPU, else one cpu worker.")
+@click.option("--capacity", default=None, help="Bytes each worker may fill, e.g. 2GiB.")
+@click.option("--metrics-port", default=None, type=int,
+              help="First worker's metrics port; the next workers take the ports after it.")
+def up(devices: tuple[str, ...], capacity: str | None, metrics_port: int | None) -> None:
+    """Embedded Redis and one worker per visible device, until Ctrl-C."""
+    from tasks.up import run_up
+
+    args = ("--capacity", capacity) if capacity else ()
+    try:
+        sys.exit(run_up(_settings(), list(devices) or None, args, metrics_port=metrics_port))
+    except RuntimeError as exc:
+        _fail(str(exc), FAILED)
+
+
+@main.command()
+@click.option("--model", default=None, help="A local model folder (default: a tiny demo model built here).")
+@click.option("--adapter", default=None, help="A LoRA adapter folder for --model.")
+@click.option("--quant", default="nf4", show_default=True, type=click.Choice(["none", "int8", "nf4", "fp4"]))
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the pool and jobs.")
+def demo(model: str | None, adapter: str | None, quant: str, timeout: float) -> None:
+    """The main job end to end: load a model in nf4, attach a LoRA adapter, show the result."""
+    from worker.demo import run_demo
+
+    try:
+        sys.exit(run_demo(_settings(), model=_ref(model) if model else None,
+                          adapter=_ref(adapter) if adapter else None, quant=quant, timeout=timeout))
+    except (RuntimeError, TimeoutError, ModelqError) as exc:
+        _fail(getattr(exc, "message", None) or str(exc), FAILED)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def gateway(host: str, port: int) -> None:
+    """The HTTP API (OpenAPI at /docs) for platforms that don't speak Celery."""
+    import uvicorn
+
+    from tasks.gateway import create_app
+
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_config=None)
 
 
 def _read(job_id: str, client: Any = None) -> JobRecord:

@@ -45,3 +45,8 @@ def worker_queue(name: str) -> str:
     """The queue only worker `name` consumes (routing to where a model is resident)."""
     return f"modelq.worker.{name}"
 
+
+
+def queue_list(queue: str) -> str:
+    """List: kombu's Redis list holding `queue`'s waiting messages (its LLEN is the queue depth)."""
+    return queue

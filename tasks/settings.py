@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def default_home() -> Path:
+    """The user's cache folder for modelq: $XDG_CACHE_HOME/modelq, else ~/.cache/modelq."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelq"
 
 
 class Settings(BaseSettings):
@@ -16,8 +24,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELQ_", frozen=True, extra="ignore")
 
-    redis_url: str = DEFAULT_REDIS_URL
-    """Redis for the broker, records and registry; AUTH/TLS go in the URL (rediss://user:pw@host)."""
+    home: Path = Field(default_factory=default_home)
+    """modelq's own folder: the embedded Redis's data and `up.json`, the demo model."""
+
+    redis_url: str = Field(default="", validate_default=True)
+    """Redis for the broker, records and registry; AUTH/TLS go in the URL (rediss://user:pw@host).
+
+    Unset: the embedded Redis that `modelq up` runs (found through `home/up.json`),
+    else redis://127.0.0.1:6379/0.
+    """
 
     key_prefix: str = "modelq"
     """Prefix of every Redis key modelq writes, so several deployments can share one Redis."""
@@ -39,6 +54,24 @@ class Settings(BaseSettings):
 
     max_attempts: int = Field(default=3, ge=1)
     """Deliveries of one job before it fails as WorkerLost."""
+
+    log_json: bool = False
+    """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _find_redis(cls, value: str, info: ValidationInfo) -> str:
+        if value:
+            return value
+        from tasks.embedded import discover
+
+        home = info.data.get("home")
+        return (discover(home) if home is not None else None) or DEFAULT_REDIS_URL
+
+    @property
+    def redis_configured(self) -> bool:
+        """Whether a Redis URL was given (argument or MODELQ_REDIS_URL) rather than found."""
+        return "redis_url" in self.model_fields_set and bool(self.redis_url)
 
     @property
     def visibility_timeout(self) -> int:

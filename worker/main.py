@@ -22,7 +22,7 @@ def default_name(device: str) -> str:
 
 
 def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = None,
-               capacity: int | None = None) -> None:
+               capacity: int | None = None, metrics_port: int | None = None) -> None:
     """Run a worker in the foreground until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
     from worker.device import pin
 
@@ -37,7 +37,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from worker import device as devices
     from worker.cache import ModelCache
     from worker.heartbeat import Heartbeat
-    from worker.runner import Runner
+    from worker.runner import Runner, RunObserver
     from worker.service import ModelService, WorkerSpot
 
     name = name or default_name(device)
@@ -49,8 +49,21 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                           models=lambda: [e.resident() for e in cache.entries()],
                           interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds)
     service = ModelService(cache, WorkerSpot(name=name, device=device, local_device=local_device))
+    from tasks.logs import JobContext, set_worker
+
+    set_worker(name)
+    observers: list[RunObserver] = [JobContext()]
+    if metrics_port is not None:
+        from worker.metrics import Metrics
+
+        metrics = Metrics(device=device, resident=lambda: [e.bytes for e in cache.entries()],
+                          capacity=lambda: cache.capacity, client=client,
+                          queues=[SHARED_QUEUE, worker_queue(name)])
+        metrics.serve(metrics_port)
+        observers.append(metrics)
     runner = Runner(Store(client, keys, settings.record_ttl_seconds), service,
-                    max_attempts=settings.max_attempts, on_change=heartbeat.publish)
+                    max_attempts=settings.max_attempts, on_change=heartbeat.publish,
+                    observers=observers)
 
     app = create_app(settings)
 
@@ -58,7 +71,11 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     def run(task: object, envelope: dict[str, object]) -> None:
         runner.run(envelope)
 
-    from celery.signals import worker_ready
+    from celery.signals import setup_logging, worker_ready
+
+    @setup_logging.connect(weak=False)
+    def _keep_our_logging(**_: object) -> None:
+        """A receiver here tells Celery to leave logging as the entry point set it up."""
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

@@ -8,11 +8,11 @@ a job that already ended does nothing (no second effect).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from schemas import (
-    AttachAdapterJob, Cancelled, ErrorInfo, JobStatus, LoadJob, ModelInfo, Progress, Stage,
+    AttachAdapterJob, Cancelled, ErrorInfo, JobRecord, JobStatus, LoadJob, ModelInfo, Progress, Stage,
     UnloadJob, WorkerLost, decode_envelope,
 )
 from schemas.errors import InvalidJob, JobNotFound, ModelqError
@@ -26,15 +26,25 @@ log = logging.getLogger(__name__)
 STARTABLE = frozenset({JobStatus.queued, JobStatus.retrying, JobStatus.running})
 
 
+class RunObserver(Protocol):
+    """Cross-cutting work around a job (metrics, log context): told when it starts and ends."""
+
+    def job_started(self, record: JobRecord) -> None: ...
+
+    def job_ended(self, record: JobRecord) -> None: ...
+
+
 class Runner:
     """Runs job envelopes for one worker and writes their records."""
 
     def __init__(self, store: Store, service: ModelService, *, max_attempts: int,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 observers: Sequence[RunObserver] = ()) -> None:
         self.store = store
         self.service = service
         self.max_attempts = max_attempts
         self.on_change = on_change  # called after the cache changed (registry refresh)
+        self.observers = tuple(observers)
 
     def run(self, payload: Any) -> None:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
@@ -65,6 +75,8 @@ class Runner:
                                        device=spot.device, attempt=current.attempt + 1)
         if record is None:
             return
+        for observer in self.observers:
+            observer.job_started(record)
         log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, spot.name)
         reporter = Reporter(lambda stage, progress, message: self._report(job_id, stage, progress, message),
                             lambda: self.store.cancel_requested(job_id))
@@ -81,6 +93,7 @@ class Runner:
             log.info("job %s: succeeded (%s)", job_id, result.model_key)
         finally:
             self.on_change()
+            self._ended(job_id)
 
     def _execute(self, job: LoadJob | AttachAdapterJob | UnloadJob, reporter: Reporter) -> ModelInfo:
         if isinstance(job, LoadJob):
@@ -88,6 +101,12 @@ class Runner:
         if isinstance(job, AttachAdapterJob):
             return self.service.attach(job, reporter)
         return self.service.unload(job, reporter)
+
+    def _ended(self, job_id: str) -> None:
+        if self.observers:
+            final = self.store.get(job_id)
+            for observer in self.observers:
+                observer.job_ended(final)
 
     def _report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None) -> None:
         self.store.report(job_id, stage, progress, message)

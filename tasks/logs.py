@@ -1,0 +1,91 @@
+"""Logging setup for entry points, and the job context every log line carries (no torch).
+
+Only entry points call `configure`. The worker names itself once (`set_worker`);
+the runner's observer sets the job id and tenant while a job runs (`JobContext`).
+Both plain and JSON lines read them from context variables, so library code just
+logs with `logging.getLogger(__name__)` and %-style arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from typing import Any
+
+from schemas import JobRecord
+
+_job_id: ContextVar[str | None] = ContextVar("modelq_job_id", default=None)
+_tenant: ContextVar[str | None] = ContextVar("modelq_tenant", default=None)
+_worker: str | None = None  # one worker per process
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s"
+
+
+def set_worker(name: str | None) -> None:
+    """Name this process's worker; every later line carries it."""
+    global _worker
+    _worker = name
+
+
+def set_job(job_id: str | None, tenant: str | None = None) -> None:
+    _job_id.set(job_id)
+    _tenant.set(tenant)
+
+
+def context() -> dict[str, str]:
+    """The job id, tenant and worker in effect here (only those that are set)."""
+    values = {"job_id": _job_id.get(), "tenant": _tenant.get(), "worker": _worker}
+    return {k: v for k, v in values.items() if v}
+
+
+class JobContext:
+    """A run observer (worker/runner.py) that puts the running job in every log line."""
+
+    def job_started(self, record: JobRecord) -> None:
+        set_job(record.job_id, record.tenant)
+
+    def job_ended(self, record: JobRecord) -> None:
+        set_job(None)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in context().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        job = getattr(record, "job_id", None)
+        record.job = f" [{job}]" if job else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, job_id, tenant, worker, exc."""
+
+    FIELDS = ("job_id", "tenant", "worker")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        for key in self.FIELDS:
+            value = getattr(record, key, None)
+            if value:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(level: int = logging.WARNING, as_json: bool = False) -> None:
+    """Install one stderr handler on the root logger (entry points only)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(PLAIN_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
