@@ -106,7 +106,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def footprint(model: torch.nn.Module) -> int:
-    """Bytes the model's parameters and buffers take (not counting activations)."""
+    """Bytes the model's parameters, buffers and bitsandbytes state take (not activations)."""
     tensors = list(model.parameters()) + list(model.buffers())
     seen: set[int] = set()
     total = 0
@@ -118,6 +118,10 @@ def footprint(model: torch.nn.Module) -> int:
         state = getattr(tensor, "quant_state", None)
         if state is not None:
             total += _quant_state_bytes(state)
+        scales = getattr(tensor, "SCB", None)  # int8: one float32 scale per output row
+        if isinstance(scales, torch.Tensor) and scales.data_ptr() not in seen:
+            seen.add(scales.data_ptr())
+            total += scales.numel() * scales.element_size()
     return total
 
 
