@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,8 +78,12 @@ def _gpu_index(name: str, device: str) -> str | int:
 
 
 def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
-         token: str | None = None) -> PreTrainedModel:
-    """from_pretrained with the job's settings; weight loading reported as it goes."""
+         token: str | None = None, artifact: Path | None = None) -> PreTrainedModel:
+    """from_pretrained with the job's settings; weight loading reported as it goes.
+
+    `artifact` is a folder of already-quantized weights (worker/artifacts.py): its
+    config.json carries the quantization, so none is applied again.
+    """
     kwargs: dict[str, Any] = {
         "dtype": "auto" if job.dtype is DType.auto else TORCH_DTYPES[job.dtype],
         "use_safetensors": True,
@@ -86,12 +91,12 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
         "token": token,
         **placement_args(job.placement, device),
     }
-    if job.quantization.quantized:
+    if job.quantization.quantized and artifact is None:
         kwargs["quantization_config"] = bnb_config(job.quantization, job.dtype)
-    if resolved.base.revision is not None:
+    if resolved.base.revision is not None and artifact is None:
         kwargs["revision"] = resolved.base.revision
     with transformers_bars(reporter):
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.base.path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(artifact or resolved.base.path), **kwargs)
     model.eval()
     return model
 
