@@ -82,6 +82,8 @@ class LoadJob(_Job):
     adapters: tuple[AdapterSpec, ...] = ()
     active_adapter: str | None = None
     trust_remote_code: bool = False
+    pin: bool = False  # never evicted to make room; only `modelq unload` frees it
+    keep_alive_seconds: float | None = Field(default=None, gt=0)  # unload after this long unused
 
     @model_validator(mode="after")
     def _check(self) -> LoadJob:
@@ -121,10 +123,16 @@ class AttachAdapterJob(_Job):
 
 
 class UnloadJob(_Job):
-    """Free the resident model `model_key` (with its adapters) from its worker."""
+    """Free the resident model `model_key` (with its adapters), or with `adapter`, only that adapter."""
 
     kind: Literal["unload"] = "unload"
     model_key: str
+    adapter: str | None = None
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str | None) -> str | None:
+        return None if value is None else check_adapter_name(value)
 
     @field_validator("model_key")
     @classmethod

@@ -75,6 +75,8 @@ class ModelInfo(Contract):
     base_model: BaseModelInfo
     num_parameters: int
     footprint_bytes: int
+    estimated_bytes: int | None = None  # predicted before loading (worker/estimate.py)
+    from_artifact: bool = False  # quantized weights read from this host's artifact, not re-quantized
     dtype: str
     quantization: str
     device_map: dict[str, str]  # module prefix -> device, summarised
@@ -83,6 +85,8 @@ class ModelInfo(Contract):
     worker: str | None = None
     device: str | None = None
     cache_hit: bool = False
+    pinned: bool = False
+    keep_alive_seconds: float | None = None
     load_seconds: float | None = None
 
 

@@ -18,7 +18,9 @@ class ResidentModel(Contract):
     active_adapters: tuple[str, ...] = ()
     quantization: str = "none"
     pinned: bool = False
+    keep_alive_seconds: float | None = None
     last_used: datetime
+    request_keys: tuple[str, ...] = ()  # tasks.registry.request_key of the loads it serves
 
 
 class WorkerInfo(Versioned):

@@ -147,6 +147,9 @@ def worker(device: str, name: str | None, capacity: str | None, metrics_port: in
 @click.option("--adapter", "adapters", multiple=True, metavar="REF[:NAME]", help="Adapter to attach (repeat).")
 @click.option("--active-adapter", default=None, help="Adapter to activate (default: the last).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the repo's own code (pinned commit only).")
+@click.option("--pin", is_flag=True, help="Never evict it to make room (only unload frees it).")
+@click.option("--keep-alive", "keep_alive", default=None, type=float, metavar="SECONDS",
+              help="Unload it after this many seconds unused.")
 @click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"))
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit code says how.")
 @click.option("--timeout", default=None, type=float, help="Seconds to wait (with --wait).")
@@ -154,8 +157,8 @@ def worker(device: str, name: str | None, capacity: str | None, metrics_port: in
 def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: bool | None,
          compute_dtype: str | None, int8_threshold: float | None, skip_modules: tuple[str, ...],
          device_map: str | None, max_memory: tuple[str, ...], adapters: tuple[str, ...],
-         active_adapter: str | None, trust_remote_code: bool, tenant: str, wait: bool,
-         timeout: float | None, as_json: bool) -> None:
+         active_adapter: str | None, trust_remote_code: bool, pin: bool, keep_alive: float | None,
+         tenant: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Submit a load job for REF (a hub repo id or a local folder); prints its id."""
     model: dict[str, Any] = {"path": _ref(ref)} if os.path.isdir(ref) else {"repo_id": ref}
     if ref.startswith(("/", "./", "../", "~")):
@@ -180,7 +183,8 @@ def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: b
     job: dict[str, Any] = {"kind": "load", "model": model, "dtype": dtype,
                            "quantization": quantization, "placement": placement,
                            "adapters": [_adapter(a) for a in adapters], "tenant": tenant,
-                           "trust_remote_code": trust_remote_code}
+                           "trust_remote_code": trust_remote_code, "pin": pin,
+                           "keep_alive_seconds": keep_alive}
     if active_adapter:
         job["active_adapter"] = active_adapter
     _submit_and_report(job, wait, timeout, as_json)
@@ -217,6 +221,20 @@ def unload(model_key: str, tenant: str, wait: bool, timeout: float | None, as_js
     """Free the resident model MODEL_KEY."""
     _submit_and_report({"kind": "unload", "model_key": model_key, "tenant": tenant}, wait, timeout,
                        as_json)
+
+
+@main.command()
+@click.argument("model_key")
+@click.argument("name")
+@click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"))
+@click.option("--wait", is_flag=True)
+@click.option("--timeout", default=None, type=float)
+@click.option("--json", "as_json", is_flag=True)
+def detach(model_key: str, name: str, tenant: str, wait: bool, timeout: float | None,
+           as_json: bool) -> None:
+    """Detach the adapter NAME from the resident model MODEL_KEY (the model stays)."""
+    _submit_and_report({"kind": "unload", "model_key": model_key, "adapter": name, "tenant": tenant},
+                       wait, timeout, as_json)
 
 
 @main.command()

@@ -18,7 +18,7 @@ from schemas import (
     LoadJob, ModelNotFound, TERMINAL, TimedOut, UnloadJob, WorkerInfo, parse_job,
 )
 from tasks.keys import SHARED_QUEUE, Keys
-from tasks.registry import Registry, route
+from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now
 
@@ -48,7 +48,7 @@ class Client:
         self.redis = connect(self.settings)
         self.keys = Keys(self.settings.key_prefix)
         self.store = Store(self.redis, self.keys, self.settings.record_ttl_seconds)
-        self.registry = Registry(self.redis, self.keys)
+        self.registry = Registry(self.redis, self.keys, self.settings.max_load_seconds)
         self._app: Celery | None = None
 
     @property
@@ -65,7 +65,7 @@ class Client:
             job = parse_job(job)
         job_id = uuid.uuid4().hex
         try:
-            queue = route(job, self.registry.workers())
+            queue = self.registry.route(job)
             if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
                 raise ModelNotFound(
                     f"model {job.model_key} is not resident on any live worker; load it first "

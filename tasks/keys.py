@@ -36,6 +36,10 @@ class Keys:
         """Set: names of workers that registered (entries may have expired)."""
         return f"{self.prefix}:workers"
 
+    def loading(self, request_key: str) -> str:
+        """String with a TTL: the worker a load of `request_key` was sent to (one load per key)."""
+        return f"{self.prefix}:loading:{request_key}"
+
     def jobs(self, tenant: str) -> str:
         """Sorted set: a tenant's job ids by creation time."""
         return f"{self.prefix}:tenant:{tenant}:jobs"

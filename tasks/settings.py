@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     """How long a client waits for Redis before `submit` fails with BrokerUnavailable."""
 
+    artifact_dir: str | None = None
+    """Where quantized weights are saved for reuse by the workers of this host
+    (default ~/.cache/modelq/artifacts)."""
+
+    keep_alive_check_seconds: float = Field(default=1.0, gt=0)
+    """How often a worker unloads models whose keep-alive has passed."""
+
     max_attempts: int = Field(default=3, ge=1)
     """Deliveries of one job before it fails as WorkerLost."""
 

@@ -1,21 +1,31 @@
 """The worker's resident models, accounted in bytes against its device's capacity.
 
-This module owns what is resident and how much room is left; freeing a model
-returns its memory to the process (and the CUDA caching allocator).
+This module owns what is resident and how much room is left: least-recently-used
+eviction of unpinned idle models to make room, keep-alive expiry, and freeing a
+model so that its memory really returns to the process and the OS (gc, the CUDA
+caching allocator, glibc's malloc_trim). It does not load models or talk to Redis.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
 
-from schemas import ModelInfo, ResidentModel
+from schemas import InsufficientMemory, ModelInfo, ResidentModel
 from worker.resolve import Source
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -30,21 +40,29 @@ class Entry:
     bytes: int
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter identity
     pinned: bool = False
+    keep_alive: float | None = None  # seconds unused before the worker unloads it
     last_used: float = field(default_factory=time.time)
+    request_keys: set[str] = field(default_factory=set)
+
+    def expired(self, now: float) -> bool:
+        return not self.pinned and self.keep_alive is not None and now - self.last_used >= self.keep_alive
 
     def resident(self) -> ResidentModel:
         return ResidentModel(
             model_key=self.key, base=self.base.ref, tenant=self.tenant, bytes=self.bytes,
             adapters=self.info.adapters, active_adapters=self.info.active_adapters,
             quantization=self.info.quantization, pinned=self.pinned,
+            keep_alive_seconds=self.keep_alive, request_keys=tuple(sorted(self.request_keys)),
             last_used=datetime.fromtimestamp(self.last_used, tz=timezone.utc))
 
 
 class ModelCache:
     """Resident models by key, with their bytes counted against `capacity`."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, clock: Clock = time.time) -> None:
         self.capacity = capacity
+        self.clock = clock
+        self.busy: str | None = None  # the key the running job works on: never evicted
         self._entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
 
@@ -52,11 +70,12 @@ class ModelCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                entry.last_used = time.time()
+                entry.last_used = self.clock()
             return entry
 
     def put(self, entry: Entry) -> None:
         with self._lock:
+            entry.last_used = self.clock()
             self._entries[entry.key] = entry
 
     def remove(self, key: str) -> Entry | None:
@@ -80,9 +99,102 @@ class ModelCache:
     def free(self) -> int:
         return max(0, self.capacity - self.used)
 
+    def evictable(self) -> list[Entry]:
+        """Unpinned idle entries, least recently used first."""
+        with self._lock:
+            idle = [e for e in self._entries.values() if not e.pinned and e.key != self.busy]
+        return sorted(idle, key=lambda e: e.last_used)
+
+    def make_room(self, needed: int, *, what: str = "the model") -> list[str]:
+        """Evict least-recently-used idle models until `needed` bytes are free; the evicted keys.
+
+        InsufficientMemory (nothing evicted) when even evicting every idle model is not enough.
+        """
+        with self._lock:
+            if needed <= self.free:
+                return []
+            reclaimable = sum(e.bytes for e in self.evictable())
+            if needed > self.free + reclaimable:
+                pinned = sum(e.bytes for e in self._entries.values() if e.pinned)
+                raise InsufficientMemory(
+                    f"{what} needs {_mib(needed)}, but this worker has {_mib(self.free)} free of "
+                    f"{_mib(self.capacity)} and can evict only {_mib(reclaimable)} ({_mib(pinned)} "
+                    "pinned): unload or unpin models, pick a smaller quantization, or use a "
+                    "worker with more capacity", needed_bytes=needed, free_bytes=self.free,
+                    capacity_bytes=self.capacity, evictable_bytes=reclaimable)
+            evicted: list[str] = []
+            for entry in self.evictable():
+                if needed <= self.free:
+                    break
+                log.info("evicting %s (%d bytes, idle since %.0f) to make room for %s", entry.key,
+                         entry.bytes, entry.last_used, what)
+                self.remove(entry.key)
+                evicted.append(entry.key)
+            return evicted
+
+    def evict_idle(self) -> list[str]:
+        """Evict every unpinned idle model (after an out-of-memory error)."""
+        keys = [e.key for e in self.evictable()]
+        for key in keys:
+            self.remove(key)
+        return keys
+
+    def expire(self) -> list[str]:
+        """Unload every idle model whose keep-alive has passed; the keys unloaded."""
+        now = self.clock()
+        keys = [e.key for e in self.evictable() if e.expired(now)]
+        for key in keys:
+            log.info("keep-alive of %s passed: unloading it", key)
+            self.remove(key)
+        return keys
+
+
+class KeepAliveTimer:
+    """A daemon thread that expires keep-alives every `interval` seconds and says when it did."""
+
+    def __init__(self, cache: ModelCache, on_change: Callable[[], None], interval: float = 1.0) -> None:
+        self.cache = cache
+        self.on_change = on_change
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modelq-keep-alive", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.cache.expire():
+                    self.on_change()
+            except Exception:  # the timer must outlive a bad entry
+                log.exception("keep-alive expiry failed")
+
 
 def release_memory() -> None:
-    """Collect freed tensors and hand cached CUDA blocks back to the driver."""
+    """Collect freed tensors, hand cached CUDA blocks back, and return free heap to the OS."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,8 +78,12 @@ def _gpu_index(name: str, device: str) -> str | int:
 
 
 def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
-         token: str | None = None) -> PreTrainedModel:
-    """from_pretrained with the job's settings; weight loading reported as it goes."""
+         token: str | None = None, artifact: Path | None = None) -> PreTrainedModel:
+    """from_pretrained with the job's settings; weight loading reported as it goes.
+
+    `artifact` is a folder of already-quantized weights (worker/artifacts.py): its
+    config.json carries the quantization, so none is applied again.
+    """
     kwargs: dict[str, Any] = {
         "dtype": "auto" if job.dtype is DType.auto else TORCH_DTYPES[job.dtype],
         "use_safetensors": True,
@@ -86,12 +91,12 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
         "token": token,
         **placement_args(job.placement, device),
     }
-    if job.quantization.quantized:
+    if job.quantization.quantized and artifact is None:
         kwargs["quantization_config"] = bnb_config(job.quantization, job.dtype)
-    if resolved.base.revision is not None:
+    if resolved.base.revision is not None and artifact is None:
         kwargs["revision"] = resolved.base.revision
     with transformers_bars(reporter):
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.base.path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(artifact or resolved.base.path), **kwargs)
     model.eval()
     return model
 
@@ -106,7 +111,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def footprint(model: torch.nn.Module) -> int:
-    """Bytes the model's parameters and buffers take (not counting activations)."""
+    """Bytes the model's parameters, buffers and bitsandbytes state take (not activations)."""
     tensors = list(model.parameters()) + list(model.buffers())
     seen: set[int] = set()
     total = 0
@@ -118,6 +123,10 @@ def footprint(model: torch.nn.Module) -> int:
         state = getattr(tensor, "quant_state", None)
         if state is not None:
             total += _quant_state_bytes(state)
+        scales = getattr(tensor, "SCB", None)  # int8: one float32 scale per output row
+        if isinstance(scales, torch.Tensor) and scales.data_ptr() not in seen:
+            seen.add(scales.data_ptr())
+            total += scales.numel() * scales.element_size()
     return total
 
 

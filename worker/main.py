@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.settings import Settings
@@ -35,7 +36,10 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from tasks.client import connect
     from tasks.store import Store
     from worker import device as devices
-    from worker.cache import ModelCache
+    from tasks.registry import release_claim
+    from worker.admission import Admission, AllocationFaults
+    from worker.artifacts import Artifacts, default_root
+    from worker.cache import KeepAliveTimer, ModelCache
     from worker.heartbeat import Heartbeat
     from worker.runner import Runner, RunObserver
     from worker.service import ModelService, WorkerSpot
@@ -48,7 +52,11 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                           free=lambda: cache.free,
                           models=lambda: [e.resident() for e in cache.entries()],
                           interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds)
-    service = ModelService(cache, WorkerSpot(name=name, device=device, local_device=local_device))
+    artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
+    admission = Admission(cache, local_device, artifacts, AllocationFaults.from_env())
+    service = ModelService(cache, WorkerSpot(name=name, device=device, local_device=local_device),
+                           admission)
+    keep_alive = KeepAliveTimer(cache, heartbeat.publish, settings.keep_alive_check_seconds)
     from tasks.logs import JobContext, set_worker
 
     set_worker(name)
@@ -69,7 +77,21 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
 
     @app.task(name=TASK_RUN, bind=True, acks_late=True, reject_on_worker_lost=True)
     def run(task: object, envelope: dict[str, object]) -> None:
-        runner.run(envelope)
+        try:
+            runner.run(envelope)
+        finally:
+            _release(envelope)
+
+    def _release(envelope: dict[str, object]) -> None:
+        """Drop the routing claim of a load that ended here (after the registry shows it)."""
+        from schemas import LoadJob, decode_envelope
+
+        try:
+            job = decode_envelope(envelope).job
+            if isinstance(job, LoadJob):
+                release_claim(client, keys, job, name)
+        except Exception as exc:  # a malformed message or Redis hiccup: the claim's TTL ends it
+            log.warning("worker %s: could not release a load claim: %s", name, exc)
 
     from celery.signals import setup_logging, worker_ready
 
@@ -83,6 +105,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
 
     heartbeat.register()
     heartbeat.start()
+    keep_alive.start()
     log.info("worker %s on %s (%s): capacity %d bytes, queues %s and %s", name, device,
              local_device, cache.capacity, SHARED_QUEUE, worker_queue(name))
     try:
@@ -92,6 +115,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                             optimization="fair", quiet=True)
         worker.start()
     finally:
+        keep_alive.stop()
         heartbeat.stop()
         log.info("worker %s stopped", name)
 

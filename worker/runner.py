@@ -88,6 +88,7 @@ class Runner:
         except Exception as exc:
             self._fail(job_id, translate(exc, ref=_ref(job)))
         else:
+            self.on_change()  # the registry shows the cache as it is before the record says done
             self.store.transition(job_id, JobStatus.succeeded, result=result, message="done",
                                   progress=Progress(fraction=1.0))
             log.info("job %s: succeeded (%s)", job_id, result.model_key)

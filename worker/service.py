@@ -20,7 +20,9 @@ from schemas import (
     ModelRef, Stage, UnloadJob,
 )
 from schemas.errors import AdapterIncompatible, InvalidJob, ModelqError
+from tasks.registry import request_key
 from worker import adapters, loader
+from worker.admission import Admission
 from worker.cache import Entry, ModelCache, release_memory
 from worker.errors import translate
 from worker.progress import Reporter
@@ -41,11 +43,18 @@ class WorkerSpot:
 class ModelService:
     """Runs load, attach and unload jobs against one worker's cache."""
 
-    def __init__(self, cache: ModelCache, spot: WorkerSpot) -> None:
+    def __init__(self, cache: ModelCache, spot: WorkerSpot, admission: Admission | None = None) -> None:
         self.cache = cache
         self.spot = spot
+        self.admission = admission or Admission(cache, spot.local_device)
 
     def load(self, job: LoadJob, reporter: Reporter) -> ModelInfo:
+        try:
+            return self._load(job, reporter)
+        finally:
+            self.cache.busy = None  # idle again: evictable and subject to keep-alive
+
+    def _load(self, job: LoadJob, reporter: Reporter) -> ModelInfo:
         started = time.monotonic()
         reporter.stage(Stage.resolving, f"resolving {job.model.display}")
         if job.model.repo_id is not None:
@@ -54,18 +63,21 @@ class ModelService:
                            tqdm_class=reporter.tqdm_class())
         _check_cancel(reporter)
         key = loader.model_key(resolved.base.identity, job)
+        self.cache.busy = key
         entry = self.cache.get(key)
         cache_hit = entry is not None
         if entry is None:
             reporter.stage(Stage.loading, f"loading {resolved.base.ref}")
             try:
-                model = loader.load(resolved, job, self.spot.local_device, reporter)
+                admitted = self.admission.load(resolved, job, reporter)
             except ModelqError:
                 raise
             except Exception as exc:
                 release_memory()
                 raise translate(exc, ref=resolved.base.ref) from exc
-            entry = self._entry(key, model, resolved.base, job)
+            entry = self._entry(key, admitted.model, resolved.base, job)
+            entry.info = entry.info.model_copy(update={"estimated_bytes": admitted.estimated_bytes,
+                                                       "from_artifact": admitted.from_artifact})
             if reporter.cancelled():
                 entry.model = None  # type: ignore[assignment]
                 release_memory()
@@ -90,6 +102,9 @@ class ModelService:
             else:
                 self._detach(entry, attached)
             raise
+        entry.pinned = entry.pinned or job.pin
+        entry.keep_alive = job.keep_alive_seconds if job.keep_alive_seconds else entry.keep_alive
+        entry.request_keys.add(request_key(job))
         entry.info = self._info(entry, cache_hit, time.monotonic() - started)
         self.cache.put(entry)
         return entry.info
@@ -103,6 +118,16 @@ class ModelService:
 
     def unload(self, job: UnloadJob, reporter: Reporter) -> ModelInfo:
         entry = self._resident(job.model_key, job.tenant)
+        if job.adapter is not None:
+            if job.adapter not in entry.adapters:
+                raise ModelNotFound(f"model {job.model_key} has no adapter named {job.adapter!r} "
+                                    f"(attached: {', '.join(entry.adapters) or 'none'})",
+                                    model_key=job.model_key, adapter=job.adapter)
+            reporter.stage(Stage.unloading, f"detaching {job.adapter!r} from {entry.base.ref}")
+            self._detach(entry, [job.adapter])
+            release_memory()
+            entry.info = self._info(entry, True, 0.0)
+            return entry.info
         reporter.stage(Stage.unloading, f"freeing {entry.base.ref}")
         info = entry.info
         self.cache.remove(job.model_key)
@@ -161,7 +186,8 @@ class ModelService:
         return entry.info.model_copy(update={
             "adapters": attached, "active_adapters": active, "footprint_bytes": footprint,
             "worker": self.spot.name, "device": self.spot.device, "cache_hit": cache_hit,
-            "load_seconds": round(seconds, 4)})
+            "load_seconds": round(seconds, 4), "pinned": entry.pinned,
+            "keep_alive_seconds": entry.keep_alive})
 
 
 def _check_base(base: Source, adapter: Source) -> None:

@@ -1,0 +1,49 @@
+"""Routing without workers: holders, most free bytes, and the load claim that keeps one load per key."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import redis
+
+from schemas import AttachAdapterJob, LoadJob, ModelRef, ResidentModel, WorkerInfo
+from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.registry import Registry, release_claim, request_key, route
+
+NOW = datetime.now(timezone.utc)
+KEY = "ab" * 16
+
+
+def _worker(name: str, free: int, models: tuple[ResidentModel, ...] = ()) -> WorkerInfo:
+    return WorkerInfo(name=name, host="h", pid=1, device="cpu", queue=worker_queue(name),
+                      capacity_bytes=100, free_bytes=free, models=models, started_at=NOW,
+                      heartbeat_at=NOW)
+
+
+def test_route_prefers_the_holder_then_the_most_free_bytes() -> None:
+    job = LoadJob(model=ModelRef(path="/m"))
+    held = ResidentModel(model_key=KEY, base="/m", tenant="default", bytes=10, last_used=NOW,
+                         request_keys=(request_key(job),))
+    pool = [_worker("a", 10, (held,)), _worker("b", 90), _worker("c", 50)]
+    assert route(job, pool) == worker_queue("a")
+    assert route(LoadJob(model=ModelRef(path="/other")), pool) == worker_queue("b")
+    assert route(AttachAdapterJob(model_key=KEY, adapter=ModelRef(path="/l")), pool) == worker_queue("a")
+    assert route(LoadJob(model=ModelRef(path="/x")), [_worker("full", 0)]) == SHARED_QUEUE
+
+
+def test_identical_loads_follow_the_claim_until_it_is_released(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys()
+    registry = Registry(client, keys)
+    for info in (_worker("a", 50), _worker("b", 40)):
+        client.set(keys.worker(info.name), info.model_dump_json())
+        client.sadd(keys.workers(), info.name)
+    job = LoadJob(model=ModelRef(path="/m"))
+    assert registry.route(job) == worker_queue("a")
+    client.set(keys.worker("b"), _worker("b", 90).model_dump_json())  # b now has more room
+    assert registry.route(job) == worker_queue("a")  # but a is loading this very request
+    assert registry.route(LoadJob(model=ModelRef(path="/n"))) == worker_queue("b")
+    release_claim(client, keys, job, "a")
+    assert registry.route(job) == worker_queue("b")
+    client.delete(keys.worker("b"))  # b died holding the claim: the next load is not sent there
+    assert registry.route(job) == worker_queue("a")
