@@ -79,6 +79,7 @@ class ModelInfo(Contract):
     from_artifact: bool = False  # quantized weights read from this host's artifact, not re-quantized
     dtype: str
     quantization: str
+    quantized_modules: int = 0  # bitsandbytes Linear layers (8-bit or 4-bit) in the model
     device_map: dict[str, str]  # module prefix -> device, summarised
     adapters: tuple[str, ...] = ()
     active_adapters: tuple[str, ...] = ()

@@ -83,7 +83,7 @@ class Client:
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:
-            self._forget(job_id)
+            self._forget(job_id, job.tenant)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id)
@@ -108,9 +108,9 @@ class Client:
             return current
         return record
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, tenant: str) -> None:
         try:
-            self.store.delete(job_id)
+            self.store.delete(job_id, tenant)
         except redis.RedisError:
             log.warning("could not remove the record of unsent job %s", job_id)
 

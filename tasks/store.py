@@ -66,9 +66,12 @@ class Store:
         if not created:
             raise ValueError(f"job {record.job_id} already exists")
 
-    def delete(self, job_id: str) -> None:
-        """Remove a record that was never enqueued (the send failed)."""
-        self.redis.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id))
+    def delete(self, job_id: str, tenant: str) -> None:
+        """Remove a record that was never enqueued (the send failed), and its index entry."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id))
+        pipe.zrem(self.keys.jobs(tenant), job_id)
+        pipe.execute()
 
     def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,
                    only_from: frozenset[JobStatus] | None = None,

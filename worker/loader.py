@@ -110,6 +110,13 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def quantized_modules(model: torch.nn.Module) -> int:
+    """How many bitsandbytes Linear layers (8-bit or 4-bit) the model holds."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
+
+
 def footprint(model: torch.nn.Module) -> int:
     """Bytes the model's parameters, buffers and bitsandbytes state take (not activations)."""
     tensors = list(model.parameters()) + list(model.buffers())

@@ -175,6 +175,7 @@ class ModelService:
             num_parameters=loader.count_parameters(model), footprint_bytes=loader.footprint(model),
             dtype=str(model.dtype).removeprefix("torch."),
             quantization=job.quantization.method.value,
+            quantized_modules=loader.quantized_modules(model),
             device_map=loader.device_summary(model, self.spot.device))
         return Entry(key=key, model=model, info=info, base=base, tenant=job.tenant,
                      bytes=info.footprint_bytes)

@@ -1,0 +1,116 @@
+"""worker/loader.py: the BitsAndBytesConfig a spec becomes, placement arguments, model
+keys, the device-map summary, and what a loaded model is reported as."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec
+from schemas.specs import DType
+from worker import loader
+from worker.progress import Reporter
+from worker.resolve import resolve
+
+
+def test_bnb_config_int8() -> None:
+    config = loader.bnb_config(QuantizationSpec(method="int8", int8_threshold=4.0,
+                                                skip_modules=("lm_head",)), DType.auto)
+    assert config is not None and config.load_in_8bit and not config.load_in_4bit
+    assert config.llm_int8_threshold == 4.0 and config.llm_int8_skip_modules == ["lm_head"]
+    assert loader.bnb_config(QuantizationSpec(method="int8"), DType.auto).llm_int8_threshold == 6.0  # type: ignore[union-attr]
+    assert loader.bnb_config(QuantizationSpec(), DType.float16) is None
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_bnb_config_four_bit(method: str) -> None:
+    config = loader.bnb_config(QuantizationSpec(method=method, double_quant=True, compute_dtype="float16",
+                                                skip_modules=("lm_head", "model.embed")), DType.auto)
+    assert config is not None and config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == method and config.bnb_4bit_use_double_quant is True
+    assert config.bnb_4bit_compute_dtype == torch.float16
+    assert config.llm_int8_skip_modules == ["lm_head", "model.embed"]
+    plain = loader.bnb_config(QuantizationSpec(method=method), DType.auto)
+    assert plain is not None and plain.bnb_4bit_use_double_quant is False
+    assert plain.bnb_4bit_compute_dtype == torch.bfloat16 and plain.llm_int8_skip_modules is None
+    follows_job = loader.bnb_config(QuantizationSpec(method=method), DType.float32)
+    assert follows_job is not None and follows_job.bnb_4bit_compute_dtype == torch.float32
+
+
+def test_placement_args() -> None:
+    assert loader.placement_args(PlacementSpec(), "cpu") == {"device_map": "cpu"}
+    assert loader.placement_args(PlacementSpec(), "cuda:0") == {"device_map": "cuda:0"}
+    assert loader.placement_args(PlacementSpec(device_map="auto"), "cpu") == {"device_map": "auto"}
+    assert loader.placement_args(PlacementSpec(device_map="cuda"), "cuda:0") == {"device_map": "cuda:0"}
+    mixed = PlacementSpec(device_map={"model": 0, "lm_head": "cpu"}, max_memory={"0": "1GiB", "cpu": "2GiB"})
+    assert loader.placement_args(mixed, "cuda:0") == {
+        "device_map": {"model": "cuda:0", "lm_head": "cpu"}, "max_memory": {0: 2**30, "cpu": 2 * 2**30}}
+    with pytest.raises(InvalidJob, match="runs on the CPU"):
+        loader.placement_args(PlacementSpec(device_map="cuda:0"), "cpu")
+    with pytest.raises(InvalidJob, match="one GPU"):
+        loader.placement_args(PlacementSpec(device_map="cuda:1"), "cuda:0")
+
+
+def test_model_key_is_stable_and_tells_loads_apart() -> None:
+    job = LoadJob(model="/m")
+    key = loader.model_key("path:/m#f1", job)
+    assert key == loader.model_key("path:/m#f1", LoadJob.model_validate_json(job.model_dump_json()))
+    assert len(key) == 32 and int(key, 16) >= 0
+    others = {loader.model_key("path:/m#f2", job),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", dtype="bfloat16")),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization="nf4")),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization={"method": "nf4",
+                                                                                "double_quant": True})),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", placement={"device_map": "auto"}))}
+    assert key not in others and len(others) == 5
+    # who asks, and which adapters ride along, do not change the base model
+    assert loader.model_key("path:/m#f1", LoadJob(model="/m", adapters=["/a"], tenant="t2")) == key
+
+
+class _Mapped(torch.nn.Module):
+    def __init__(self, mapping: dict[str, object]) -> None:
+        super().__init__()
+        self.hf_device_map = mapping
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_device_summary_collapses_runs_of_layers() -> None:
+    mapping: dict[str, object] = {"model.embed_tokens": 0, **{f"model.layers.{i}": 0 for i in range(4)},
+                                  **{f"model.layers.{i}": "cpu" for i in range(4, 7)},
+                                  "model.layers.7": 0, "model.norm": "cpu", "lm_head": "cpu"}
+    assert loader.device_summary(_Mapped(mapping), "cuda:0") == {
+        "model.embed_tokens": "cuda:0", "model.layers.0-3": "cuda:0", "model.layers.4-6": "cpu",
+        "model.layers.7": "cuda:0", "model.norm": "cpu", "lm_head": "cpu"}
+    assert loader.device_summary(_Mapped({"model": 0, "lm_head": 0}), "cuda:0") == {"": "cuda:0"}
+    assert loader.device_summary(torch.nn.Linear(2, 2), "cpu") == {"": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def loaded(models: dict[str, Path]) -> dict[str, torch.nn.Module]:
+    reporter = Reporter(lambda *_: None, lambda: False)
+    resolved = resolve(LoadJob(model=str(models["llama"])).model)
+    out = {}
+    for method in ("none", "int8", "nf4", "fp4"):
+        job = LoadJob(model=str(models["llama"]), dtype="bfloat16", quantization=method)
+        out[method] = loader.load(resolved, job, "cpu", reporter)
+    return out
+
+
+def test_quantized_loads_are_smaller_and_hold_bnb_layers(loaded: dict[str, torch.nn.Module]) -> None:
+    plain = loader.footprint(loaded["none"])
+    assert loader.quantized_modules(loaded["none"]) == 0
+    # 2 layers x 7 projections; lm_head stays in full precision
+    assert loader.quantized_modules(loaded["int8"]) == 14
+    assert isinstance(loaded["int8"].model.layers[0].self_attn.q_proj, Linear8bitLt)
+    for method in ("nf4", "fp4"):
+        assert loader.quantized_modules(loaded[method]) == 14
+        assert isinstance(loaded[method].model.layers[1].mlp.down_proj, Linear4bit)
+        assert loader.footprint(loaded[method]) < loader.footprint(loaded["int8"]) < plain
+    counts = {loader.count_parameters(m) for m in loaded.values()}
+    assert counts == {sum(p.numel() for p in loaded["none"].parameters())}
+    tensors = [*loaded["none"].parameters(), *loaded["none"].buffers()]
+    assert plain == sum(t.numel() * t.element_size() for t in tensors)
+    assert all(p.dtype == torch.bfloat16 for p in loaded["none"].parameters())

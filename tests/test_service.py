@@ -1,0 +1,57 @@
+"""worker/service.py in-process: switching the active adapter really changes what the
+resident model computes (the end-to-end tests see the same through records only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from schemas import AdapterIncompatible, AttachAdapterJob, LoadJob
+from worker.cache import ModelCache
+from worker.progress import Reporter
+from worker.service import ModelService, WorkerSpot
+
+INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 3]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(INPUT_IDS).logits
+    return out
+
+
+def _reference(models: dict[str, Path], adapter: str) -> torch.Tensor:
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    return _logits(PeftModel.from_pretrained(base, str(models[adapter])))
+
+
+def test_switching_the_active_adapter_changes_the_outputs(models: dict[str, Path]) -> None:
+    service = ModelService(ModelCache(2**30), WorkerSpot(name="w", device="cpu", local_device="cpu"))
+    reporter = Reporter(lambda *_: None, lambda: False)
+    info = service.load(LoadJob.model_validate({
+        "model": str(models["llama"]), "active_adapter": "a",
+        "adapters": [{"ref": str(models["lora"]), "name": "a"}, {"ref": str(models["lora2"]), "name": "b"}],
+    }), reporter)
+    assert info.adapters == ("a", "b") and info.active_adapters == ("a",)
+    model = service.cache.get(info.model_key).model  # type: ignore[union-attr]
+    with_a = _logits(model)
+    torch.testing.assert_close(with_a, _reference(models, "lora"))
+
+    switched = service.attach(AttachAdapterJob(model_key=info.model_key, adapter=str(models["lora2"]),
+                                               name="b"), reporter)
+    assert switched.active_adapters == ("b",) and switched.adapters == ("a", "b")
+    with_b = _logits(service.cache.get(info.model_key).model)  # type: ignore[union-attr]
+    torch.testing.assert_close(with_b, _reference(models, "lora2"))
+    assert not torch.allclose(with_a, with_b)
+
+    with pytest.raises(AdapterIncompatible, match="trained on"):
+        service.attach(AttachAdapterJob(model_key=info.model_key, adapter=str(models["qwen_lora"]),
+                                        name="q"), reporter)
+    after = service.attach(AttachAdapterJob(model_key=info.model_key, adapter=str(models["lora"]),
+                                            name="a"), reporter)
+    assert after.adapters == ("a", "b") and after.active_adapters == ("a",)
+    torch.testing.assert_close(_logits(service.cache.get(info.model_key).model), with_a)  # type: ignore[union-attr]

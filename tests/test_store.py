@@ -1,0 +1,159 @@
+"""tasks/store.py against the real redis-server: transitions, terminal records, WATCH
+conflicts, event order and follow()."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timezone
+from typing import Any
+
+import pytest
+import redis
+
+from schemas import JobNotFound, JobRecord, JobStatus, LoadJob, Progress, Stage
+from tasks.keys import Keys
+from tasks.settings import Settings
+from tasks.store import Store, follow, now
+
+
+@pytest.fixture
+def store(settings: Settings) -> Store:
+    return Store(redis.Redis.from_url(settings.redis_url), Keys(settings.key_prefix), 60)
+
+
+def _new(store: Store, job_id: str = "j1") -> JobRecord:
+    record = JobRecord(job_id=job_id, kind="load", tenant="t1", status=JobStatus.queued,
+                       created_at=now(), job=LoadJob(model="o/m", tenant="t1"))
+    store.create(record)
+    return record
+
+
+def test_create_get_and_refuse_duplicates(store: Store) -> None:
+    record = _new(store)
+    assert store.get("j1") == record
+    assert store.redis.ttl(store.keys.job("j1")) > 0
+    assert store.redis.zrange(store.keys.jobs("t1"), 0, -1) == [b"j1"]
+    with pytest.raises(ValueError, match="already exists"):
+        store.create(record)
+    with pytest.raises(JobNotFound, match="no job 'nope'"):
+        store.get("nope")
+    with pytest.raises(JobNotFound):
+        store.transition("nope", JobStatus.running)
+
+
+def test_transitions_stamp_times_and_events_come_in_order(store: Store) -> None:
+    _new(store)
+    running = store.transition("j1", JobStatus.running, worker="w1", device="cpu", attempt=1,
+                               message="started")
+    assert running is not None and running.started_at is not None and running.worker == "w1"
+    store.report("j1", Stage.resolving, message="resolving")
+    store.report("j1", Stage.loading, Progress(fraction=0.5, done=5, total=10))
+    done = store.transition("j1", JobStatus.succeeded, message="done")
+    assert done is not None and done.finished_at is not None and done.finished_at.tzinfo == timezone.utc
+    assert done.stage is Stage.loading and done.started_at == running.started_at
+
+    events = [e for _, e in store.events("j1")]
+    assert [(e.status.value, e.stage and e.stage.value, e.message) for e in events] == [
+        ("queued", None, "submitted"), ("running", None, "started"),
+        ("running", "resolving", "resolving"), ("running", "loading", None),
+        ("succeeded", "loading", "done")]
+    assert events[3].progress == Progress(fraction=0.5, done=5, total=10)
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert store.redis.ttl(store.keys.events("j1")) > 0
+
+
+@pytest.mark.parametrize("final", [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled])
+def test_terminal_records_never_change(store: Store, final: JobStatus) -> None:
+    _new(store)
+    store.request_cancel("j1")
+    ended = store.transition("j1", final)
+    assert ended is not None and not store.cancel_requested("j1")
+    raw = store.redis.get(store.keys.job("j1"))
+    count = store.redis.xlen(store.keys.events("j1"))
+    for status in JobStatus:
+        assert store.transition("j1", status, worker="late") is None
+    assert store.report("j1", Stage.loading) is None
+    assert store.redis.get(store.keys.job("j1")) == raw
+    assert store.redis.xlen(store.keys.events("j1")) == count
+
+
+def test_report_only_while_running_and_only_from(store: Store) -> None:
+    _new(store)
+    assert store.report("j1", Stage.loading) is None  # still queued
+    assert store.transition("j1", JobStatus.running, only_from=frozenset({JobStatus.retrying})) is None
+    assert store.get("j1").status is JobStatus.queued
+
+
+def test_a_conflicting_write_between_watch_and_exec_is_never_overwritten(store: Store,
+                                                                         settings: Settings) -> None:
+    """A worker's update races a cancel from another client: the cancel wins, nothing is lost."""
+    _new(store)
+    store.transition("j1", JobStatus.running, worker="w1")
+    other = Store(redis.Redis.from_url(settings.redis_url), store.keys, 60)
+    original = store._add_event
+    calls: list[str] = []
+
+    def add_event_after_a_cancel(pipe: Any, record: JobRecord, message: str | None) -> None:
+        if not calls:  # inside MULTI: another client cancels before our EXEC
+            calls.append("cancel")
+            other.transition("j1", JobStatus.cancelled, message="cancel from elsewhere")
+        original(pipe, record, message)
+
+    store._add_event = add_event_after_a_cancel  # type: ignore[method-assign]
+    assert store.report("j1", Stage.loading, message="late progress") is None
+    record = store.get("j1")
+    assert record.status is JobStatus.cancelled and record.stage is None
+    messages = [e.message for _, e in store.events("j1")]
+    assert messages[-1] == "cancel from elsewhere" and "late progress" not in messages
+
+
+def test_concurrent_writers_end_in_one_terminal_state(store: Store, settings: Settings) -> None:
+    _new(store)
+    store.transition("j1", JobStatus.running)
+    finals = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled] * 2
+    results: list[JobRecord | None] = []
+
+    def write(status: JobStatus) -> None:
+        mine = Store(redis.Redis.from_url(settings.redis_url), store.keys, 60)
+        for i in range(10):
+            mine.report("j1", Stage.loading, Progress(fraction=i / 10))
+        results.append(mine.transition("j1", status))
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in finals]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert store.get("j1") == winners[0]
+    statuses = [e.status for _, e in store.events("j1")]
+    assert statuses[-1] == winners[0].status
+    assert sum(s in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled) for s in statuses) == 1
+
+
+def test_follow_yields_from_the_start_until_the_terminal_event(store: Store) -> None:
+    _new(store)
+    store.transition("j1", JobStatus.running)
+
+    def finish() -> None:
+        store.report("j1", Stage.loading)
+        store.transition("j1", JobStatus.failed, message="boom")
+        store.redis.xadd(store.keys.events("j1"), {"event": "never read"})
+
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    seen = [(e.status.value, e.message) for e in follow(store, "j1", timeout=30, poll_ms=100)]
+    timer.join()
+    assert seen == [("queued", "submitted"), ("running", None), ("running", None), ("failed", "boom")]
+
+
+def test_follow_stops_at_its_timeout_and_on_a_terminal_record(store: Store) -> None:
+    _new(store)
+    started = time.monotonic()
+    assert [e.status for e in follow(store, "j1", timeout=0.3, poll_ms=50)] == [JobStatus.queued]
+    assert time.monotonic() - started < 5
+    store.transition("j1", JobStatus.cancelled)
+    store.redis.delete(store.keys.events("j1"))  # events expired: the record still ends it
+    assert list(follow(store, "j1", timeout=10, poll_ms=50)) == []
