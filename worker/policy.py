@@ -12,7 +12,9 @@ names failed/AccessDenied only if that record is still `queued`, belongs to the 
 the message names, and holds exactly the job and submit time the message carries (so it
 is the message the record's own submit sent, e.g. with a wrong or missing key).
 Otherwise (a forged message naming someone else's job id, a replay of a finished job)
-nothing is written; the refusal is logged without keys or signatures.
+nothing is written; the refusal is logged without keys or signatures. A correctly signed
+message is still refused, without a write, when the record it names belongs to another
+tenant or holds another job: a tenant's key moves only that tenant's records.
 
 No secrets leave here: tokens are read when a job needs them and never logged.
 """
@@ -165,6 +167,10 @@ class Gate:
             return False
         if envelope is None:
             return record is not None and record.tenant == tenant
+        if record is not None and (record.tenant != tenant or record.job != envelope.job):
+            log.warning("job %s: refused: the message names a job of another tenant or another "
+                        "job than its record holds", job_id)
+            return False
         if record is not None and record.terminal:
             log.warning("job %s: refused: the job already ended (a replayed or late message)",
                         job_id)
