@@ -338,7 +338,11 @@ def gateway(host: str, port: int) -> None:
 
     from tasks.gateway import create_app
 
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_config=None)
+    from tasks.tenants import load_tenants
+
+    settings = _settings()
+    uvicorn.run(create_app(settings, tenants=load_tenants(settings.tenants_file)), host=host,
+                port=port, log_config=None)
 
 
 def _read(job_id: str, client: Any = None) -> JobRecord:
