@@ -13,6 +13,7 @@ from schemas.base import Contract, Versioned
 from schemas.errors import InvalidJob
 from schemas.refs import ModelRef
 from schemas.specs import DType, PlacementSpec, QuantizationSpec
+from schemas.tenants import Signature
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,63}")
@@ -154,11 +155,12 @@ Job = Annotated[Union[LoadJob, AttachAdapterJob, UnloadJob], Field(discriminator
 
 
 class Envelope(Versioned):
-    """What travels on the queue: the job, its id and when it was submitted."""
+    """What travels on the queue: the job, its id, when it was submitted and who signed it."""
 
     job_id: str
     submitted_at: datetime
     job: Job
+    auth: Signature | None = None  # required by workers that run with a tenants file
 
 
 _ENVELOPE = TypeAdapter(Envelope)

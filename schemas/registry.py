@@ -19,6 +19,7 @@ class ResidentModel(Contract):
     quantization: str = "none"
     pinned: bool = False
     keep_alive_seconds: float | None = None
+    shared_by: tuple[str, ...] = ()  # tenants using this shared base (its tenant is '*')
     last_used: datetime
     request_keys: tuple[str, ...] = ()  # tasks.registry.request_key of the loads it serves
 

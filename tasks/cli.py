@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 import click
 
 from schemas import (
-    BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, JobStatus, ModelqError, ModelNotFound,
-    TimedOut, parse_bytes, parse_job,
+    AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, JobStatus, ModelqError,
+    ModelNotFound, QuotaExceeded, TimedOut, parse_bytes, parse_job,
 )
 from tasks import render
 from tasks.settings import Settings
@@ -77,7 +77,7 @@ def _submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, a
         _fail(f"invalid job: {exc.message}", INVALID)
     except BrokerUnavailable as exc:
         _fail(exc.message, UNREACHABLE)
-    except ModelNotFound as exc:
+    except (ModelNotFound, AccessDenied, QuotaExceeded) as exc:  # nothing was enqueued
         _fail(exc.message, INVALID)
     if not wait:
         if as_json:
@@ -338,7 +338,11 @@ def gateway(host: str, port: int) -> None:
 
     from tasks.gateway import create_app
 
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_config=None)
+    from tasks.tenants import load_tenants
+
+    settings = _settings()
+    uvicorn.run(create_app(settings, tenants=load_tenants(settings.tenants_file)), host=host,
+                port=port, log_config=None)
 
 
 def _read(job_id: str, client: Any = None) -> JobRecord:

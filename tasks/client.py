@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from schemas import (
-    AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobKind, JobRecord, JobStatus,
+    AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobKind, JobRecord, JobStatus,
     LoadJob, ModelNotFound, TERMINAL, TimedOut, UnloadJob, WorkerInfo, parse_job,
 )
+from tasks.auth import sign
 from tasks.keys import SHARED_QUEUE, Keys
 from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now
+from tasks.tenants import (
+    DEFAULT_TENANT, check_submit_quota, pick_queue, read_limits, scoped_workers,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -63,22 +67,31 @@ class Client:
         """Record and enqueue `job`; InvalidJob if it does not validate, nothing written."""
         if isinstance(job, dict):
             job = parse_job(job)
+        job = self._as_tenant(job)
         job_id = uuid.uuid4().hex
         try:
+            limits = read_limits(self.redis, self.keys, job.tenant)
+            if limits is not None:  # workers run with a tenants file
+                check_submit_quota(self.redis, self.keys, job.tenant, limits)
+                _check_model_owner(job, self.registry.workers())
             queue = self.registry.route(job)
             if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
                 raise ModelNotFound(
                     f"model {job.model_key} is not resident on any live worker; load it first "
                     "(`modelq ls` lists resident models)", model_key=job.model_key)
+            if limits is not None:  # the tenant's share of that queue: fair turns between tenants
+                queue = pick_queue(job.tenant, limits, job_id, base=queue)
             record = JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
                                status=JobStatus.queued, created_at=now(), job=job)
             envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
             self.store.create(record)
+            if limits is not None:
+                self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
         except redis.RedisError as exc:
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         try:
             self.app.send_task(
-                "modelq.run", args=[envelope.model_dump(mode="json")], task_id=job_id,
+                "modelq.run", args=[self._signed(envelope)], task_id=job_id,
                 queue=queue, retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
@@ -92,13 +105,21 @@ class Client:
         return JobHandle(self, job_id)
 
     def status(self, job_id: str) -> JobRecord:
-        return self.store.get(job_id)
+        """The job's record; AccessDenied when it belongs to another tenant than this client's."""
+        record = self.store.get(job_id)
+        if self.settings.tenant is not None and record.tenant != self.settings.tenant:
+            raise AccessDenied(f"job {job_id} belongs to another tenant: tenant "
+                               f"{self.settings.tenant!r} reads only its own jobs", job_id=job_id)
+        return record
 
     def workers(self) -> list[WorkerInfo]:
-        return self.registry.workers()
+        """The pool; with a tenant set, only its own models, shared bases and its own adapters."""
+        workers = self.registry.workers()
+        return workers if self.settings.tenant is None else scoped_workers(workers, self.settings.tenant)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job at once; a running one stops at its next stage boundary."""
+        self.status(job_id)  # another tenant's job: AccessDenied
         record = self.store.transition(job_id, JobStatus.cancelled, message="cancelled before start",
                                        only_from=frozenset({JobStatus.queued, JobStatus.retrying}))
         if record is None:
@@ -107,6 +128,25 @@ class Client:
                 self.store.request_cancel(job_id)
             return current
         return record
+
+    def _as_tenant(self, job: AnyJob) -> AnyJob:
+        """The job for this client's tenant; AccessDenied if it names another tenant."""
+        tenant = self.settings.tenant
+        if tenant is None or job.tenant == tenant:
+            return job
+        if job.tenant != DEFAULT_TENANT:
+            raise AccessDenied(f"this client acts for tenant {tenant!r} and cannot submit jobs for "
+                               f"{job.tenant!r}: set MODELQ_TENANT", tenant=job.tenant)
+        return job.model_copy(update={"tenant": tenant})
+
+    def _signed(self, envelope: Envelope) -> dict[str, Any]:
+        """The envelope as sent: signed with the tenant key when this client has one."""
+        payload = envelope.model_dump(mode="json")
+        key = self.settings.tenant_key
+        if key is None:
+            return payload
+        return sign(payload, key.get_secret_value(), tenant=envelope.job.tenant,
+                    ttl_seconds=self.settings.signature_ttl_seconds)
 
     def _forget(self, job_id: str, tenant: str) -> None:
         try:
@@ -135,6 +175,7 @@ class JobHandle:
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Events from the first until the terminal one (or until `timeout`)."""
+        self.client.status(self.job_id)  # another tenant's job: AccessDenied
         return follow(self.client.store, self.job_id, timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
@@ -150,3 +191,14 @@ class JobHandle:
 
     def cancel(self) -> JobRecord:
         return self.client.cancel(self.job_id)
+
+
+def _check_model_owner(job: AnyJob, workers: list[WorkerInfo]) -> None:
+    """AccessDenied before sending an attach/unload for another tenant's model (workers check too)."""
+    if not isinstance(job, (AttachAdapterJob, UnloadJob)):
+        return
+    for worker in workers:
+        for model in worker.models:
+            if model.model_key == job.model_key and model.tenant not in (job.tenant, "*"):
+                raise AccessDenied(f"model {job.model_key} belongs to another tenant: load your "
+                                   "own copy", model_key=job.model_key)

@@ -18,6 +18,7 @@ import redis
 from fastapi import Body, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import SecretStr
 
 from schemas import (
     TERMINAL, AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, ModelqError,
@@ -25,6 +26,7 @@ from schemas import (
 )
 from tasks.client import Client
 from tasks.settings import Settings
+from tasks.tenants import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,15 @@ JobBody = Annotated[dict[str, Any], Body(description="A job as the schemas defin
 
 
 def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
-               client: Client | None = None) -> FastAPI:
-    """The gateway app on `settings`' Redis; pass `authenticate` to check API keys."""
+               client: Client | None = None, tenants: Tenants | None = None) -> FastAPI:
+    """The gateway app on `settings`' Redis; pass `authenticate` to check API keys.
+
+    With `tenants` (a tenants file), API keys are the tenants' keys and each tenant's
+    jobs are signed with its key (tasks/tenants.py, tasks/auth.py).
+    """
+    signing: dict[str, Client] = {}
+    if tenants is not None and tenants.multi:
+        authenticate = lambda api_key: tenants.authenticate(api_key or "").name  # noqa: E731
     app = FastAPI(title="modelq gateway", version="1",
                   description="Submit load, attach and unload jobs; read records; follow events.")
     modelq = client or Client(settings)
@@ -121,7 +130,10 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
         if body["tenant"] != who:
             raise AccessDenied(f"you are tenant {who!r}: submit jobs as that tenant", tenant=who)
         job = parse_job(body)
-        handle = modelq.submit(job)
+        if tenants is not None and tenants.multi and who not in signing:
+            signing[who] = Client(settings.model_copy(update={
+                "tenant": who, "tenant_key": SecretStr(tenants[who].key)}))
+        handle = signing.get(who, modelq).submit(job)
         record = handle.status()
         return JSONResponse(status_code=202, content=record.model_dump(mode="json"),
                             headers={"Location": f"/v1/jobs/{handle.job_id}"})

@@ -44,6 +44,18 @@ class Keys:
         """Sorted set: a tenant's job ids by creation time."""
         return f"{self.prefix}:tenant:{tenant}:jobs"
 
+    def open_jobs(self, tenant: str) -> str:
+        """Sorted set: a tenant's job ids not yet seen finished (quota counting; pruned lazily)."""
+        return f"{self.prefix}:tenant:{tenant}:open"
+
+    def tenant_limits(self, tenant: str) -> str:
+        """String: the tenant's TenantLimits as JSON, published by workers from the tenants file."""
+        return f"{self.prefix}:tenant:{tenant}:limits"
+
+    def nonce(self, tenant: str, nonce: str) -> str:
+        """String with a TTL until the envelope expires: the job id a signed nonce was used for."""
+        return f"{self.prefix}:tenant:{tenant}:nonce:{nonce}"
+
 
 def worker_queue(name: str) -> str:
     """The queue only worker `name` consumes (routing to where a model is resident)."""
@@ -54,3 +66,8 @@ def worker_queue(name: str) -> str:
 def queue_list(queue: str) -> str:
     """List: kombu's Redis list holding `queue`'s waiting messages (its LLEN is the queue depth)."""
     return queue
+def tenant_queues(tenant: str, priority: int = 1, base: str = SHARED_QUEUE) -> list[str]:
+    """A tenant's share of queue `base` (the shared one or a worker's): one queue per unit
+    of priority, so kombu's round-robin between queues weights the tenant's turns by it."""
+    first = f"{base}.tenant.{tenant}"
+    return [first] + [f"{first}.{i}" for i in range(1, priority)]

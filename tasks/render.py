@@ -75,8 +75,12 @@ def workers_table(workers: list[WorkerInfo]) -> Table:
             table.add_row(*first, "-", "-", "-", "-", "-", "-")
         for i, model in enumerate(worker.models):
             head = first if i == 0 else ("", "", "", "")
-            table.add_row(*head, model.model_key, model.base, model.tenant, size(model.bytes),
+            tenant = f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
+            table.add_row(*head, model.model_key, model.base, tenant, size(model.bytes),
                           ", ".join(model.adapters) or "-", "yes" if model.pinned else "no")
+    saved = sum(m.bytes * (len(m.shared_by) - 1) for w in workers for m in w.models if m.shared_by)
+    if saved:
+        table.caption = f"shared bases save {size(saved)}"
     return table
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -79,6 +79,17 @@ class Settings(BaseSettings):
     def redis_configured(self) -> bool:
         """Whether a Redis URL was given (argument or MODELQ_REDIS_URL) rather than found."""
         return "redis_url" in self.model_fields_set and bool(self.redis_url)
+    tenant: str | None = None
+    """The tenant this producer acts for; set, its jobs are signed and its reads are checked."""
+
+    tenant_key: SecretStr | None = None
+    """The tenant's shared secret (from the tenants file) that signs its job envelopes."""
+
+    tenants_file: Path | None = None
+    """Workers and the gateway: the TOML tenants file; unset, modelq is single-tenant."""
+
+    signature_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    """How long a signed envelope may wait in a queue before a worker refuses it as expired."""
 
     @property
     def visibility_timeout(self) -> int:

@@ -70,10 +70,14 @@ class Admission:
         self.artifacts = artifacts
         self.faults = faults or AllocationFaults()
 
-    def load(self, resolved: Resolved, job: LoadJob, reporter: Reporter) -> Admitted:
-        """Load `job`'s base (no adapters) once there is room for it and its adapters."""
+    def load(self, resolved: Resolved, job: LoadJob, reporter: Reporter,
+             token: str | bool | None = None) -> Admitted:
+        """Load `job`'s base (no adapters) once there is room for it and its adapters.
+
+        `token`: the job's tenant's hub token (False: none), for the adapters and the load.
+        """
         ref = resolved.base.ref
-        adapter_folders = [fetch(a.ref).path for a in job.adapters if a.ref.path is not None]
+        adapter_folders = [fetch(a.ref, token=token).path for a in job.adapters if a.ref.path is not None]
         if resolved.adapter is not None:
             adapter_folders.append(resolved.adapter.path)
         needed = self._estimate(resolved, job, adapter_folders)
@@ -84,7 +88,8 @@ class Admission:
         for attempt in (1, 2):
             try:
                 self.faults.check()
-                model = loader.load(resolved, job, self.device, reporter, artifact=artifact)
+                model = loader.load(resolved, job, self.device, reporter, artifact=artifact,
+                                    token=token)
                 break
             except ModelqError:
                 raise

@@ -41,6 +41,7 @@ class Entry:
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter identity
     pinned: bool = False
     keep_alive: float | None = None  # seconds unused before the worker unloads it
+    shared_by: set[str] = field(default_factory=set)  # tenants using a shared base (tenant '*')
     last_used: float = field(default_factory=time.time)
     request_keys: set[str] = field(default_factory=set)
 
@@ -53,6 +54,7 @@ class Entry:
             adapters=self.info.adapters, active_adapters=self.info.active_adapters,
             quantization=self.info.quantization, pinned=self.pinned,
             keep_alive_seconds=self.keep_alive, request_keys=tuple(sorted(self.request_keys)),
+            shared_by=tuple(sorted(self.shared_by)),
             last_used=datetime.fromtimestamp(self.last_used, tz=timezone.utc))
 
 

@@ -78,7 +78,7 @@ def _gpu_index(name: str, device: str) -> str | int:
 
 
 def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
-         token: str | None = None, artifact: Path | None = None) -> PreTrainedModel:
+         token: str | bool | None = None, artifact: Path | None = None) -> PreTrainedModel:
     """from_pretrained with the job's settings; weight loading reported as it goes.
 
     `artifact` is a folder of already-quantized weights (worker/artifacts.py): its

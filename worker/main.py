@@ -28,6 +28,13 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from worker.device import pin
 
     local_device = pin(device)
+    from tasks.tenants import load_tenants
+
+    tenants = load_tenants(settings.tenants_file)  # fails here, before any model work
+    if tenants.multi:  # before huggingface_hub reads its settings: no token of the worker's own
+        from worker.policy import drop_ambient_token
+
+        drop_ambient_token()
     started = time.monotonic()
     import_model_stack()
     log.info("model stack imported in %.1fs", time.monotonic() - started)
@@ -54,8 +61,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                           interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds)
     artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
     admission = Admission(cache, local_device, artifacts, AllocationFaults.from_env())
-    service = ModelService(cache, WorkerSpot(name=name, device=device, local_device=local_device),
-                           admission)
+    spot = WorkerSpot(name=name, device=device, local_device=local_device)
     keep_alive = KeepAliveTimer(cache, heartbeat.publish, settings.keep_alive_check_seconds)
     from tasks.logs import JobContext, set_worker
 
@@ -69,9 +75,23 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                           queues=[SHARED_QUEUE, worker_queue(name)])
         metrics.serve(metrics_port)
         observers.append(metrics)
-    runner = Runner(Store(client, keys, settings.record_ttl_seconds), service,
-                    max_attempts=settings.max_attempts, on_change=heartbeat.publish,
-                    observers=observers)
+    store = Store(client, keys, settings.record_ttl_seconds)
+    queues = [SHARED_QUEUE, worker_queue(name)]
+    if tenants.multi:  # verified jobs, tenant rules, fair tenant queues
+        from tasks.tenants import all_queues, publish_limits
+        from worker.policy import Gate
+        from worker.tenancy import TenantModelService
+
+        publish_limits(client, keys, tenants)
+        queues += all_queues(tenants, worker_queue(name))
+        service: ModelService = TenantModelService(cache, spot, tenants, admission)
+        runner = Runner(store, service, max_attempts=settings.max_attempts,
+                        on_change=heartbeat.publish, observers=observers,
+                        admit=Gate(tenants, store).admit)
+    else:
+        service = ModelService(cache, spot, admission)
+        runner = Runner(store, service, max_attempts=settings.max_attempts,
+                        on_change=heartbeat.publish, observers=observers)
 
     app = create_app(settings)
 
@@ -106,11 +126,11 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     heartbeat.register()
     heartbeat.start()
     keep_alive.start()
-    log.info("worker %s on %s (%s): capacity %d bytes, queues %s and %s", name, device,
-             local_device, cache.capacity, SHARED_QUEUE, worker_queue(name))
+    log.info("worker %s on %s (%s): capacity %d bytes, %d tenant(s), queues %s", name, device,
+             local_device, cache.capacity, len(tenants), ", ".join(queues))
     try:
         worker = app.Worker(hostname=f"{name}@{socket.gethostname()}", pool="solo", concurrency=1,
-                            queues=[SHARED_QUEUE, worker_queue(name)], loglevel="WARNING",
+                            queues=queues, loglevel="WARNING",
                             without_mingle=True, without_gossip=True, without_heartbeat=True,
                             optimization="fair", quiet=True)
         worker.start()

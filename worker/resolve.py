@@ -25,6 +25,7 @@ from schemas.errors import (
     AdapterIncompatible, ModelNotFound, RemoteCodeNotAllowed, UnsafeWeights, UnsupportedModel,
 )
 from worker.errors import translate
+from worker.policy import guard_path
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,12 @@ class Resolved:
     adapter_config: dict[str, Any] = field(default_factory=dict)
 
 
-def fetch(ref: ModelRef, *, token: str | None = None, tqdm_class: TqdmFactory | None = None,
+def fetch(ref: ModelRef, *, token: str | bool | None = None, tqdm_class: TqdmFactory | None = None,
           allow_code: bool = False) -> Source:
     """Find `ref`'s folder: a local path as given, or a hub snapshot (downloaded if needed)."""
     if ref.path is not None:
         path = Path(os.path.expanduser(ref.path)).resolve()
+        guard_path(ref.path, path)  # a tenant's roots, checked before anything there is read
         if not path.is_dir():
             raise ModelNotFound(f"folder {ref.path} does not exist on this worker: give a path "
                                 "the worker can read", ref=ref.path)
@@ -84,7 +86,7 @@ def fetch(ref: ModelRef, *, token: str | None = None, tqdm_class: TqdmFactory | 
     return Source(ref=ref.display, path=path, repo_id=ref.repo_id, revision=path.name)
 
 
-def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | None = None,
+def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | bool | None = None,
             tqdm_class: TqdmFactory | None = None) -> Resolved:
     """Resolve `ref` to a loadable base, following an adapter to its base model."""
     source = fetch(ref, token=token, tqdm_class=tqdm_class, allow_code=trust_remote_code)

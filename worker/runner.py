@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from schemas import (
-    AttachAdapterJob, Cancelled, ErrorInfo, JobRecord, JobStatus, LoadJob, ModelInfo, Progress, Stage,
-    UnloadJob, WorkerLost, decode_envelope,
+    AttachAdapterJob, Cancelled, Envelope, ErrorInfo, JobRecord, JobStatus, LoadJob, ModelInfo,
+    Progress, Stage, UnloadJob, WorkerLost, decode_envelope,
 )
 from schemas.errors import InvalidJob, JobNotFound, ModelqError
 from tasks.store import Store
@@ -39,8 +39,11 @@ class Runner:
 
     def __init__(self, store: Store, service: ModelService, *, max_attempts: int,
                  on_change: Callable[[], None] = lambda: None,
-                 observers: Sequence[RunObserver] = ()) -> None:
+                 observers: Sequence[RunObserver] = (),
+                 admit: Callable[[Any, Envelope | None], bool] = lambda payload, envelope: True,
+                 ) -> None:
         self.store = store
+        self.admit = admit  # tenants: signature, expiry, replay (worker/policy.py Gate.admit)
         self.service = service
         self.max_attempts = max_attempts
         self.on_change = on_change  # called after the cache changed (registry refresh)
@@ -52,10 +55,12 @@ class Runner:
             envelope = decode_envelope(payload)
         except InvalidJob as exc:
             log.error("job %s: refused a malformed message: %s", job_id, exc)
-            if isinstance(job_id, str):
+            if isinstance(job_id, str) and self.admit(payload, None):  # signed by its tenant
                 self._fail(job_id, exc)
             return
         job_id, job = envelope.job_id, envelope.job
+        if not self.admit(payload, envelope):  # refused before anything is resolved
+            return
         try:
             current = self.store.get(job_id)
         except JobNotFound:

@@ -59,17 +59,17 @@ class ModelService:
         reporter.stage(Stage.resolving, f"resolving {job.model.display}")
         if job.model.repo_id is not None:
             reporter.stage(Stage.downloading, f"fetching {job.model.display}")
-        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code,
+        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, token=self.token(),
                            tqdm_class=reporter.tqdm_class())
         _check_cancel(reporter)
-        key = loader.model_key(resolved.base.identity, job)
+        key = loader.model_key(self.base_identity(resolved.base, job), job)
         self.cache.busy = key
         entry = self.cache.get(key)
         cache_hit = entry is not None
         if entry is None:
             reporter.stage(Stage.loading, f"loading {resolved.base.ref}")
             try:
-                admitted = self.admission.load(resolved, job, reporter)
+                admitted = self.admission.load(resolved, job, reporter, token=self.token())
             except ModelqError:
                 raise
             except Exception as exc:
@@ -133,6 +133,16 @@ class ModelService:
         self.cache.remove(job.model_key)
         return info
 
+    # --- tenant hooks (worker/tenancy.py overrides them for multi-tenant pools) ----------
+
+    def token(self) -> str | bool | None:
+        """The hub token for the running job's tenant; None: huggingface_hub's own default."""
+        return None
+
+    def base_identity(self, base: Source, job: LoadJob) -> str:
+        """What a model key is built from; a hook to keep private models apart per tenant."""
+        return base.identity
+
     # --- helpers -----------------------------------------------------------------------
 
     def _resident(self, key: str, tenant: str) -> Entry:
@@ -146,7 +156,7 @@ class ModelService:
                 activate: bool, source: Source | None = None) -> bool:
         """Attach `ref` as `name`; False when that very adapter is already attached."""
         reporter.stage(Stage.attaching, f"attaching {ref.display} as {name!r}")
-        source = source or fetch(ref, tqdm_class=reporter.tqdm_class())
+        source = source or fetch(ref, token=self.token(), tqdm_class=reporter.tqdm_class())
         if entry.adapters.get(name) == source.identity:
             if activate:
                 adapters.activate(entry.model, name)
