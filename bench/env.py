@@ -102,9 +102,9 @@ def big_model(cache: Path = CACHE, shape: Shape = SMALL_250M) -> Path:
     return write_model(shape, cache / "models" / "llama-250m", shard_bytes=2 * 1024**3)
 
 
-def big_lora(base: Path, cache: Path = CACHE) -> Path:
-    """A rank-16 LoRA on q/k/v/o of the big model, written once and reused."""
-    folder = cache / "models" / "llama-250m-lora"
+def big_lora(base: Path, folder: Path | None = None) -> Path:
+    """A rank-16 LoRA on q/k/v/o of the model at `base`, written once (beside it) and reused."""
+    folder = folder or base.parent / f"{base.name}-lora"
     if (folder / "adapter_config.json").is_file() and \
             json.loads((folder / "adapter_config.json").read_text()).get(
                 "base_model_name_or_path") == str(base):
@@ -114,14 +114,17 @@ def big_lora(base: Path, cache: Path = CACHE) -> Path:
 
     config = json.loads((base / "config.json").read_text())
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * (
+        hidden // config["num_attention_heads"])
+    outputs = {"q_proj": hidden, "k_proj": kv, "v_proj": kv, "o_proj": hidden}
     rank = 16
     tensors: dict[str, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(7)
     for layer in range(layers):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj, out in outputs.items():
             stem = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.01
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.01
+            tensors[f"{stem}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.01
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     adapter_config = {
@@ -133,19 +136,20 @@ def big_lora(base: Path, cache: Path = CACHE) -> Path:
     return folder
 
 
-def variant(base: Path, tag: str, cache: Path = CACHE) -> Path:
+def variant(base: Path, tag: str) -> Path:
     """A folder that is `base` to the eye but a new model to every cache (a new path and config).
 
-    Weights are hard links, so the page cache is shared and nothing is copied; the
-    config carries the tag, so the folder's fingerprint differs as well.
+    Weights are hard links (beside `base`, so on its filesystem): the page cache is
+    shared and nothing is copied; the config carries the tag, so the folder's
+    fingerprint differs as well.
     """
-    folder = cache / "run" / "variants" / tag
+    folder = base.parent / f"{base.name}.variants" / tag
     folder.mkdir(parents=True, exist_ok=True)
     for file in base.iterdir():
         if file.suffix == ".safetensors" or file.name.endswith(".index.json"):
             target = folder / file.name
-            if not target.exists():
-                os.link(file, target)
+            target.unlink(missing_ok=True)
+            os.link(file, target)
     config = json.loads((base / "config.json").read_text())
     config["bench_variant"] = tag
     (folder / "config.json").write_text(json.dumps(config, indent=1))

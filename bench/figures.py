@@ -21,7 +21,7 @@ class Figure:
     """One benchmark figure: `key`, its samples and the target it is held to."""
 
     key: str
-    target: float
+    target: float | None  # None: reported for context, held to nothing
     direction: Direction
     samples: list[float] = field(default_factory=list)
     unit: str = "x"
@@ -41,14 +41,18 @@ class Figure:
     @property
     def passed(self) -> bool | None:
         median = self.median
-        if median is None:
+        if median is None or self.target is None:
             return None
         return median <= self.target if self.direction == "<=" else median >= self.target
+
+    @property
+    def target_text(self) -> str:
+        return "" if self.target is None else f"{self.direction} {self.target:g}"
 
     def as_json(self) -> dict[str, Any]:
         return {"median": self.median, "min": min(self.samples, default=None),
                 "max": max(self.samples, default=None), "runs": len(self.samples),
-                "target": f"{self.direction} {self.target:g}", "pass": self.passed,
+                "target": self.target_text or None, "pass": self.passed,
                 "unit": self.unit, "note": self.note or None}
 
 
@@ -78,10 +82,11 @@ class Report:
         notes: list[str] = []
         for f in self.figures:
             if f.available:
+                verdict = "-" if f.passed is None else "yes" if f.passed else "NO"
                 rows.append([f.key, _num(f.median), _num(min(f.samples)), _num(max(f.samples)),
-                             f"{f.direction} {f.target:g}", "yes" if f.passed else "NO"])
+                             f.target_text, verdict])
             else:
-                rows.append([f.key, "n/a", "", "", f"{f.direction} {f.target:g}", "n/a"])
+                rows.append([f.key, "n/a", "", "", f.target_text, "n/a"])
             if f.note:
                 notes.append(f"- {f.key}: {f.note}")
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
