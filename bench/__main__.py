@@ -41,13 +41,13 @@ def figures() -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and jobs (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer runs and jobs (about a minute on an idle 2-core machine)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--workers", type=int, default=2, help="workers on each side (default 2)")
-    parser.add_argument("--runs", type=int, help="paired load runs (default 3, quick 2)")
+    parser.add_argument("--runs", type=int, help="paired load runs (default 5, quick 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    runs = args.runs or (2 if args.quick else 3)
+    runs = args.runs or (2 if args.quick else 5)
     counts = {"latency_rounds": 3, "jobs_per_round": 8 if args.quick else 20,
               "batches": 3, "batch_size": 20 if args.quick else 60}
     report = Report(figures(), context={

@@ -22,7 +22,7 @@ from bench.env import ROOT, WORKER_ENV, Bench, variant, variant_lora
 from bench.figures import Report
 from bench.inprocess import InProcess
 from schemas import (
-    AdapterSpec, AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef, QuantizationSpec,
+    TERMINAL, AdapterSpec, AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef, QuantizationSpec,
     UnloadJob,
 )
 from schemas.specs import DType
@@ -170,7 +170,8 @@ def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[
     events = [event for _, event in bench.client.store.events(record.job_id, count=10_000)]
     marks: list[tuple[str, float]] = []
     for event in events:
-        label = event.stage.value if event.stage is not None else event.status.value
+        terminal = event.status in TERMINAL or event.stage is None
+        label = event.status.value if terminal else event.stage.value  # type: ignore[union-attr]
         if not marks or marks[-1][0] != label:
             marks.append((label, event.at.timestamp()))
     out: dict[str, float] = {}
