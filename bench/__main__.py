@@ -1,0 +1,112 @@
+"""`python -m bench [--quick] [--json PATH]`: the side-by-side benchmark suite on this machine.
+
+Starts its own redis-server, raw-Celery and `modelq worker` subprocesses and an
+in-process baseline, measures every figure as a ratio against its baseline run
+in the same pass, prints the table and writes the JSON. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.env import CACHE, ROOT, Bench, big_lora, big_model
+from bench.figures import Figure, Report
+from bench.roundtrip import RoundTrips, measure
+from bench.side_by_side import load_phase
+from tests.support.models import build_model
+
+log = logging.getLogger("bench")
+
+
+def figures() -> list[Figure]:
+    return [
+        Figure("queue_overhead_ratio", 1.5, "<="),
+        Figure("throughput_ratio", 0.8, ">="),
+        Figure("cold_load_ratio_bf16", 1.1, "<="),
+        Figure("cold_load_ratio_nf4", 1.1, "<="),
+        Figure("artifact_cache_speedup", 10, ">="),
+        Figure("adapter_attach_speedup", 20, ">="),
+        Figure("peak_rss_ratio", 1.3, "<="),
+        Figure("cli_status_seconds", 0.5, "<=", unit="s"),
+        Figure("estimate_max_error", 0.05, "<="),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer runs and jobs (about a minute on an idle 2-core machine)")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--workers", type=int, default=2, help="workers on each side (default 2)")
+    parser.add_argument("--runs", type=int, help="paired load runs (default 5, quick 2)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    runs = args.runs or (2 if args.quick else 5)
+    counts = {"latency_rounds": 3, "jobs_per_round": 8 if args.quick else 20,
+              "batches": 3, "batch_size": 20 if args.quick else 60}
+    report = Report(figures(), context={
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "load_average": os.getloadavg(), "workers": args.workers, "runs": runs, **counts,
+        "command": "python -m bench" + (" --quick" if args.quick else "")})
+    started = time.monotonic()
+    base = big_model()
+    lora = big_lora(base)
+    tiny = CACHE / "models" / "tiny-llama"
+    if not (tiny / "config.json").is_file():
+        build_model("llama", tiny)
+    with Bench() as bench:
+        queue_phase(bench, report, tiny, args.workers, counts)
+        first, *others = list(bench.pool)
+        for worker in others:  # loads go to any worker: keep one, so each load lands on it
+            worker.terminate()
+        load_phase(bench, report, first, base, lora, runs)
+    report.context["seconds"] = round(time.monotonic() - started, 1)
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+    return 0
+
+
+def queue_phase(bench: Bench, report: Report, tiny: Path, workers: int, counts: dict[str, int]) -> None:
+    log.info("queue: starting %d raw Celery and %d modelq workers", workers, workers)
+    bench.start_raw(workers)
+    for i in range(workers):
+        bench.pool.start(f"q{i}", wait=False)
+    for worker in bench.pool:
+        bench.pool.wait_registered(worker, timeout=180)
+    trips = RoundTrips(bench, tiny)
+    holders = trips.warm(workers)
+    log.info("queue: warm on %s; measuring", sorted(holders))
+    found = measure(trips, **counts)
+    report.figure("queue_overhead_ratio").add(*found["latency_ratios"])
+    report.figure("throughput_ratio").add(*found["throughput_ratios"])
+    if len(found["modelq_workers_used"]) < workers:
+        report.figure("throughput_ratio").note = (
+            f"cache hits ran on {len(found['modelq_workers_used'])} of {workers} workers")
+    report.context["queue"] = {**found, "workers_holding_model": sorted(holders)}
+    report.figure("cli_status_seconds").add(*cli_status(bench, trips))
+    bench.stop_raw()
+
+
+def cli_status(bench: Bench, trips: RoundTrips, count: int = 5) -> list[float]:
+    """Wall time of `modelq status JOB_ID` as a fresh process (this checkout's code)."""
+    job_id = bench.client.submit(trips.job).job_id
+    bench.client.job(job_id).wait(timeout=60)
+    env = {**os.environ, "MODELQ_REDIS_URL": bench.redis.url}
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tasks.cli", "status", job_id], cwd=ROOT, env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Loads through modelq against the same loads in-process, run pair by pair.
+
+Each run takes a fresh variant of the ~250M model (a new folder of hard links:
+no cache holds it, the page cache does), loads it through `Client` on a worker
+that is already up, and loads it with `from_pretrained` in a warm process right
+after. The same runs give the adapter figures (attach to the resident base
+against base + adapter from scratch), the worker's peak memory, the footprint
+estimates, and the nf4 loads that a second fresh worker later reloads from the
+artifact cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import rss
+from bench.env import ROOT, WORKER_ENV, Bench, variant, variant_lora
+from bench.figures import Report
+from bench.inprocess import InProcess
+from schemas import (
+    TERMINAL, AdapterSpec, AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef, QuantizationSpec,
+    UnloadJob,
+)
+from schemas.specs import DType
+from tests.support.workers import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+NF4 = QuantizationSpec(method="nf4")
+
+
+@dataclass
+class Samples:
+    """Raw measurements of the load runs, in seconds and bytes."""
+
+    cold_bf16: list[float] = field(default_factory=list)
+    inproc_bf16: list[float] = field(default_factory=list)
+    cold_nf4: list[float] = field(default_factory=list)
+    inproc_nf4: list[float] = field(default_factory=list)
+    attach: list[float] = field(default_factory=list)
+    scratch_with_adapter: list[float] = field(default_factory=list)
+    artifact_nf4: list[float] = field(default_factory=list)
+    peak_ratio: list[float] = field(default_factory=list)
+    estimate_errors: list[float] = field(default_factory=list)
+    worker_load_seconds: dict[str, list[float]] = field(default_factory=dict)
+    breakdown: dict[str, float] = field(default_factory=dict)
+    nf4_variants: list[Path] = field(default_factory=list)
+
+
+class LoadRuns:
+    """Runs the paired loads on one worker (`worker`) and one in-process baseline."""
+
+    def __init__(self, bench: Bench, worker: WorkerProcess, base: Path, lora: Path,
+                 inproc: InProcess, device: str = "cpu") -> None:
+        self.bench = bench
+        self.device = device
+        self.worker = worker
+        self.base = base
+        self.lora = lora
+        self.inproc = inproc
+        self.samples = Samples()
+
+    def submit(self, job: Any, timeout: float = 600) -> tuple[float, JobRecord]:
+        """Round trip of one job: submit to the terminal record seen by the client."""
+        started = time.perf_counter()
+        handle = self.bench.client.submit(job)
+        record = handle.wait(timeout=timeout)
+        elapsed = time.perf_counter() - started
+        if record.status is not JobStatus.succeeded or record.result is None:
+            raise RuntimeError(f"{job.kind} job {handle.job_id} ended {record.status.value}: "
+                               f"{record.error}")
+        if record.result.load_seconds is not None:
+            if job.kind != "unload":
+                self.samples.worker_load_seconds.setdefault(job.kind, []).append(
+                    record.result.load_seconds)
+        return elapsed, record
+
+    def warm(self) -> None:
+        """One unmeasured bf16 and nf4 load each way: imports, lazy inits and the page cache."""
+        for quant in ("none", "nf4"):
+            self.inproc.load(self.base, quant, self.device)
+            folder = variant(self.base, f"warm-{quant}")
+            job = LoadJob(model=ModelRef(path=str(folder)), dtype=DType.bfloat16,
+                          quantization=NF4 if quant == "nf4" else QuantizationSpec())
+            _, record = self.submit(job)
+            self.unload(record)
+
+    def run(self, index: int) -> None:
+        s = self.samples
+        plain = variant(self.base, f"{index}-a")
+        scratch = variant(self.base, f"{index}-b")
+        # bf16 cold load, with the worker's peak memory over it
+        before = rss.reset_peak(self.worker.pid)
+        seconds, loaded = self.submit(LoadJob(model=ModelRef(path=str(plain)), dtype=DType.bfloat16))
+        after = rss.read(self.worker.pid)
+        assert loaded.result is not None
+        s.cold_bf16.append(seconds)
+        s.peak_ratio.append((after.peak - before.rss) / loaded.result.footprint_bytes)
+        s.inproc_bf16.append(self.inproc.load(plain, "none", self.device))
+        if index == 0:
+            s.breakdown = stage_breakdown(self.bench, loaded, seconds)
+        errors = [self._estimate(loaded)]
+        # the adapter: attached to the resident base, against base + adapter from scratch
+        self.wait_resident(loaded.result.model_key)
+        seconds, attached = self.submit(AttachAdapterJob(
+            model_key=loaded.result.model_key, adapter=ModelRef(path=str(variant_lora(self.lora, plain))),
+            name="bench"))
+        s.attach.append(seconds)
+        seconds, with_adapter = self.submit(LoadJob(
+            model=ModelRef(path=str(scratch)), dtype=DType.bfloat16,
+            adapters=(AdapterSpec(ref=ModelRef(path=str(variant_lora(self.lora, scratch)))),)))
+        s.scratch_with_adapter.append(seconds)
+        errors.append(self._estimate(with_adapter))
+        self.unload(attached)
+        self.unload(with_adapter)
+        # nf4 cold load (quantize on load); its variant is reloaded later by a fresh worker
+        seconds, quantized = self.submit(LoadJob(model=ModelRef(path=str(plain)), dtype=DType.bfloat16,
+                                                 quantization=NF4))
+        s.cold_nf4.append(seconds)
+        s.inproc_nf4.append(self.inproc.load(plain, "nf4", self.device))
+        s.nf4_variants.append(plain)
+        errors.append(self._estimate(quantized))
+        self.unload(quantized)
+        known = [e for e in errors if e is not None]
+        if known:
+            s.estimate_errors.append(max(known))  # the worst of this run's loads
+
+    def reload_nf4(self, folder: Path) -> None:
+        """A fresh worker's nf4 load of a variant another worker already quantized."""
+        seconds, record = self.submit(LoadJob(model=ModelRef(path=str(folder)), dtype=DType.bfloat16,
+                                              quantization=NF4))
+        self.samples.artifact_nf4.append(seconds)
+        self.unload(record)
+
+    def unload(self, record: JobRecord) -> None:
+        assert record.result is not None
+        self.wait_resident(record.result.model_key)
+        self.submit(UnloadJob(model_key=record.result.model_key))
+
+    def wait_resident(self, model_key: str, timeout: float = 10) -> None:
+        """Until the registry lists `model_key`: the worker republishes it just after the record."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.bench.client.registry.holder(model_key) is not None:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"model {model_key} never showed up in the registry")
+
+    def warm_fresh(self) -> None:
+        """A new worker's first nf4 load, unmeasured (it reloads the warm-up variant)."""
+        _, record = self.submit(LoadJob(model=ModelRef(path=str(variant(self.base, "warm-nf4"))),
+                                        dtype=DType.bfloat16, quantization=NF4))
+        self.unload(record)
+
+    def _estimate(self, record: JobRecord) -> float | None:
+        """Relative error of the record's footprint estimate; None when it has none."""
+        result = record.result
+        estimated = getattr(result, "estimated_bytes", None)
+        if result is None or not estimated:
+            return None
+        return abs(estimated - result.footprint_bytes) / result.footprint_bytes
+
+
+def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[str, float]:
+    """Where a cold load's round trip went, from its event timestamps (seconds)."""
+    events = [event for _, event in bench.client.store.events(record.job_id, count=10_000)]
+    marks: list[tuple[str, float]] = []
+    for event in events:
+        terminal = event.status in TERMINAL or event.stage is None
+        label = event.status.value if terminal else event.stage.value  # type: ignore[union-attr]
+        if not marks or marks[-1][0] != label:
+            marks.append((label, event.at.timestamp()))
+    out: dict[str, float] = {}
+    for (label, at), (_, next_at) in zip(marks, marks[1:]):
+        out[f"{label}_s"] = round(next_at - at, 4)
+    out["events"] = float(len(events))
+    out["round_trip_s"] = round(round_trip, 4)
+    out["worker_load_seconds"] = float(record.result.load_seconds or 0) if record.result else 0.0
+    return out
+
+
+def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, lora: Path,
+               runs: int, device: str = "cpu", env: dict[str, str] | None = None,
+               fresh_args: tuple[str, ...] = ()) -> LoadRuns:
+    """The paired load runs on `worker` (the only one up), then the artifact reloads.
+
+    Fills cold_load_ratio_*, adapter_attach_speedup, peak_rss_ratio, estimate_max_error
+    and artifact_cache_speedup in `report` (whichever of them it has).
+    """
+    inproc = InProcess(ROOT, env=env or WORKER_ENV, log=bench.run_dir / "inprocess.log")
+    try:
+        loads = LoadRuns(bench, worker, base, lora, inproc, device)
+        log.info("loads: warming the worker and the in-process baseline")
+        loads.warm()
+        for index in range(runs):
+            log.info("loads: run %d of %d", index + 1, runs)
+            loads.run(index)
+    finally:
+        inproc.close()
+    s = loads.samples
+    _add(report, "cold_load_ratio_bf16", [a / b for a, b in zip(s.cold_bf16, s.inproc_bf16)])
+    _add(report, "cold_load_ratio_nf4", [a / b for a, b in zip(s.cold_nf4, s.inproc_nf4)])
+    _add(report, "adapter_attach_speedup", [a / b for a, b in zip(s.scratch_with_adapter, s.attach)])
+    _add(report, "peak_rss_ratio", s.peak_ratio)
+    _add(report, "estimate_max_error", s.estimate_errors,  # each run's worst error
+         "records carry no estimated_bytes (no footprint estimate on this branch)")
+    artifacts = bench.artifact_dir
+    if artifacts.is_dir() and any(artifacts.iterdir()):
+        worker.terminate()
+        log.info("artifacts: a fresh worker reloads the nf4 variants")
+        loads.worker = bench.pool.start("fresh", *fresh_args, timeout=300)
+        loads.warm_fresh()
+        for folder in s.nf4_variants:
+            loads.reload_nf4(folder)
+        _add(report, "artifact_cache_speedup", [a / b for a, b in zip(s.cold_nf4, s.artifact_nf4)])
+    else:
+        _add(report, "artifact_cache_speedup", [],
+             "nothing written under MODELQ_ARTIFACT_DIR by an nf4 load: no artifact cache here")
+    report.context["loads"] = {k: v for k, v in vars(s).items() if k != "nf4_variants"}
+    return loads
+
+
+def _add(report: Report, key: str, values: list[float], absent: str = "") -> None:
+    try:
+        figure = report.figure(key)
+    except KeyError:
+        return
+    figure.add(*values)
+    if not values and absent:
+        figure.note = absent
