@@ -21,7 +21,7 @@ from tasks.client import Client
 from tasks.keys import tenant_queues, worker_queue
 from tasks.settings import Settings
 from tasks.store import now
-from tests.support.models import build_hub_cache, build_remote_code_model
+from tests.support.models import build_hub_cache, build_pickle_only_model, build_remote_code_model
 from tests.support.tenancy import copy_into, dump_redis, send_raw, tenant_client, write_tenants
 from tests.support.workers import WorkerPool, WorkerProcess
 
@@ -60,12 +60,15 @@ def test_tenants_end_to_end(client: Client, pool: WorkerPool, settings: Settings
     (tmp_path / "alice" / "escape").symlink_to(models["llama"])
     build_remote_code_model(tmp_path / "alice" / "remote", tmp_path / "marker-alice")
     build_remote_code_model(tmp_path / "carol" / "remote", tmp_path / "marker-carol")
+    build_pickle_only_model(tmp_path / "alice" / "pickled")
+    build_pickle_only_model(tmp_path / "carol" / "pickled")
     commit = build_hub_cache(tmp_path / "hub", "org/tiny", models["llama"])
     tenants = write_tenants(tmp_path / "tenants.toml", {
         "alice": {"key": KEYS["alice"], "roots": [str(tmp_path / "alice")]},
         "bob": {"key": KEYS["bob"], "roots": [str(tmp_path / "bob")]},
         "carol": {"key": KEYS["carol"], "roots": [str(tmp_path / "carol")],
-                  "allow_remote_code": True, "hub_token_env": "CAROL_TOKEN"},
+                  "allow_remote_code": True, "allow_pickle_weights": True,
+                  "hub_token_env": "CAROL_TOKEN"},
         "dave": {"key": KEYS["dave"], "roots": [str(tmp_path / "dave")], "max_models": 1},
         "erin": {"key": "KEYMARKER-erin-0123456789abcdef", "max_resident_bytes": 1000,
                  "roots": [str(tmp_path / "dave")]},
@@ -154,6 +157,12 @@ def test_tenants_end_to_end(client: Client, pool: WorkerPool, settings: Settings
                                    trust_remote_code=True)).wait(timeout=120)
     assert allowed.status is JobStatus.succeeded, allowed.error
     assert (tmp_path / "marker-carol").exists()
+
+    # --- pickle weights: only where the tenant's policy allows them ---------------------
+    failed_with(alice.submit(LoadJob(model=str(tmp_path / "alice" / "pickled"))).wait(timeout=120),
+                "UnsafeWeights")
+    pickled = carol.submit(LoadJob(model=str(tmp_path / "carol" / "pickled"))).wait(timeout=120)
+    assert pickled.status is JobStatus.succeeded, pickled.error
 
     # --- quotas on the worker: models and resident bytes --------------------------------
     assert dave.submit(LoadJob(model=str(tmp_path / "dave" / "llama"))).wait(

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec, QuantMethod
 from schemas.specs import DEVICE_MAP_STRATEGIES, DType
+from worker.policy import pickle_allowed
 from worker.progress import Reporter, transformers_bars
 from worker.resolve import Resolved
 
@@ -86,7 +87,7 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
     """
     kwargs: dict[str, Any] = {
         "dtype": "auto" if job.dtype is DType.auto else TORCH_DTYPES[job.dtype],
-        "use_safetensors": True,
+        "use_safetensors": None if pickle_allowed() else True,  # None: safetensors first
         "trust_remote_code": job.trust_remote_code,
         "token": token,
         **placement_args(job.placement, device),

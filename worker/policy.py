@@ -73,6 +73,12 @@ def current() -> Scope | None:
     return _current.get()
 
 
+def pickle_allowed() -> bool:
+    """Whether the running job's tenant may load pickle checkpoints (allow_pickle_weights)."""
+    active = current()
+    return active is not None and active.tenant.allow_pickle_weights
+
+
 def guard_path(given: str, real: Path) -> None:
     """AccessDenied unless `real` (a realpath) lies under one of the current tenant's roots."""
     active = current()

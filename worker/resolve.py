@@ -25,7 +25,7 @@ from schemas.errors import (
     AdapterIncompatible, ModelNotFound, RemoteCodeNotAllowed, UnsafeWeights, UnsupportedModel,
 )
 from worker.errors import translate
-from worker.policy import guard_path
+from worker.policy import guard_path, pickle_allowed
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fetch(ref: ModelRef, *, token: str | bool | None = None, tqdm_class: TqdmFac
                                 "the worker can read", ref=ref.path)
         return Source(ref=ref.path, path=path, fingerprint=fingerprint(path))
     assert ref.repo_id is not None
-    patterns = HUB_PATTERNS + (["*.py"] if allow_code else [])
+    patterns = HUB_PATTERNS + (["*.py"] if allow_code else []) + (["*.bin"] if pickle_allowed() else [])
     try:
         folder = snapshot_download(ref.repo_id, revision=ref.revision, token=token,
                                    allow_patterns=patterns, tqdm_class=tqdm_class)
@@ -110,17 +110,23 @@ def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | bool
 
 
 def check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
-    """The folder's config, once it has safetensors weights and a usable architecture."""
+    """The folder's config, once it has safetensors weights and a usable architecture.
+
+    Pickle-only folders are refused unless the tenant's policy allows pickle weights.
+    """
     if not (source.path / CONFIG).is_file():
         raise ModelNotFound(f"{source.ref} has no config.json: is it a transformers model folder?",
                             ref=source.ref)
     files = [p.name for p in source.path.iterdir()]
     if not any(name.endswith(".safetensors") for name in files):
-        if any(name.endswith(PICKLE_SUFFIXES) for name in files):
+        if any(name.endswith(PICKLE_SUFFIXES) for name in files) and not pickle_allowed():
             raise UnsafeWeights(f"{source.ref} has only pickle weights ({_pickles(files)}), which "
                                 "can run code when loaded: convert them to safetensors",
                                 ref=source.ref)
-        raise ModelNotFound(f"{source.ref} has no weights (no *.safetensors file)", ref=source.ref)
+        if not any(name.endswith(PICKLE_SUFFIXES) for name in files):
+            raise ModelNotFound(f"{source.ref} has no weights (no *.safetensors file)",
+                                ref=source.ref)
+        log.warning("loading pickle weights from %s: the tenant's policy allows them", source.ref)
     config = read_json(source.path / CONFIG)
     check_architecture(source.ref, config, trust_remote_code)
     return config
