@@ -28,6 +28,10 @@ class Keys:
         """String: set when a cancel was asked for a job that may be running."""
         return f"{self.prefix}:job:{job_id}:cancel"
 
+    def lease(self, job_id: str) -> str:
+        """String with a TTL: 'worker:pid' of the process running the job, renewed by its heartbeat."""
+        return f"{self.prefix}:job:{job_id}:lease"
+
     def worker(self, name: str) -> str:
         """String with a TTL: the worker's registry entry as JSON, refreshed by its heartbeat."""
         return f"{self.prefix}:worker:{name}"

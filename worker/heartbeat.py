@@ -1,6 +1,8 @@
 """The worker's registry entry: written at start, refreshed by a heartbeat, removed at exit.
 
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it.
+Each beat also runs `renew` (the worker's job leases, worker/lease.py), so a lease
+lives exactly as long as the heartbeat does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, keys: Keys, *, name: str, device: str,
                  capacity: Callable[[], int], free: Callable[[], int],
-                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float) -> None:
+                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float,
+                 renew: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.name = name
@@ -37,6 +40,7 @@ class Heartbeat:
         self._capacity = capacity
         self._free = free
         self._models = models
+        self._renew = renew
         self.interval = interval
         self.ttl_ms = int(ttl * 1000)
         self.started_at = datetime.now(timezone.utc)
@@ -93,3 +97,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             self.publish()
+            try:
+                self._renew()
+            except Exception:  # a beat must never die
+                log.exception("worker %s: lease renewal failed", self.name)
