@@ -57,18 +57,17 @@ class Faults:
     def on_stage(self, job: LoadJob | AttachAdapterJob | UnloadJob, stage: Stage,
                  reporter: Reporter) -> None:
         """Apply the hooks for `job` entering `stage` (after its stage event was written)."""
+        if self.enabled and stage is Stage.loading:
+            ref = _refs(job)
+            if KILL_MARKER in ref:
+                log.warning("test fault: killing this worker (pid %d) on %s", os.getpid(), ref)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if CUDA_MARKER in ref:
+                import torch
+
+                raise torch.AcceleratorError(CUDA_ERROR)
         if stage is self.delay_stage and self.delay_seconds > 0:
             self._pause(reporter)
-        if not self.enabled or stage is not Stage.loading:
-            return
-        ref = _refs(job)
-        if KILL_MARKER in ref:
-            log.warning("test fault: killing this worker (pid %d) on %s", os.getpid(), ref)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if CUDA_MARKER in ref:
-            import torch
-
-            raise torch.AcceleratorError(CUDA_ERROR)
 
     def _pause(self, reporter: Reporter) -> None:
         """Sleep in small steps, reporting progress (where cancels and timeouts are noticed)."""
