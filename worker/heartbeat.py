@@ -32,7 +32,8 @@ class Heartbeat:
     def __init__(self, client: redis.Redis, keys: Keys, *, name: str, device: str,
                  capacity: Callable[[], int], free: Callable[[], int],
                  models: Callable[[], list[ResidentModel]], interval: float, ttl: float,
-                 renew: Callable[[], None] = lambda: None) -> None:
+                 renew: Callable[[], None] = lambda: None,
+                 on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.name = name
@@ -41,6 +42,8 @@ class Heartbeat:
         self._free = free
         self._models = models
         self._renew = renew
+        self._on_reconnect = on_reconnect  # called once Redis answers again after an outage
+        self._failing = False
         self.interval = interval
         self.ttl_ms = int(ttl * 1000)
         self.started_at = datetime.now(timezone.utc)
@@ -78,6 +81,12 @@ class Heartbeat:
                 self.redis.sadd(self.keys.workers(), self.name)
             except redis.RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+                self._failing = True
+                return
+            recovered, self._failing = self._failing, False
+        if recovered:
+            log.warning("worker %s: Redis answers again", self.name)
+            self._on_reconnect()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="modelq-heartbeat", daemon=True)
