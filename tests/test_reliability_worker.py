@@ -98,7 +98,7 @@ def test_long_load_runs_once_and_sigterm_finishes_the_job(client: Client, pool: 
     assert record.attempt == 1 and record.worker == holder
     assert len(started_events(client, handle.job_id)) == 1
     other = next(w for w in live if w.name != holder)
-    assert "holds its lease" in other.log_text() + live[0].log_text() + live[1].log_text()  # the second delivery was turned away
+    assert "holds its lease" in other.log_text()  # the second delivery was turned away
 
     # SIGTERM mid-load: the job finishes (or is handed back), never fails; the worker leaves.
     handle = client.submit(LoadJob(model=ModelRef(path=str(models["qwen2"]))))
