@@ -15,6 +15,7 @@ import pytest
 
 from schemas import AdapterSpec, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
+from tasks.keys import SHARED_QUEUE
 from tests.support.faults import (
     fault_env, marked_model, resident_copies, started_events, wait_for, wait_stage,
 )
@@ -88,9 +89,12 @@ def test_crash_loop_stops_as_worker_lost_and_the_queue_drains(client: Client, po
 
 
 def test_long_load_runs_once_and_sigterm_finishes_the_job(client: Client, pool: WorkerPool,
-                                                          models: dict[str, Path]) -> None:
-    # A 7 s load outlives the 4 s visibility timeout: the broker redelivers it meanwhile.
+                                                          models: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 7 s load outlives the 4 s visibility timeout: the broker redelivers it meanwhile. Sent
+    # to the shared queue (as when no worker is preferred), the copy reaches the idle worker.
     live = start_all(pool, ["w1", "w2"], fault_env("loading:7"))
+    monkeypatch.setattr(client.registry, "route", lambda job: SHARED_QUEUE)
     handle = client.submit(LoadJob(model=ModelRef(path=str(models["llama"]))))
     holder = wait_stage(client, handle.job_id, Stage.loading).worker
     record = handle.wait(timeout=120)

@@ -64,6 +64,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from worker.faults import Faults
     from worker.heartbeat import Heartbeat
     from worker.lease import Leases
+    from worker.reaper import Reaper
     from worker.runner import Outcome, Runner, RunObserver
     from worker.service import ModelService, WorkerSpot
 
@@ -72,12 +73,18 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     client = connect(settings)
     cache = ModelCache(devices.capacity(local_device, capacity))
     leases = Leases(client, keys, worker=name, ttl=settings.worker_ttl_seconds)
+    reaper = Reaper(client, keys, every=settings.worker_ttl_seconds)
+
+    def on_beat() -> None:  # the heartbeat thread: keep our leases, rescue dead workers' queues
+        leases.renew()
+        reaper.maybe_run()
+
     celery_worker: list[Any] = []  # filled once the Celery worker exists
     heartbeat = Heartbeat(client, keys, name=name, device=device, capacity=lambda: cache.capacity,
                           free=lambda: cache.free,
                           models=lambda: [e.resident() for e in cache.entries()],
                           interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds,
-                          renew=leases.renew, on_reconnect=lambda: reconnect_consumer(celery_worker))
+                          renew=on_beat, on_reconnect=lambda: reconnect_consumer(celery_worker))
 
     def leave(code: int) -> None:
         """Leave the registry and exit at once: this process must not run another job."""
