@@ -1,0 +1,1 @@
+"""Benchmarks: standalone (`python -m bench.NAME`), each with `run(...) -> dict`; not tests."""

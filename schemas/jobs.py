@@ -85,6 +85,9 @@ class LoadJob(_Job):
     trust_remote_code: bool = False
     pin: bool = False  # never evicted to make room; only `modelq unload` frees it
     keep_alive_seconds: float | None = Field(default=None, gt=0)  # unload after this long unused
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """The longest the worker may spend on this job before failing it as TimedOut
+    (default: the worker's max_load_seconds)."""
 
     @model_validator(mode="after")
     def _check(self) -> LoadJob:

@@ -37,6 +37,10 @@ def create_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # Sweep for tasks past the visibility timeout every `restore_interval` seconds
+            # (kombu's default sweep is 100 s, far above a low test visibility timeout).
+            "unacked_restore_interval": settings.restore_interval,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.connect_timeout_seconds,
             "socket_timeout": max(settings.connect_timeout_seconds, 30),
             "global_keyprefix": "",

@@ -28,6 +28,10 @@ class Keys:
         """String: set when a cancel was asked for a job that may be running."""
         return f"{self.prefix}:job:{job_id}:cancel"
 
+    def lease(self, job_id: str) -> str:
+        """String with a TTL: 'worker:pid' of the process running the job, renewed by its heartbeat."""
+        return f"{self.prefix}:job:{job_id}:lease"
+
     def worker(self, name: str) -> str:
         """String with a TTL: the worker's registry entry as JSON, refreshed by its heartbeat."""
         return f"{self.prefix}:worker:{name}"
@@ -57,9 +61,28 @@ class Keys:
         return f"{self.prefix}:tenant:{tenant}:nonce:{nonce}"
 
 
+WORKER_QUEUE_PREFIX = "modelq.worker."
+
+
 def worker_queue(name: str) -> str:
     """The queue only worker `name` consumes (routing to where a model is resident)."""
-    return f"modelq.worker.{name}"
+    return f"{WORKER_QUEUE_PREFIX}{name}"
+
+
+def worker_queue_pattern() -> str:
+    """SCAN pattern of every worker's own queues (and their tenant shares)."""
+    return f"{WORKER_QUEUE_PREFIX}*"
+
+
+def orphan_destination(queue: str) -> tuple[str, str] | None:
+    """(worker name, the same queue under the shared one) for a worker's own queue, else None.
+
+    `modelq.worker.W` maps to `modelq`, `modelq.worker.W.tenant.T[.i]` to `modelq.tenant.T[.i]`.
+    """
+    if not queue.startswith(WORKER_QUEUE_PREFIX):
+        return None
+    name, sep, rest = queue[len(WORKER_QUEUE_PREFIX):].partition(".tenant.")
+    return (name, SHARED_QUEUE + (f".tenant.{rest}" if sep else "")) if name else None
 
 
 

@@ -91,7 +91,27 @@ class Settings(BaseSettings):
     signature_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     """How long a signed envelope may wait in a queue before a worker refuses it as expired."""
 
+    visibility_timeout_seconds: int | None = Field(default=None, gt=0)
+    """Seconds before the broker delivers an unacked task again; default max_load_seconds + 600.
+
+    A load that outlives it is not run twice: the running worker's lease turns the
+    second delivery away (worker/lease.py). Tests set it low to see redelivery fast.
+    """
+
+    test_stage_delay: str = ""
+    """Test hook, never set in production: 'STAGE:SECONDS' pauses every job on entering
+    STAGE, ticking progress (e.g. 'loading:5'); see worker/faults.py."""
+
+    test_faults: bool = False
+    """Test hook, never set in production: lets a model path containing a fault marker
+    kill its worker or poison its CUDA context (worker/faults.py)."""
+
     @property
     def visibility_timeout(self) -> int:
         """Seconds before an unacked task is delivered again: above the longest load."""
-        return self.max_load_seconds + 600
+        return self.visibility_timeout_seconds or self.max_load_seconds + 600
+
+    @property
+    def restore_interval(self) -> int:
+        """Seconds between the broker's sweeps that put back tasks past the visibility timeout."""
+        return max(1, min(10, self.visibility_timeout // 4))

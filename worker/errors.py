@@ -69,3 +69,26 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _adapter_mismatch(text: str) -> bool:
     return any(s in text for s in ("Target modules", "size mismatch", "not found in the base model"))
+
+
+_POISON_TEXT = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS_EXECUTION_FAILED",
+                "unspecified launch failure")
+
+
+def poisons_process(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) leaves the CUDA context unusable for this process.
+
+    A device-side assert or an illegal memory access poisons the context: every later
+    CUDA call fails, so the worker must exit and be restarted. Out-of-memory does not.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if not _is_oom(current) and "out of memory" not in text and (
+                type(current).__name__ == "AcceleratorError"
+                or (isinstance(current, RuntimeError) and any(s in text for s in _POISON_TEXT))):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

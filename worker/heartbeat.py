@@ -1,6 +1,8 @@
 """The worker's registry entry: written at start, refreshed by a heartbeat, removed at exit.
 
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it.
+Each beat also runs `renew` (the worker's job leases, worker/lease.py), so a lease
+lives exactly as long as the heartbeat does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, keys: Keys, *, name: str, device: str,
                  capacity: Callable[[], int], free: Callable[[], int],
-                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float) -> None:
+                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float,
+                 renew: Callable[[], None] = lambda: None,
+                 on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.name = name
@@ -37,6 +41,9 @@ class Heartbeat:
         self._capacity = capacity
         self._free = free
         self._models = models
+        self._renew = renew
+        self._on_reconnect = on_reconnect  # called once Redis answers again after an outage
+        self._failing = False
         self.interval = interval
         self.ttl_ms = int(ttl * 1000)
         self.started_at = datetime.now(timezone.utc)
@@ -74,6 +81,12 @@ class Heartbeat:
                 self.redis.sadd(self.keys.workers(), self.name)
             except redis.RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+                self._failing = True
+                return
+            recovered, self._failing = self._failing, False
+        if recovered:
+            log.warning("worker %s: Redis answers again", self.name)
+            self._on_reconnect()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="modelq-heartbeat", daemon=True)
@@ -93,3 +106,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             self.publish()
+            try:
+                self._renew()
+            except Exception:  # a beat must never die
+                log.exception("worker %s: lease renewal failed", self.name)

@@ -3,19 +3,33 @@
 The device is pinned before torch loads; the model stack is imported at start so
 no job pays for it; the Celery pool is `solo` (no fork after CUDA), so the model
 cache lives as long as the process.
+
+Faults: SIGTERM is a warm shutdown (the running job finishes, then the worker
+leaves the registry and exits 0). A job whose CUDA error poisons the context, or
+one stuck past its deadline, is failed; the worker then leaves the registry and
+exits with EXIT_POISONED / EXIT_STUCK so its supervisor starts a clean process
+(the unacked message comes back after the visibility timeout and is dropped,
+its job having ended). Broker outages are retried by Celery with backoff.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EXIT_POISONED = 70
+"""Exit status after a CUDA error made the device context unusable."""
+EXIT_STUCK = 71
+"""Exit status after a job stayed stuck past its deadline (worker/guard.py)."""
 
 
 def default_name(device: str) -> str:
@@ -47,18 +61,41 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from worker.admission import Admission, AllocationFaults
     from worker.artifacts import Artifacts, default_root
     from worker.cache import KeepAliveTimer, ModelCache
+    from worker.faults import Faults
     from worker.heartbeat import Heartbeat
-    from worker.runner import Runner, RunObserver
+    from worker.lease import Leases
+    from worker.reaper import Reaper
+    from worker.runner import Outcome, Runner, RunObserver
     from worker.service import ModelService, WorkerSpot
 
     name = name or default_name(device)
     keys = Keys(settings.key_prefix)
     client = connect(settings)
     cache = ModelCache(devices.capacity(local_device, capacity))
+    leases = Leases(client, keys, worker=name, ttl=settings.worker_ttl_seconds)
+    reaper = Reaper(client, keys, every=settings.worker_ttl_seconds)
+
+    def on_beat() -> None:  # the heartbeat thread: keep our leases, rescue dead workers' queues
+        leases.renew()
+        reaper.maybe_run()
+
+    celery_worker: list[Any] = []  # filled once the Celery worker exists
     heartbeat = Heartbeat(client, keys, name=name, device=device, capacity=lambda: cache.capacity,
                           free=lambda: cache.free,
                           models=lambda: [e.resident() for e in cache.entries()],
-                          interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds)
+                          interval=settings.heartbeat_seconds, ttl=settings.worker_ttl_seconds,
+                          renew=on_beat, on_reconnect=lambda: reconnect_consumer(celery_worker))
+
+    def leave(code: int) -> None:
+        """Leave the registry and exit at once: this process must not run another job."""
+        heartbeat.stop()
+        log.error("worker %s exits with status %d so that its supervisor restarts it", name, code)
+        logging.shutdown()
+        os._exit(code)
+
+    reliability: dict[str, Any] = dict(
+        leases=leases, default_timeout=settings.max_load_seconds, faults=Faults.from_settings(settings),
+        on_stuck=lambda: leave(EXIT_STUCK))
     artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
     admission = Admission(cache, local_device, artifacts, AllocationFaults.from_env())
     spot = WorkerSpot(name=name, device=device, local_device=local_device)
@@ -87,22 +124,28 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         service: ModelService = TenantModelService(cache, spot, tenants, admission)
         runner = Runner(store, service, max_attempts=settings.max_attempts,
                         on_change=heartbeat.publish, observers=observers,
-                        admit=Gate(tenants, store).admit)
+                        admit=Gate(tenants, store).admit, **reliability)
     else:
         service = ModelService(cache, spot, admission)
         runner = Runner(store, service, max_attempts=settings.max_attempts,
-                        on_change=heartbeat.publish, observers=observers)
+                        on_change=heartbeat.publish, observers=observers, **reliability)
 
     app = create_app(settings)
 
-    @app.task(name=TASK_RUN, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def run(task: object, envelope: dict[str, object]) -> None:
-        try:
-            runner.run(envelope)
-        finally:
-            _release(envelope)
+    # Any args are accepted so that a malformed message is refused by the runner (InvalidJob),
+    # not by a TypeError in Celery's call. A busy job is handed back with a countdown: the
+    # lease holder is still on it, and the next look either finds it ended or its holder dead.
+    @app.task(name=TASK_RUN, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def run(task: Any, *args: Any, **kwargs: Any) -> None:
+        payload = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
+        outcome = runner.run(payload)
+        if outcome is Outcome.busy:
+            raise task.retry(countdown=settings.worker_ttl_seconds, max_retries=None)
+        _release(payload)
+        if outcome is Outcome.poisoned:
+            leave(EXIT_POISONED)
 
-    def _release(envelope: dict[str, object]) -> None:
+    def _release(envelope: Any) -> None:
         """Drop the routing claim of a load that ended here (after the registry shows it)."""
         from schemas import LoadJob, decode_envelope
 
@@ -133,11 +176,31 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                             queues=queues, loglevel="WARNING",
                             without_mingle=True, without_gossip=True, without_heartbeat=True,
                             optimization="fair", quiet=True)
+        celery_worker.append(worker)
         worker.start()
     finally:
         keep_alive.stop()
         heartbeat.stop()
         log.info("worker %s stopped", name)
+
+
+def reconnect_consumer(box: list[Any]) -> None:
+    """Redis is back after an outage: make Celery's consumer reconnect now.
+
+    Celery notices most broker losses itself, but one that lands while it acks a
+    task can leave the consumer polling a dead connection for good (celery#8091).
+    Raising a connection error inside its event loop makes it reconnect; if it had
+    already reconnected, this costs one more reconnect.
+    """
+    hub = getattr(box[0], "hub", None) if box else None
+    if hub is not None:
+        hub.call_soon(_raise_reconnect)
+
+
+def _raise_reconnect() -> None:
+    import redis
+
+    raise redis.ConnectionError("Redis came back after an outage: reconnecting the consumer")
 
 
 def import_model_stack() -> None:

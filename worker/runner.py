@@ -1,29 +1,58 @@
 """One delivery of a job: decode it, move its record through its states, run it.
 
-The Celery task body calls `Runner.run` and nothing else. Every outcome ends in a
-terminal record: succeeded, failed with an ErrorInfo, or cancelled. A delivery of
-a job that already ended does nothing (no second effect).
+The Celery task body calls `Runner.run` and acts on its Outcome. Every attempt ends
+in a terminal record: succeeded, failed with an ErrorInfo, or cancelled. Deliveries
+are at least once, so each one is checked before it starts anything:
+
+- a job that already ended: nothing to do (no second effect);
+- a job whose lease (worker/lease.py) a live worker holds: `Outcome.busy`, the
+  task body hands the message back with a countdown (the first delivery is still
+  running: a load that outlived the broker's visibility timeout);
+- a job left `running` with no live lease: its worker died; this is attempt N+1,
+  and after `max_attempts` it fails as WorkerLost instead (a job that keeps
+  killing workers stops).
+
+A CUDA error that poisons the context fails the job and returns `Outcome.poisoned`:
+the process must exit so its supervisor starts a clean one.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import redis
+
 from schemas import (
     AttachAdapterJob, Cancelled, Envelope, ErrorInfo, JobRecord, JobStatus, LoadJob, ModelInfo,
-    Progress, Stage, UnloadJob, WorkerLost, decode_envelope,
+    Progress, Stage, TimedOut, UnloadJob, WorkerLost, decode_envelope,
 )
 from schemas.errors import InvalidJob, JobNotFound, ModelqError
 from tasks.store import Store
-from worker.errors import scrub, translate
+from worker.cache import release_memory
+from worker.errors import poisons_process, scrub, translate
+from worker.faults import Faults
+from worker.guard import JobGuard
+from worker.lease import Leases
 from worker.progress import Reporter
 from worker.service import ModelService
 
 log = logging.getLogger(__name__)
 
 STARTABLE = frozenset({JobStatus.queued, JobStatus.retrying, JobStatus.running})
+STORE_RETRY_SECONDS = 120.0
+"""How long a finished attempt keeps trying to write its terminal record while Redis is away."""
+
+
+class Outcome(enum.Enum):
+    """What the task body does with the message after `Runner.run`."""
+
+    done = "done"  # ack it: the job ended (or the message was refused or is stale)
+    busy = "busy"  # another live worker runs this job: hand the message back for later
+    poisoned = "poisoned"  # ack it, then exit the process (the CUDA context is unusable)
 
 
 class RunObserver(Protocol):
@@ -37,69 +66,131 @@ class RunObserver(Protocol):
 class Runner:
     """Runs job envelopes for one worker and writes their records."""
 
-    def __init__(self, store: Store, service: ModelService, *, max_attempts: int,
+    def __init__(self, store: Store, service: ModelService, *, max_attempts: int, leases: Leases,
+                 default_timeout: float, faults: Faults | None = None,
                  on_change: Callable[[], None] = lambda: None,
+                 on_stuck: Callable[[], None] = lambda: None,
                  observers: Sequence[RunObserver] = (),
                  admit: Callable[[Any, Envelope | None], bool] = lambda payload, envelope: True,
                  ) -> None:
         self.store = store
         self.admit = admit  # tenants: signature, expiry, replay (worker/policy.py Gate.admit)
+        self.observers = tuple(observers)
         self.service = service
         self.max_attempts = max_attempts
+        self.leases = leases
+        self.default_timeout = default_timeout
+        self.faults = faults or Faults()
         self.on_change = on_change  # called after the cache changed (registry refresh)
-        self.observers = tuple(observers)
+        self.on_stuck = on_stuck  # a job stuck past its deadline: exit the process
 
-    def run(self, payload: Any) -> None:
+    def run(self, payload: Any) -> Outcome:
+        """Run one delivery; Redis unreachable before the job started means `busy` (try later)."""
+        try:
+            return self._run(payload)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis unreachable before the job could start (%s); handing it back", exc)
+            return Outcome.busy
+
+    def _run(self, payload: Any) -> Outcome:
         job_id = payload.get("job_id") if isinstance(payload, dict) else None
         try:
             envelope = decode_envelope(payload)
         except InvalidJob as exc:
             log.error("job %s: refused a malformed message: %s", job_id, exc)
             if isinstance(job_id, str) and self.admit(payload, None):  # signed by its tenant
-                self._fail(job_id, exc)
-            return
+                self._fail(job_id, exc, only_from=frozenset({JobStatus.queued, JobStatus.retrying}))
+            return Outcome.done
         job_id, job = envelope.job_id, envelope.job
         if not self.admit(payload, envelope):  # refused before anything is resolved
-            return
+            return Outcome.done
         try:
-            current = self.store.get(job_id)
+            if self.store.get(job_id).terminal:
+                log.info("job %s: already ended; dropping this delivery", job_id)
+                return Outcome.done
         except JobNotFound:
             log.error("job %s: no record; dropping the message", job_id)
-            return
+            return Outcome.done
+        holder = self.leases.acquire(job_id)
+        if holder is not None:
+            log.warning("job %s: delivered again while %s holds its lease and runs it (a load "
+                        "longer than the visibility timeout); handing this delivery back", job_id, holder)
+            return Outcome.busy
+        try:
+            return self._run_leased(job_id, job)
+        finally:
+            self.leases.release(job_id)
+            self.on_change()
+
+    def _run_leased(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob) -> Outcome:
+        current = self.store.get(job_id)
         if current.status not in STARTABLE:
             log.info("job %s: already %s; nothing to do", job_id, current.status.value)
-            return
+            return Outcome.done
         if current.status is JobStatus.running and current.attempt >= self.max_attempts:
             self._fail(job_id, WorkerLost(
                 f"the job's worker died {current.attempt} times while running it; it was "
-                "stopped so that it can't take down more workers", attempts=current.attempt))
-            return
-        spot = self.service.spot
-        record = self.store.transition(job_id, JobStatus.running, only_from=frozenset({current.status}),
-                                       message=f"started on {spot.name}", worker=spot.name,
-                                       device=spot.device, attempt=current.attempt + 1)
+                "stopped so that it can't take down more workers: check the model, or raise "
+                "MODELQ_MAX_ATTEMPTS", attempts=current.attempt))
+            return Outcome.done
+        record = self._start(current)
         if record is None:
-            return
+            return Outcome.done
         for observer in self.observers:
             observer.job_started(record)
-        log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, spot.name)
-        reporter = Reporter(lambda stage, progress, message: self._report(job_id, stage, progress, message),
-                            lambda: self.store.cancel_requested(job_id))
+        log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, record.worker)
+        timeout = (job.timeout_seconds if isinstance(job, LoadJob) else None) or self.default_timeout
+        guard = JobGuard(job_id, job, timeout=timeout,
+                         report=lambda stage, progress, message: self._report(job_id, stage, progress, message),
+                         cancel_requested=lambda: self._cancel_requested(job_id),
+                         faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout))
         try:
-            result = self._execute(job, reporter)
+            with guard:
+                result = self._execute(job, guard.reporter)
         except Cancelled as exc:
-            self.store.transition(job_id, JobStatus.cancelled, message=exc.message)
+            release_memory()
+            _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.cancelled,
+                                                            message=exc.message))
             log.info("job %s: cancelled", job_id)
         except Exception as exc:
-            self._fail(job_id, translate(exc, ref=_ref(job)))
+            release_memory()
+            poisoned = poisons_process(exc)
+            error = translate(exc, ref=_ref(job))
+            if poisoned:
+                error = type(error)(f"{error.message}; the CUDA context of worker {record.worker} is "
+                                    "unusable after this error, so the worker exits to be restarted",
+                                    **error.details)
+            self._fail(job_id, error)
+            return Outcome.poisoned if poisoned else Outcome.done
         else:
             self.on_change()  # the registry shows the cache as it is before the record says done
-            self.store.transition(job_id, JobStatus.succeeded, result=result, message="done",
-                                  progress=Progress(fraction=1.0))
+            _retrying(job_id, lambda: self.store.transition(
+                job_id, JobStatus.succeeded, result=result, message="done",
+                progress=Progress(fraction=1.0)))
             log.info("job %s: succeeded (%s)", job_id, result.model_key)
         finally:
-            self.on_change()
             self._ended(job_id)
+        return Outcome.done
+
+    def _start(self, current: JobRecord) -> JobRecord | None:
+        """Mark the job running as attempt N+1 (N > 0: its previous worker died)."""
+        spot = self.service.spot
+        message = f"started on {spot.name}"
+        if current.status is JobStatus.running:
+            message = (f"worker {current.worker} was lost during attempt {current.attempt}; "
+                       f"attempt {current.attempt + 1} started on {spot.name}")
+        return self.store.transition(current.job_id, JobStatus.running,
+                                     only_from=frozenset({current.status}), message=message,
+                                     worker=spot.name, device=spot.device, attempt=current.attempt + 1)
+
+    def _stuck(self, job_id: str, timeout: float) -> None:
+        """Watchdog: the job never reached a check after its deadline; fail it, then exit."""
+        self._fail(job_id, TimedOut(
+            f"job {job_id} ran past its {timeout:g}s limit and could not be stopped, so its "
+            "worker exits to be restarted: raise the job's timeout_seconds or use a smaller model",
+            job_id=job_id, timeout_seconds=timeout))
+        self.leases.release(job_id)
+        self.on_stuck()
 
     def _execute(self, job: LoadJob | AttachAdapterJob | UnloadJob, reporter: Reporter) -> ModelInfo:
         if isinstance(job, LoadJob):
@@ -110,21 +201,36 @@ class Runner:
 
     def _ended(self, job_id: str) -> None:
         if self.observers:
-            final = self.store.get(job_id)
+            try:
+                final = self.store.get(job_id)
+            except Exception as exc:  # observers are best effort; the record is what counts
+                log.warning("job %s: could not tell observers it ended: %s", job_id, exc)
+                return
             for observer in self.observers:
                 observer.job_ended(final)
 
     def _report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None) -> None:
-        self.store.report(job_id, stage, progress, message)
+        try:  # progress is best effort: a Redis restart must not fail the load
+            self.store.report(job_id, stage, progress, message)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("job %s: could not report %s progress: %s", job_id, stage.value, exc)
 
-    def _fail(self, job_id: str, exc: ModelqError) -> None:
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store.cancel_requested(job_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+
+    def _fail(self, job_id: str, exc: ModelqError,
+              only_from: frozenset[JobStatus] | None = None) -> None:
         error = ErrorInfo(type=exc.type, message=scrub(exc.message), retryable=exc.retryable,
                           details={k: scrub(str(v)) for k, v in exc.details.items()})
         log.warning("job %s: failed: %s: %s", job_id, error.type, error.message)
         try:
-            self.store.transition(job_id, JobStatus.failed, error=error, message=error.message)
-        except JobNotFound:
-            log.error("job %s: no record to fail", job_id)
+            _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.failed, error=error,
+                                                            message=error.message, only_from=only_from))
+        except (JobNotFound, redis.RedisError) as failure:
+            log.error("job %s: could not record the failure: %s", job_id, failure)
 
 
 def _ref(job: LoadJob | AttachAdapterJob | UnloadJob) -> str:
@@ -133,3 +239,18 @@ def _ref(job: LoadJob | AttachAdapterJob | UnloadJob) -> str:
     if isinstance(job, AttachAdapterJob):
         return job.adapter.display
     return job.model_key
+
+
+def _retrying(job_id: str, write: Callable[[], Any]) -> Any:
+    """Run `write`, retrying with backoff for up to STORE_RETRY_SECONDS while Redis is away."""
+    deadline = time.monotonic() + STORE_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: Redis unreachable (%s); retrying its record in %.1fs", job_id, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

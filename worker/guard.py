@@ -1,0 +1,95 @@
+"""What stops a running job early: a cancel request, its deadline, and a watchdog for stuck jobs.
+
+The solo pool has no Celery time limits, so the worker enforces a job's timeout
+itself. A `JobGuard` builds the job's Reporter: every stage change and every
+(throttled) progress tick first checks the deadline (TimedOut) and the cancel
+flag (Cancelled), so a long weight load stops within a tick, not at its end.
+Test hooks (worker/faults.py) run on each stage change.
+
+If the job's thread never reaches a check (stuck in native code), the watchdog
+calls `on_stuck` GRACE_SECONDS after the deadline: a thread can't be interrupted
+safely, so the runner fails the job and the process exits for its supervisor.
+
+This module never writes a record itself; `report` does (tasks/store.py via the runner).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from schemas import AttachAdapterJob, Cancelled, LoadJob, Progress, Stage, TimedOut, UnloadJob
+from worker.faults import Faults
+from worker.progress import Reporter
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 30.0
+"""How long past its deadline a job that never reaches a check may run before the process exits."""
+
+Report = Callable[[Stage, Progress | None, str | None], None]
+
+
+class JobGuard:
+    """Deadline, cancel checks and fault hooks around one attempt of one job."""
+
+    def __init__(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob, *, timeout: float,
+                 report: Report, cancel_requested: Callable[[], bool], faults: Faults,
+                 on_stuck: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.job_id = job_id
+        self.job = job
+        self.timeout = timeout
+        self._report = report
+        self._cancel_requested = cancel_requested
+        self.faults = faults
+        self._on_stuck = on_stuck
+        self._clock = clock
+        self.deadline = clock() + timeout
+        self._stage: Stage | None = None
+        self._done = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.reporter = Reporter(self._emit, self.cancelled)
+
+    def check(self) -> None:
+        """TimedOut past the deadline; Cancelled when a cancel was asked for."""
+        if self._clock() >= self.deadline:
+            raise TimedOut(f"job {self.job_id} ran past its {self.timeout:g}s limit and was stopped: "
+                           "raise the job's timeout_seconds (or MODELQ_MAX_LOAD_SECONDS) or use a "
+                           "smaller model", job_id=self.job_id, timeout_seconds=self.timeout)
+        if self._cancel_requested():
+            raise Cancelled("cancelled on request")
+
+    def cancelled(self) -> bool:
+        """The service's stage-boundary question; a passed deadline raises TimedOut instead."""
+        try:
+            self.check()
+        except Cancelled:
+            return True
+        return False
+
+    def _emit(self, stage: Stage, progress: Progress | None, message: str | None) -> None:
+        self.check()
+        self._report(stage, progress, message)
+        if stage is not self._stage:
+            self._stage = stage
+            self.faults.on_stage(self.job, stage, self.reporter)
+
+    def __enter__(self) -> JobGuard:
+        self._watchdog = threading.Thread(target=self._watch, name=f"modelq-watchdog-{self.job_id[:8]}",
+                                          daemon=True)
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(max(0.0, self.deadline - self._clock()) + GRACE_SECONDS):
+            return
+        log.error("job %s: stuck %.0fs past its deadline without reaching a check", self.job_id,
+                  GRACE_SECONDS)
+        self._on_stuck()
