@@ -75,6 +75,6 @@ def test_job_cancelled_while_queued_is_never_run(redis_url: str, client: Client,
     assert after.status is JobStatus.succeeded and after.worker == "late"
     assert client.status(job_id) == record and record.attempt == 0 and record.worker is None
     assert client.redis.llen(SHARED_QUEUE) == 0
-    assert f"job {job_id}: already cancelled" in worker.log_text()
+    assert f"job {job_id}: already ended" in worker.log_text()
     waited = cli(redis_url, "status", job_id)
     assert waited.returncode == 0 and "cancelled" in waited.stdout
