@@ -1,8 +1,10 @@
 """Job records and event streams in Redis: the one place a job's status changes (no torch).
 
 Each change is one mapping (status, its timestamp, worker, result or error) written
-with its event in one MULTI/EXEC, under WATCH so a cancel and a worker's update
-never overwrite each other. A terminal record never changes again.
+with its event atomically, so a cancel and a worker's update never overwrite each
+other: a compare-and-set script against the value this store last saw (one round
+trip, the worker's usual case), else MULTI/EXEC under WATCH. A terminal record
+never changes again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Store:
         self.redis = client
         self.keys = keys
         self.record_ttl = record_ttl
+        self._seen: dict[str, bytes | str] = {}  # job id -> the raw record last read or written
+        self._cas_script = client.register_script(_CAS)
 
     # --- reading -------------------------------------------------------------------
 
@@ -41,7 +45,9 @@ class Store:
         if raw is None:
             raise JobNotFound(f"no job {job_id!r}: check the id (records expire after a week)",
                               job_id=job_id)
-        return JobRecord.model_validate_json(raw)
+        record = JobRecord.model_validate_json(raw)
+        self._remember(job_id, raw, record.status)
+        return record
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None,
                count: int = 200) -> list[tuple[str, Event]]:
@@ -76,7 +82,17 @@ class Store:
     def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,
                    only_from: frozenset[JobStatus] | None = None,
                    **changes: Any) -> JobRecord | None:
-        """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`."""
+        """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`.
+
+        When this store wrote or read the job last, the write is one compare-and-set
+        round trip against that value; if anyone changed the record since (a cancel),
+        it falls back to reading it under WATCH.
+        """
+        seen = self._seen.get(job_id)
+        if seen is not None:
+            outcome = self._next(job_id, seen, status, message, only_from, changes)
+            if outcome is not None and self._cas(job_id, seen, *outcome):
+                return outcome[0]
         key = self.keys.job(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -85,22 +101,54 @@ class Store:
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
-                    current = JobRecord.model_validate_json(raw)
-                    if current.status in TERMINAL or (only_from and current.status not in only_from):
+                    outcome = self._next(job_id, raw, status, message, only_from, changes)
+                    if outcome is None:
                         pipe.unwatch()
                         return None
-                    record = current.model_copy(update={"status": status, **_stamps(current, status),
-                                                        **changes})
+                    record, record_json, event_json = outcome
                     pipe.multi()
-                    pipe.set(key, record.model_dump_json(), ex=self.record_ttl)
-                    self._add_event(pipe, record, message=message)
+                    pipe.set(key, record_json, ex=self.record_ttl)
+                    pipe.xadd(self.keys.events(job_id), {"event": event_json},
+                              maxlen=EVENTS_MAXLEN, approximate=True)
                     if status in TERMINAL:
                         pipe.expire(self.keys.events(job_id), self.record_ttl)
                         pipe.delete(self.keys.cancel(job_id))
                     pipe.execute()
+                    self._remember(job_id, record_json, status)
                     return record
                 except redis.WatchError:
                     continue
+
+    def _next(self, job_id: str, raw: bytes | str, status: JobStatus, message: str | None,
+              only_from: frozenset[JobStatus] | None,
+              changes: dict[str, Any]) -> tuple[JobRecord, str, str] | None:
+        """The record after the change, as JSON with its event; None if it may not change."""
+        current = JobRecord.model_validate_json(raw)
+        if current.status in TERMINAL or (only_from and current.status not in only_from):
+            self._seen.pop(job_id, None)
+            return None
+        record = current.model_copy(update={"status": status, **_stamps(current, status), **changes})
+        return record, record.model_dump_json(), _event(record, message).model_dump_json()
+
+    def _cas(self, job_id: str, seen: bytes | str, record: JobRecord, record_json: str,
+             event_json: str) -> bool:
+        """Write `record` if the stored value is still `seen` (one round trip)."""
+        terminal = record.status in TERMINAL
+        written = self._cas_script(
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id)],
+            args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal)])
+        if written:
+            self._remember(job_id, record_json, record.status)
+        else:
+            self._seen.pop(job_id, None)
+        return bool(written)
+
+    def _remember(self, job_id: str, raw: bytes | str, status: JobStatus) -> None:
+        if status in TERMINAL:
+            self._seen.pop(job_id, None)
+        else:
+            self._seen.clear()  # one job at a time is all a worker needs
+            self._seen[job_id] = raw
 
     def report(self, job_id: str, stage: Stage, progress: Progress | None = None,
                message: str | None = None) -> JobRecord | None:
@@ -116,10 +164,27 @@ class Store:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
     def _add_event(self, pipe: Any, record: JobRecord, message: str | None) -> None:
-        event = Event(job_id=record.job_id, at=now(), status=record.status, stage=record.stage,
-                      progress=record.progress, message=message, worker=record.worker)
-        pipe.xadd(self.keys.events(record.job_id), {"event": event.model_dump_json()},
+        pipe.xadd(self.keys.events(record.job_id), {"event": _event(record, message).model_dump_json()},
                   maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+# Compare-and-set of a record with its event: KEYS job, events, cancel; ARGV seen, new,
+# ttl, maxlen, event, terminal.
+_CAS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('DEL', KEYS[3])
+end
+return 1
+"""
+
+
+def _event(record: JobRecord, message: str | None) -> Event:
+    return Event(job_id=record.job_id, at=now(), status=record.status, stage=record.stage,
+                 progress=record.progress, message=message, worker=record.worker)
 
 
 def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:

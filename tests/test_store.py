@@ -85,22 +85,31 @@ def test_report_only_while_running_and_only_from(store: Store) -> None:
     assert store.get("j1").status is JobStatus.queued
 
 
-def test_a_conflicting_write_between_watch_and_exec_is_never_overwritten(store: Store,
-                                                                         settings: Settings) -> None:
-    """A worker's update races a cancel from another client: the cancel wins, nothing is lost."""
+@pytest.mark.parametrize("race", ["after_our_last_write", "between_watch_and_exec"])
+def test_a_conflicting_write_is_never_overwritten(store: Store, settings: Settings, race: str) -> None:
+    """A worker's update races a cancel from another client: the cancel wins, nothing is lost.
+
+    'after_our_last_write' goes through the one-round-trip compare-and-set (the store
+    remembers what it wrote); 'between_watch_and_exec' through the WATCH fallback.
+    """
     _new(store)
     store.transition("j1", JobStatus.running, worker="w1")
     other = Store(redis.Redis.from_url(settings.redis_url), store.keys, 60)
-    original = store._add_event
-    calls: list[str] = []
+    if race == "after_our_last_write":
+        other.transition("j1", JobStatus.cancelled, message="cancel from elsewhere")
+    else:
+        store._seen.clear()
+        original = store._next
+        calls: list[str] = []
 
-    def add_event_after_a_cancel(pipe: Any, record: JobRecord, message: str | None) -> None:
-        if not calls:  # inside MULTI: another client cancels before our EXEC
-            calls.append("cancel")
-            other.transition("j1", JobStatus.cancelled, message="cancel from elsewhere")
-        original(pipe, record, message)
+        def next_after_a_cancel(*args: Any) -> Any:
+            outcome = original(*args)
+            if not calls:  # we read under WATCH; another client cancels before our EXEC
+                calls.append("cancel")
+                other.transition("j1", JobStatus.cancelled, message="cancel from elsewhere")
+            return outcome
 
-    store._add_event = add_event_after_a_cancel  # type: ignore[method-assign]
+        store._next = next_after_a_cancel  # type: ignore[method-assign]
     assert store.report("j1", Stage.loading, message="late progress") is None
     record = store.get("j1")
     assert record.status is JobStatus.cancelled and record.stage is None

@@ -22,6 +22,9 @@ from tasks.keys import Keys, worker_queue
 log = logging.getLogger(__name__)
 
 
+_TIMES = {"heartbeat_at": True, "models": {"__all__": {"last_used"}}}
+
+
 class WorkerNameTaken(RuntimeError):
     """A live worker already holds this name."""
 
@@ -50,6 +53,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._published: str | None = None  # the entry last written, less its times
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
@@ -72,17 +76,27 @@ class Heartbeat:
         self.redis.sadd(self.keys.workers(), self.name)
         self.publish()
 
-    def publish(self) -> None:
-        """Write the entry now (after the cache changed)."""
+    def publish(self, force: bool = True) -> None:
+        """Write the entry now; with `force` False only if what it says changed (not its times).
+
+        The heartbeat always writes (the TTL); after a job, a cache hit changes nothing a
+        router reads, so it costs no round trip.
+        """
         with self._lock:
+            info = self.info()
+            content = info.model_dump_json(exclude=_TIMES)
+            if not force and content == self._published:
+                return
             try:
-                self.redis.set(self.keys.worker(self.name), self.info().model_dump_json(),
-                               px=self.ttl_ms)
-                self.redis.sadd(self.keys.workers(), self.name)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.set(self.keys.worker(self.name), info.model_dump_json(), px=self.ttl_ms)
+                pipe.sadd(self.keys.workers(), self.name)
+                pipe.execute()
             except redis.RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
                 self._failing = True
                 return
+            self._published = content
             recovered, self._failing = self._failing, False
         if recovered:
             log.warning("worker %s: Redis answers again", self.name)

@@ -123,12 +123,12 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         queues += all_queues(tenants, worker_queue(name))
         service: ModelService = TenantModelService(cache, spot, tenants, admission)
         runner = Runner(store, service, max_attempts=settings.max_attempts,
-                        on_change=heartbeat.publish, observers=observers,
+                        on_change=lambda: heartbeat.publish(force=False), observers=observers,
                         admit=Gate(tenants, store).admit, **reliability)
     else:
         service = ModelService(cache, spot, admission)
         runner = Runner(store, service, max_attempts=settings.max_attempts,
-                        on_change=heartbeat.publish, observers=observers, **reliability)
+                        on_change=lambda: heartbeat.publish(force=False), observers=observers, **reliability)
 
     app = create_app(settings)
 
