@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.env import CACHE, ROOT, Bench, big_lora, big_model
+from bench.env import CACHE, ROOT, Bench, big_lora, big_model, variant
 from bench.figures import Figure, Report
 from bench.roundtrip import RoundTrips, measure
 from bench.side_by_side import load_phase
@@ -80,8 +80,8 @@ def queue_phase(bench: Bench, report: Report, tiny: Path, workers: int, counts: 
         bench.pool.start(f"q{i}", wait=False)
     for worker in bench.pool:
         bench.pool.wait_registered(worker, timeout=180)
-    trips = RoundTrips(bench, tiny)
-    holders = trips.warm(workers)
+    trips = RoundTrips(bench, [variant(tiny, f"queue-{i}") for i in range(workers)])
+    holders = trips.warm()
     log.info("queue: warm on %s; measuring", sorted(holders))
     found = measure(trips, **counts)
     report.figure("queue_overhead_ratio").add(*found["latency_ratios"])

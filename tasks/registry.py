@@ -59,7 +59,10 @@ class Registry:
         queue = route(job, workers)
         if not isinstance(job, LoadJob) or queue == SHARED_QUEUE:
             return queue
-        key = self.keys.loading(request_key(job))
+        wanted = request_key(job)
+        if any(wanted in m.request_keys for w in workers for m in w.models):
+            return queue  # resident there already: a cache hit needs no claim
+        key = self.keys.loading(wanted)
         live = {w.queue for w in workers}
         for _ in range(3):
             if self.redis.set(key, queue, nx=True, px=self.claim_ms):
@@ -90,10 +93,11 @@ def route(job: AnyJob, workers: list[WorkerInfo]) -> str:
 
 def release_claim(client: redis.Redis, keys: Keys, job: LoadJob, worker: str) -> None:
     """Drop this worker's claim on the job's request key (after its load ended, either way)."""
-    key = keys.loading(request_key(job))
-    claimed = client.get(key)
-    if claimed is not None and _text(claimed) == worker_queue(worker):
-        client.delete(key)
+    client.eval(_RELEASE_CLAIM, 1, keys.loading(request_key(job)), worker_queue(worker))
+
+
+# Delete the claim only if this worker holds it (one round trip, no race with a new claim).
+_RELEASE_CLAIM = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _text(value: bytes | str) -> str:

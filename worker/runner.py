@@ -104,15 +104,10 @@ class Runner:
         job_id, job = envelope.job_id, envelope.job
         if not self.admit(payload, envelope):  # refused before anything is resolved
             return Outcome.done
-        try:
-            if self.store.get(job_id).terminal:
-                log.info("job %s: already ended; dropping this delivery", job_id)
-                return Outcome.done
-        except JobNotFound:
-            log.error("job %s: no record; dropping the message", job_id)
-            return Outcome.done
         holder = self.leases.acquire(job_id)
         if holder is not None:
+            if self._ended_already(job_id):
+                return Outcome.done
             log.warning("job %s: delivered again while %s holds its lease and runs it (a load "
                         "longer than the visibility timeout); handing this delivery back", job_id, holder)
             return Outcome.busy
@@ -122,10 +117,26 @@ class Runner:
             self.leases.release(job_id)
             self.on_change()
 
+    def _ended_already(self, job_id: str) -> bool:
+        """True (and logged) when the job's record is terminal or gone: drop the delivery."""
+        try:
+            if self.store.get(job_id).terminal:
+                log.info("job %s: already ended; dropping this delivery", job_id)
+                return True
+        except JobNotFound:
+            log.error("job %s: no record; dropping the message", job_id)
+            return True
+        return False
+
     def _run_leased(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob) -> Outcome:
-        current = self.store.get(job_id)
+        try:
+            current = self.store.get(job_id)
+        except JobNotFound:
+            log.error("job %s: no record; dropping the message", job_id)
+            return Outcome.done
         if current.status not in STARTABLE:
-            log.info("job %s: already %s; nothing to do", job_id, current.status.value)
+            log.info("job %s: already ended (%s); dropping this delivery", job_id,
+                     current.status.value)
             return Outcome.done
         if current.status is JobStatus.running and current.attempt >= self.max_attempts:
             self._fail(job_id, WorkerLost(
@@ -144,13 +155,14 @@ class Runner:
                          report=lambda stage, progress, message: self._report(job_id, stage, progress, message),
                          cancel_requested=lambda: self._cancel_requested(job_id),
                          faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout))
+        final: JobRecord | None = None  # the terminal record this attempt wrote, for observers
         try:
             with guard:
                 result = self._execute(job, guard.reporter)
         except Cancelled as exc:
             release_memory()
-            _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.cancelled,
-                                                            message=exc.message))
+            final = _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.cancelled,
+                                                                    message=exc.message))
             log.info("job %s: cancelled", job_id)
         except Exception as exc:
             release_memory()
@@ -160,16 +172,16 @@ class Runner:
                 error = type(error)(f"{error.message}; the CUDA context of worker {record.worker} is "
                                     "unusable after this error, so the worker exits to be restarted",
                                     **error.details)
-            self._fail(job_id, error)
+            final = self._fail(job_id, error)
             return Outcome.poisoned if poisoned else Outcome.done
         else:
             self.on_change()  # the registry shows the cache as it is before the record says done
-            _retrying(job_id, lambda: self.store.transition(
+            final = _retrying(job_id, lambda: self.store.transition(
                 job_id, JobStatus.succeeded, result=result, message="done",
                 progress=Progress(fraction=1.0)))
             log.info("job %s: succeeded (%s)", job_id, result.model_key)
         finally:
-            self._ended(job_id)
+            self._ended(job_id, final)
         return Outcome.done
 
     def _start(self, current: JobRecord) -> JobRecord | None:
@@ -199,10 +211,10 @@ class Runner:
             return self.service.attach(job, reporter)
         return self.service.unload(job, reporter)
 
-    def _ended(self, job_id: str) -> None:
+    def _ended(self, job_id: str, final: JobRecord | None) -> None:
         if self.observers:
             try:
-                final = self.store.get(job_id)
+                final = final or self.store.get(job_id)
             except Exception as exc:  # observers are best effort; the record is what counts
                 log.warning("job %s: could not tell observers it ended: %s", job_id, exc)
                 return
@@ -222,15 +234,16 @@ class Runner:
             return False
 
     def _fail(self, job_id: str, exc: ModelqError,
-              only_from: frozenset[JobStatus] | None = None) -> None:
+              only_from: frozenset[JobStatus] | None = None) -> JobRecord | None:
         error = ErrorInfo(type=exc.type, message=scrub(exc.message), retryable=exc.retryable,
                           details={k: scrub(str(v)) for k, v in exc.details.items()})
         log.warning("job %s: failed: %s: %s", job_id, error.type, error.message)
         try:
-            _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.failed, error=error,
-                                                            message=error.message, only_from=only_from))
+            return _retrying(job_id, lambda: self.store.transition(
+                job_id, JobStatus.failed, error=error, message=error.message, only_from=only_from))
         except (JobNotFound, redis.RedisError) as failure:
             log.error("job %s: could not record the failure: %s", job_id, failure)
+            return None
 
 
 def _ref(job: LoadJob | AttachAdapterJob | UnloadJob) -> str:
