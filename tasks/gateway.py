@@ -26,6 +26,7 @@ from schemas import (
 )
 from tasks.client import Client
 from tasks.settings import Settings
+from tasks.store import not_found
 from tasks.tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
     def own_record(job_id: str, who: str) -> JobRecord:
         record = modelq.status(job_id)
         if record.tenant != who:  # another tenant's job does not exist for this caller
-            raise JobNotFound(f"no job {job_id!r}: check the id", job_id=job_id)
+            raise not_found(job_id)  # word for word what a missing id gets
         return record
 
     def submit(body: dict[str, Any], who: str, kind: str | None) -> JSONResponse:
