@@ -27,7 +27,7 @@ from schemas import (
 from tasks.client import Client
 from tasks.settings import Settings
 from tasks.store import not_found
-from tasks.tenants import Tenants
+from tasks.tenants import Tenants, scoped_workers
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,9 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
 
     @app.get("/v1/workers", response_model=list[WorkerInfo], tags=["pool"])
     def list_workers(who: Tenant) -> list[WorkerInfo]:
-        """Live workers and, of their resident models, the caller's."""
-        return [w.model_copy(update={"models": tuple(m for m in w.models if m.tenant == who)})
-                for w in modelq.workers()]
+        """Live workers and, of their resident models, the caller's (and shared bases, with only
+        the caller's adapters)."""
+        return scoped_workers(modelq.workers(), who)
 
     @app.get("/healthz", tags=["pool"])
     def health() -> dict[str, str]:
