@@ -24,7 +24,7 @@ from schemas import (
     TERMINAL, AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, ModelqError,
     ModelNotFound, QuotaExceeded, TimedOut, WorkerInfo, parse_job,
 )
-from tasks.client import Client
+from tasks.client import Client, not_resident
 from tasks.settings import Settings
 from tasks.store import not_found
 from tasks.tenants import Tenants, scoped_workers
@@ -134,7 +134,12 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
         if tenants is not None and tenants.multi and who not in signing:
             signing[who] = Client(settings.model_copy(update={
                 "tenant": who, "tenant_key": SecretStr(tenants[who].key)}))
-        handle = signing.get(who, modelq).submit(job)
+        try:
+            handle = signing.get(who, modelq).submit(job)
+        except AccessDenied as exc:
+            if "model_key" in exc.details:  # another tenant's model does not exist for this caller
+                raise not_resident(exc.details["model_key"]) from None
+            raise
         record = handle.status()
         return JSONResponse(status_code=202, content=record.model_dump(mode="json"),
                             headers={"Location": f"/v1/jobs/{handle.job_id}"})
