@@ -76,9 +76,7 @@ class Client:
                 _check_model_owner(job, self.registry.workers())
             queue = self.registry.route(job)
             if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
-                raise ModelNotFound(
-                    f"model {job.model_key} is not resident on any live worker; load it first "
-                    "(`modelq ls` lists resident models)", model_key=job.model_key)
+                raise not_resident(job.model_key)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=queue)
             record = JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
@@ -191,6 +189,12 @@ class JobHandle:
 
     def cancel(self) -> JobRecord:
         return self.client.cancel(self.job_id)
+
+
+def not_resident(model_key: str) -> ModelNotFound:
+    """The error for an attach/unload of a model no live worker holds."""
+    return ModelNotFound(f"model {model_key} is not resident on any live worker; load it first "
+                         "(`modelq ls` lists resident models)", model_key=model_key)
 
 
 def _check_model_owner(job: AnyJob, workers: list[WorkerInfo]) -> None:

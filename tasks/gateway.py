@@ -24,9 +24,10 @@ from schemas import (
     TERMINAL, AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, ModelqError,
     ModelNotFound, QuotaExceeded, TimedOut, WorkerInfo, parse_job,
 )
-from tasks.client import Client
+from tasks.client import Client, not_resident
 from tasks.settings import Settings
-from tasks.tenants import Tenants
+from tasks.store import not_found
+from tasks.tenants import Tenants, scoped_workers
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
     def own_record(job_id: str, who: str) -> JobRecord:
         record = modelq.status(job_id)
         if record.tenant != who:  # another tenant's job does not exist for this caller
-            raise JobNotFound(f"no job {job_id!r}: check the id", job_id=job_id)
+            raise not_found(job_id)  # word for word what a missing id gets
         return record
 
     def submit(body: dict[str, Any], who: str, kind: str | None) -> JSONResponse:
@@ -133,7 +134,12 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
         if tenants is not None and tenants.multi and who not in signing:
             signing[who] = Client(settings.model_copy(update={
                 "tenant": who, "tenant_key": SecretStr(tenants[who].key)}))
-        handle = signing.get(who, modelq).submit(job)
+        try:
+            handle = signing.get(who, modelq).submit(job)
+        except AccessDenied as exc:
+            if "model_key" in exc.details:  # another tenant's model does not exist for this caller
+                raise not_resident(exc.details["model_key"]) from None
+            raise
         record = handle.status()
         return JSONResponse(status_code=202, content=record.model_dump(mode="json"),
                             headers={"Location": f"/v1/jobs/{handle.job_id}"})
@@ -181,9 +187,9 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
 
     @app.get("/v1/workers", response_model=list[WorkerInfo], tags=["pool"])
     def list_workers(who: Tenant) -> list[WorkerInfo]:
-        """Live workers and, of their resident models, the caller's."""
-        return [w.model_copy(update={"models": tuple(m for m in w.models if m.tenant == who)})
-                for w in modelq.workers()]
+        """Live workers and, of their resident models, the caller's (and shared bases, with only
+        the caller's adapters)."""
+        return scoped_workers(modelq.workers(), who)
 
     @app.get("/healthz", tags=["pool"])
     def health() -> dict[str, str]:

@@ -28,6 +28,12 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def not_found(job_id: str) -> JobNotFound:
+    """The error for a job id with no record (also what another tenant's job looks like)."""
+    return JobNotFound(f"no job {job_id!r}: check the id (records expire after a week)",
+                       job_id=job_id)
+
+
 class Store:
     """Reads and writes records and events under `keys`."""
 
@@ -43,8 +49,7 @@ class Store:
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.get(self.keys.job(job_id))
         if raw is None:
-            raise JobNotFound(f"no job {job_id!r}: check the id (records expire after a week)",
-                              job_id=job_id)
+            raise not_found(job_id)
         record = JobRecord.model_validate_json(raw)
         self._remember(job_id, raw, record.status)
         return record
