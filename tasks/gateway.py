@@ -93,6 +93,8 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
     signing: dict[str, Client] = {}
     if tenants is not None and tenants.multi:
         authenticate = lambda api_key: tenants.authenticate(api_key or "").name  # noqa: E731
+        # The gateway acts for each caller's tenant, never for one of its own environment.
+        settings = settings.model_copy(update={"tenant": None, "tenant_key": None})
     app = FastAPI(title="modelq gateway", version="1",
                   description="Submit load, attach and unload jobs; read records; follow events.")
     modelq = client or Client(settings)

@@ -32,8 +32,11 @@ KEYS = {t: f"GWKEYMARKER-{t}-0123456789abcdef" for t in ("alice", "bob")}
 @contextmanager
 def gateway(settings: Settings, tenants_file: Path) -> Iterator[dict[str, httpx.Client]]:
     """The gateway as `modelq gateway` builds it with MODELQ_TENANTS_FILE set: one httpx client
-    per caller (alice, bob, and 'anon' with no key); every response is kept in `seen`."""
-    settings = settings.model_copy(update={"tenants_file": tenants_file})
+    per caller (alice, bob, and 'anon' with no key); every response is kept in `seen`.
+
+    The gateway's own environment names a tenant (MODELQ_TENANT=bob): with a tenants file
+    it must act for each caller's tenant regardless."""
+    settings = settings.model_copy(update={"tenants_file": tenants_file, "tenant": "bob"})
     app = create_app(settings, tenants=load_tenants(settings.tenants_file))
     seen: list[str] = []
 
