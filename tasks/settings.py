@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     """Redis for the broker, records and registry; AUTH/TLS go in the URL (rediss://user:pw@host).
 
     Under Redis Sentinel: `sentinel://[:pw@]s1:26379;sentinel://s2:26379/0` (Celery's form;
-    the password is the master's), with `sentinel_master` naming the master. Unset: the embedded Redis that `modelq up` runs (found through `home/up.json`),
+    the password is the master's), with `sentinel_master` naming the master.
+    Unset: the embedded Redis that `modelq up` runs (found through `home/up.json`),
     else redis://127.0.0.1:6379/0.
     """
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -58,9 +59,12 @@ class SentinelServer:
 
     def wait_replicas(self, count: int, timeout: float = 30) -> None:
         """Until the sentinel has found `count` healthy replicas (it can fail over only then)."""
-        self._wait(lambda: sum(1 for r in self.client().sentinel_slaves(self.master)
-                               if r.get("is_sdown") is False and r.get("master-link-status") == "ok") >= count,
-                   timeout, f"{count} replica(s) known to the sentinel")
+        def healthy() -> bool:
+            replicas = self.client().sentinel_slaves(self.master)
+            return sum(1 for r in replicas
+                       if r.get("is_sdown") is False and r.get("master-link-status") == "ok") >= count
+
+        self._wait(healthy, timeout, f"{count} replica(s) known to the sentinel")
 
     def wait_master(self, port: int, timeout: float = 30) -> None:
         """Until the sentinel's failover to 127.0.0.1:`port` has ended.
@@ -112,11 +116,11 @@ class SentinelServer:
         except redis.ConnectionError:
             return False
 
-    def _wait(self, check: object, timeout: float, what: str) -> None:
+    def _wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if check():  # type: ignore[operator]
+                if check():
                     return
             except (redis.ConnectionError, redis.TimeoutError):
                 pass
