@@ -18,7 +18,9 @@ TASK_RUN = "modelq.run"
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app on `settings.redis_url`, set up for long, memory-heavy, at-least-once jobs."""
-    app = Celery("modelq", broker=settings.redis_url, set_as_current=False)
+    sentinel = settings.sentinel
+    broker = sentinel.broker_url() if sentinel is not None else settings.redis_url
+    app = Celery("modelq", broker=broker, set_as_current=False)
     app.conf.update(
         # JSON only on the wire: a pickled message is refused, never executed.
         task_serializer="json",
@@ -44,6 +46,8 @@ def create_app(settings: Settings) -> Celery:
             "socket_connect_timeout": settings.connect_timeout_seconds,
             "socket_timeout": max(settings.connect_timeout_seconds, 30),
             "global_keyprefix": "",
+            **({"master_name": sentinel.master, "sentinel_kwargs": settings.sentinel_kwargs()}
+               if sentinel is not None else {}),
         },
         task_default_queue=SHARED_QUEUE,
         task_queues=[Queue(SHARED_QUEUE)],

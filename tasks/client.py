@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.sentinel import Sentinel
 
 from schemas import (
     AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobKind, JobRecord, JobStatus,
@@ -35,13 +36,23 @@ AnyJob = LoadJob | AttachAdapterJob | UnloadJob
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A Redis client that fails within the connect timeout instead of hanging."""
-    return redis.Redis.from_url(
-        settings.redis_url,
+    """A Redis client that fails within the connect timeout instead of hanging.
+
+    With a sentinel:// URL it is the master's client: each new connection asks the
+    sentinels where the master is, so after a failover the next command reaches the
+    promoted replica (a command in flight at that moment may fail with ConnectionError).
+    """
+    options: dict[str, Any] = dict(
         socket_connect_timeout=settings.connect_timeout_seconds,
         socket_timeout=settings.connect_timeout_seconds + 60,
         health_check_interval=30,
     )
+    target = settings.sentinel
+    if target is None:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    sentinels = Sentinel(list(target.nodes), sentinel_kwargs=settings.sentinel_kwargs())
+    return sentinels.master_for(target.master, db=target.db, username=target.username,
+                                password=target.password, **options)
 
 
 class Client:

@@ -3,12 +3,67 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SENTINEL_SCHEME = "sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Redis as Redis Sentinel names it: the sentinels to ask, the master's name, db and AUTH.
+
+    `username`/`password` are the master's (as in kombu); the sentinels' own password,
+    if they have one, is `Settings.sentinel_password`.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def broker_url(self) -> str:
+        """The URL for Celery: kombu reads db and AUTH from the first sentinel only, so put them there."""
+        auth = ""
+        if self.username or self.password:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        first, *rest = (f"{SENTINEL_SCHEME}://{host}:{port}" for host, port in self.nodes)
+        first = first.replace("://", f"://{auth}", 1) + f"/{self.db}"
+        return ";".join([first, *rest])
+
+
+def parse_sentinel_url(url: str, master: str) -> SentinelTarget:
+    """`sentinel://[[user]:password@]host[:port][/db]` joined by `;` (Celery's form); ValueError if not."""
+    nodes: list[tuple[str, int]] = []
+    dbs: set[int] = set()
+    username = password = None
+    for part in filter(None, (p.strip() for p in url.split(";"))):
+        parsed = urlsplit(part)
+        if parsed.scheme != SENTINEL_SCHEME or not parsed.hostname:
+            raise ValueError(f"MODELQ_REDIS_URL: {part.rsplit('@', 1)[-1]!r} is not a sentinel://host:port "
+                             "address; join sentinels with ';' (sentinel://h1:26379;sentinel://h2:26379/0)")
+        try:
+            nodes.append((parsed.hostname, parsed.port or DEFAULT_SENTINEL_PORT))
+            if parsed.path.strip("/"):
+                dbs.add(int(parsed.path.strip("/")))
+        except ValueError:
+            raise ValueError(f"MODELQ_REDIS_URL: {part.rsplit('@', 1)[-1]!r} needs a numeric port "
+                             "and database (sentinel://host:26379/0)") from None
+        username = username or (unquote(parsed.username) if parsed.username else None)
+        password = password or (unquote(parsed.password) if parsed.password else None)
+    if len(dbs) > 1:
+        raise ValueError(f"MODELQ_REDIS_URL names several databases {sorted(dbs)}: name one, once")
+    if not nodes:
+        raise ValueError("MODELQ_REDIS_URL: sentinel:// needs at least one sentinel host")
+    return SentinelTarget(tuple(nodes), master, dbs.pop() if dbs else 0, username, password)
 
 
 def default_home() -> Path:
@@ -30,9 +85,17 @@ class Settings(BaseSettings):
     redis_url: str = Field(default="", validate_default=True)
     """Redis for the broker, records and registry; AUTH/TLS go in the URL (rediss://user:pw@host).
 
+    Under Redis Sentinel: `sentinel://[:pw@]s1:26379;sentinel://s2:26379/0` (Celery's form;
+    the password is the master's), with `sentinel_master` naming the master.
     Unset: the embedded Redis that `modelq up` runs (found through `home/up.json`),
     else redis://127.0.0.1:6379/0.
     """
+
+    sentinel_master: str = "mymaster"
+    """With a sentinel:// URL: the name the sentinels monitor the master under."""
+
+    sentinel_password: SecretStr | None = None
+    """With a sentinel:// URL: the sentinels' own password, if they have `requirepass` set."""
 
     key_prefix: str = "modelq"
     """Prefix of every Redis key modelq writes, so several deployments can share one Redis."""
@@ -74,6 +137,29 @@ class Settings(BaseSettings):
 
         home = info.data.get("home")
         return (discover(home) if home is not None else None) or DEFAULT_REDIS_URL
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _check_sentinel_url(cls, value: str, info: ValidationInfo) -> str:
+        url = info.data.get("redis_url", "")
+        if url.startswith(f"{SENTINEL_SCHEME}:"):
+            parse_sentinel_url(url, value)  # a malformed URL fails at start, not at first use
+        return value
+
+    @property
+    def sentinel(self) -> SentinelTarget | None:
+        """Where Sentinel says Redis is, when `redis_url` is a sentinel:// URL; else None."""
+        if not self.redis_url.startswith(f"{SENTINEL_SCHEME}:"):
+            return None
+        return parse_sentinel_url(self.redis_url, self.sentinel_master)
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Connection options for the sentinels themselves: bounded waits, their password if any."""
+        options: dict[str, Any] = {"socket_connect_timeout": self.connect_timeout_seconds,
+                                   "socket_timeout": self.connect_timeout_seconds}
+        if self.sentinel_password is not None:
+            options["password"] = self.sentinel_password.get_secret_value()
+        return options
 
     @property
     def redis_configured(self) -> bool:
