@@ -14,11 +14,13 @@ import sys
 from typing import Any, NoReturn
 
 import click
+from pydantic import ValidationError
 
 from schemas import (
     AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, JobStatus, ModelqError,
     ModelNotFound, QuotaExceeded, TimedOut, parse_bytes, parse_job,
 )
+from schemas.jobs import describe
 from tasks import render
 from tasks.settings import Settings
 
@@ -104,7 +106,10 @@ def main(ctx: click.Context, verbose: int, log_json: bool | None) -> None:
     """modelq: a job queue that loads Hugging Face models and PEFT adapters onto GPU workers."""
     from tasks import logs
 
-    settings = Settings(log_json=True) if log_json else Settings()
+    try:
+        settings = Settings(log_json=True) if log_json else Settings()
+    except ValidationError as exc:  # a MODELQ_* variable that doesn't parse
+        _fail(f"settings: {describe(exc)} (check the MODELQ_* environment variables)", INVALID)
     ctx.obj = settings
     logs.configure(logging.WARNING - 10 * verbose, as_json=settings.log_json)
 

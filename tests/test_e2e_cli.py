@@ -78,3 +78,12 @@ def test_job_cancelled_while_queued_is_never_run(redis_url: str, client: Client,
     assert f"job {job_id}: already ended" in worker.log_text()
     waited = cli(redis_url, "status", job_id)
     assert waited.returncode == 0 and "cancelled" in waited.stdout
+
+
+def test_a_setting_that_does_not_parse_exits_2_naming_it(redis_url: str) -> None:
+    env = {**os.environ, "MODELQ_REDIS_URL": redis_url, "MODELQ_MAX_ATTEMPTS": "zero"}
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "ls"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert "max_attempts" in result.stderr and "MODELQ_" in result.stderr
+    assert "Traceback" not in result.stderr
