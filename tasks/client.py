@@ -7,6 +7,7 @@ task is sent, and removed again if the send fails, so nothing is half-enqueued.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -188,14 +189,20 @@ class JobHandle:
         return follow(self.client.store, self.job_id, timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
-        """The terminal record; TimedOut (the job goes on) if it takes longer than `timeout`."""
-        for event in self.events(timeout=timeout):
-            if event.status in TERMINAL:
-                break
-        record = self.status()
-        if not record.terminal:
-            raise TimedOut(f"job {self.job_id} is still {record.status.value} after {timeout}s; "
-                           "it goes on: wait again or cancel it", job_id=self.job_id)
+        """The terminal record; TimedOut (the job goes on) if it takes longer than `timeout`.
+
+        Blocks on the job's one-entry 'done' stream: one wake when it ends, checking the
+        record itself every second (a record older than that stream, or one deleted).
+        """
+        record = self.status()  # another tenant's job: AccessDenied
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not record.terminal:
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                raise TimedOut(f"job {self.job_id} is still {record.status.value} after {timeout}s; "
+                               "it goes on: wait again or cancel it", job_id=self.job_id)
+            record = self.client.store.ended(self.job_id, block_ms=max(1, int(left * 1000))) \
+                or self.client.store.get(self.job_id)
         return record
 
     def cancel(self) -> JobRecord:

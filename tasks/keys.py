@@ -24,6 +24,13 @@ class Keys:
         """Stream: the job's Events, field 'event' holding JSON."""
         return f"{self.prefix}:job:{job_id}:events"
 
+    def done(self, job_id: str) -> str:
+        """Stream with one entry, added when the job ends: 'record', the terminal JobRecord JSON.
+
+        `JobHandle.wait` blocks on it: one wake for the end, however many events came before.
+        """
+        return f"{self.prefix}:job:{job_id}:done"
+
     def cancel(self, job_id: str) -> str:
         """String: set when a cancel was asked for a job that may be running."""
         return f"{self.prefix}:job:{job_id}:cancel"

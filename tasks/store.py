@@ -64,6 +64,15 @@ class Store:
                 out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
         return out
 
+    def ended(self, job_id: str, block_ms: int) -> JobRecord | None:
+        """The terminal record once the job ends, waiting up to `block_ms`; None meanwhile."""
+        reply = self.redis.xread({self.keys.done(job_id): "0-0"}, count=1, block=block_ms)
+        for _stream, entries in reply or []:
+            for _entry_id, fields in entries:
+                raw = fields.get(b"record", fields.get("record"))
+                return JobRecord.model_validate_json(raw)
+        return None
+
     # --- writing -------------------------------------------------------------------
 
     def create(self, record: JobRecord) -> None:
@@ -80,7 +89,8 @@ class Store:
     def delete(self, job_id: str, tenant: str) -> None:
         """Remove a record that was never enqueued (the send failed), and its index entry."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id))
+        pipe.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
+                    self.keys.done(job_id))
         pipe.zrem(self.keys.jobs(tenant), job_id)
         pipe.execute()
 
@@ -118,6 +128,8 @@ class Store:
                     if status in TERMINAL:
                         pipe.expire(self.keys.events(job_id), self.record_ttl)
                         pipe.delete(self.keys.cancel(job_id))
+                        pipe.xadd(self.keys.done(job_id), {"record": record_json})
+                        pipe.expire(self.keys.done(job_id), self.record_ttl)
                     pipe.execute()
                     self._remember(job_id, record_json, status)
                     return record
@@ -140,7 +152,8 @@ class Store:
         """Write `record` if the stored value is still `seen` (one round trip)."""
         terminal = record.status in TERMINAL
         written = self._cas_script(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id)],
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
+                  self.keys.done(job_id)],
             args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal)])
         if written:
             self._remember(job_id, record_json, record.status)
@@ -173,8 +186,8 @@ class Store:
                   maxlen=EVENTS_MAXLEN, approximate=True)
 
 
-# Compare-and-set of a record with its event: KEYS job, events, cancel; ARGV seen, new,
-# ttl, maxlen, event, terminal.
+# Compare-and-set of a record with its event: KEYS job, events, cancel, done; ARGV seen,
+# new, ttl, maxlen, event, terminal.
 _CAS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
@@ -182,6 +195,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5])
 if ARGV[6] == '1' then
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('DEL', KEYS[3])
+  redis.call('XADD', KEYS[4], '*', 'record', ARGV[2])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
 return 1
 """
