@@ -61,7 +61,10 @@ class Store:
         out: list[tuple[str, Event]] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
+                try:
+                    out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
+                except (KeyError, ValueError):  # not written by modelq: readers go on past it
+                    log.warning("job %s: skipping a malformed event %s", job_id, _text(entry_id))
         return out
 
     def ended(self, job_id: str, block_ms: int) -> JobRecord | None:

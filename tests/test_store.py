@@ -166,3 +166,13 @@ def test_follow_stops_at_its_timeout_and_on_a_terminal_record(store: Store) -> N
     store.transition("j1", JobStatus.cancelled)
     store.redis.delete(store.keys.events("j1"))  # events expired: the record still ends it
     assert list(follow(store, "j1", timeout=10, poll_ms=50)) == []
+
+
+def test_a_malformed_event_is_skipped_not_fatal(store: Store) -> None:
+    """A stream entry modelq didn't write (another producer, a bad tool) never stops a reader."""
+    _new(store)
+    store.redis.xadd(store.keys.events("j1"), {"event": "not json"})
+    store.redis.xadd(store.keys.events("j1"), {"other": "field"})
+    store.transition("j1", JobStatus.cancelled, message="stop")
+    assert [(e.status.value, e.message) for e in follow(store, "j1", timeout=10)] == [
+        ("queued", "submitted"), ("cancelled", "stop")]
