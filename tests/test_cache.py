@@ -40,13 +40,17 @@ def test_lru_eviction_skips_pinned_and_busy_and_refuses_what_cannot_fit() -> Non
         clock.now += 1
     cache.get("b")  # b is now the most recently used
     cache.busy = "c"  # the running job's model
+    evictions: list[int] = []
+    cache.on_evict = evictions.append  # what the worker's metrics count
     assert cache.free == 0
     assert cache.make_room(40) == ["d", "b"]  # LRU first; pinned a and busy c stay
+    assert evictions == [2]
     assert {e.key for e in cache.entries()} == {"a", "c"}
     with pytest.raises(InsufficientMemory) as err:
         cache.make_room(60)
     assert err.value.details["needed_bytes"] == 60 and err.value.details["free_bytes"] == 50
     assert {e.key for e in cache.entries()} == {"a", "c"}  # nothing evicted in vain
+    assert evictions == [2]
 
 
 def test_keep_alive_expires_idle_unpinned_models_only() -> None:

@@ -65,6 +65,7 @@ class ModelCache:
         self.capacity = capacity
         self.clock = clock
         self.busy: str | None = None  # the key the running job works on: never evicted
+        self.on_evict: Callable[[int], None] = lambda count: None  # metrics: models evicted
         self._entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
 
@@ -132,6 +133,7 @@ class ModelCache:
                          entry.bytes, entry.last_used, what)
                 self.remove(entry.key)
                 evicted.append(entry.key)
+            self.on_evict(len(evicted))
             return evicted
 
     def evict_idle(self) -> list[str]:
@@ -139,6 +141,7 @@ class ModelCache:
         keys = [e.key for e in self.evictable()]
         for key in keys:
             self.remove(key)
+        self.on_evict(len(keys))
         return keys
 
     def expire(self) -> list[str]:

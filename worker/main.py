@@ -112,6 +112,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
                           queues=[SHARED_QUEUE, worker_queue(name)])
         metrics.serve(metrics_port)
         observers.append(metrics)
+        cache.on_evict = metrics.evicted
     store = Store(client, keys, settings.record_ttl_seconds)
     queues = [SHARED_QUEUE, worker_queue(name)]
     if tenants.multi:  # verified jobs, tenant rules, fair tenant queues

@@ -105,7 +105,8 @@ class ModelService:
         entry.pinned = entry.pinned or job.pin
         entry.keep_alive = job.keep_alive_seconds if job.keep_alive_seconds else entry.keep_alive
         entry.request_keys.add(request_key(job))
-        entry.info = self._info(entry, cache_hit, time.monotonic() - started)
+        entry.info = self._info(entry, cache_hit, time.monotonic() - started,
+                                measure=not cache_hit or bool(attached))
         self.cache.put(entry)
         return entry.info
 
@@ -190,9 +191,11 @@ class ModelService:
         return Entry(key=key, model=model, info=info, base=base, tenant=job.tenant,
                      bytes=info.footprint_bytes)
 
-    def _info(self, entry: Entry, cache_hit: bool, seconds: float) -> ModelInfo:
+    def _info(self, entry: Entry, cache_hit: bool, seconds: float, *,
+              measure: bool = True) -> ModelInfo:
+        """The entry's ModelInfo now; `measure` False reuses its bytes (nothing was attached)."""
         attached, active = adapters.names(entry.model)
-        footprint = loader.footprint(entry.model)
+        footprint = loader.footprint(entry.model) if measure else entry.bytes
         entry.bytes = footprint
         return entry.info.model_copy(update={
             "adapters": attached, "active_adapters": active, "footprint_bytes": footprint,
