@@ -109,7 +109,7 @@ class Client:
             self._forget(job_id, job.tenant)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
-        return JobHandle(self, job_id)
+        return JobHandle(self, job_id, submitted=True)
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
@@ -173,9 +173,10 @@ class Client:
 class JobHandle:
     """A submitted job: read its record, follow its events, wait for it, cancel it."""
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str, *, submitted: bool = False) -> None:
         self.client = client
         self.job_id = job_id
+        self._mine = submitted  # submitted by this client: its tenant's own job
 
     def __repr__(self) -> str:
         return f"JobHandle({self.job_id!r})"
@@ -194,8 +195,13 @@ class JobHandle:
         Blocks on the job's one-entry 'done' stream: one wake when it ends, checking the
         record itself every second (a record older than that stream, or one deleted).
         """
-        record = self.status()  # another tenant's job: AccessDenied
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._mine:  # just submitted: block for its end at once (no read, no tenant check)
+            block = 1.0 if timeout is None else min(1.0, timeout)
+            record = self.client.store.ended(self.job_id, block_ms=max(1, int(block * 1000))) \
+                or self.status()
+        else:
+            record = self.status()  # another tenant's job: AccessDenied
         while not record.terminal:
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:

@@ -41,7 +41,7 @@ class Store:
         self.redis = client
         self.keys = keys
         self.record_ttl = record_ttl
-        self._seen: dict[str, bytes | str] = {}  # job id -> the raw record last read or written
+        self._seen: dict[str, tuple[bytes | str, JobRecord]] = {}  # job id -> last read/written
         self._cas_script = client.register_script(_CAS)
 
     # --- reading -------------------------------------------------------------------
@@ -51,7 +51,7 @@ class Store:
         if raw is None:
             raise not_found(job_id)
         record = JobRecord.model_validate_json(raw)
-        self._remember(job_id, raw, record.status)
+        self._remember(job_id, raw, record)
         return record
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None,
@@ -108,8 +108,8 @@ class Store:
         """
         seen = self._seen.get(job_id)
         if seen is not None:
-            outcome = self._next(job_id, seen, status, message, only_from, changes)
-            if outcome is not None and self._cas(job_id, seen, *outcome):
+            outcome = self._next(job_id, seen[1], status, message, only_from, changes)
+            if outcome is not None and self._cas(job_id, seen[0], *outcome):
                 return outcome[0]
         key = self.keys.job(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -119,7 +119,8 @@ class Store:
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
-                    outcome = self._next(job_id, raw, status, message, only_from, changes)
+                    current = JobRecord.model_validate_json(raw)
+                    outcome = self._next(job_id, current, status, message, only_from, changes)
                     if outcome is None:
                         pipe.unwatch()
                         return None
@@ -134,16 +135,15 @@ class Store:
                         pipe.xadd(self.keys.done(job_id), {"record": record_json})
                         pipe.expire(self.keys.done(job_id), self.record_ttl)
                     pipe.execute()
-                    self._remember(job_id, record_json, status)
+                    self._remember(job_id, record_json, record)
                     return record
                 except redis.WatchError:
                     continue
 
-    def _next(self, job_id: str, raw: bytes | str, status: JobStatus, message: str | None,
+    def _next(self, job_id: str, current: JobRecord, status: JobStatus, message: str | None,
               only_from: frozenset[JobStatus] | None,
               changes: dict[str, Any]) -> tuple[JobRecord, str, str] | None:
         """The record after the change, as JSON with its event; None if it may not change."""
-        current = JobRecord.model_validate_json(raw)
         if current.status in TERMINAL or (only_from and current.status not in only_from):
             self._seen.pop(job_id, None)
             return None
@@ -159,17 +159,17 @@ class Store:
                   self.keys.done(job_id)],
             args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal)])
         if written:
-            self._remember(job_id, record_json, record.status)
+            self._remember(job_id, record_json, record)
         else:
             self._seen.pop(job_id, None)
         return bool(written)
 
-    def _remember(self, job_id: str, raw: bytes | str, status: JobStatus) -> None:
-        if status in TERMINAL:
+    def _remember(self, job_id: str, raw: bytes | str, record: JobRecord) -> None:
+        if record.status in TERMINAL:
             self._seen.pop(job_id, None)
         else:
             self._seen.clear()  # one job at a time is all a worker needs
-            self._seen[job_id] = raw
+            self._seen[job_id] = (raw, record)
 
     def report(self, job_id: str, stage: Stage, progress: Progress | None = None,
                message: str | None = None) -> JobRecord | None:
