@@ -3,7 +3,8 @@
 The solo pool has no Celery time limits, so the worker enforces a job's timeout
 itself. A `JobGuard` builds the job's Reporter: every stage change and every
 (throttled) progress tick first checks the deadline (TimedOut) and the cancel
-flag (Cancelled), so a long weight load stops within a tick, not at its end.
+flag (Cancelled; read from Redis at most every CANCEL_POLL_SECONDS), so a long weight
+load stops within a tick, not at its end.
 Test hooks (worker/faults.py) run on each stage change.
 
 If the job's thread never reaches a check (stuck in native code), the watchdog
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 GRACE_SECONDS = 30.0
 """How long past its deadline a job that never reaches a check may run before the process exits."""
 
+CANCEL_POLL_SECONDS = 0.1
+"""Checks closer together than this share one look at the cancel flag (a Redis round trip)."""
+
 Report = Callable[[Stage, Progress | None, str | None], None]
 
 
@@ -49,6 +53,7 @@ class JobGuard:
         self._clock = clock
         self.deadline = clock() + timeout
         self._stage: Stage | None = None
+        self._cancel_looked_at: float | None = None
         self._done = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.reporter = Reporter(self._emit, self.cancelled)
@@ -59,6 +64,10 @@ class JobGuard:
             raise TimedOut(f"job {self.job_id} ran past its {self.timeout:g}s limit and was stopped: "
                            "raise the job's timeout_seconds (or MODELQ_MAX_LOAD_SECONDS) or use a "
                            "smaller model", job_id=self.job_id, timeout_seconds=self.timeout)
+        now = self._clock()
+        if self._cancel_looked_at is not None and now - self._cancel_looked_at < CANCEL_POLL_SECONDS:
+            return
+        self._cancel_looked_at = now
         if self._cancel_requested():
             raise Cancelled("cancelled on request")
 
