@@ -163,6 +163,11 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     def _keep_our_logging(**_: object) -> None:
         """A receiver here tells Celery to leave logging as the entry point set it up."""
 
+    # Celery's own per-task lines ('received', 'succeeded in') repeat the runner's job
+    # lines, without the job's tenant or outcome; keep its warnings and errors only.
+    for noisy in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         log.info("worker %s ready", name)
