@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -166,26 +166,26 @@ class Envelope(Versioned):
     auth: Signature | None = None  # required by workers that run with a tenants file
 
 
-_ENVELOPE = TypeAdapter(Envelope)
-_JOB = TypeAdapter(Job)
+_ENVELOPE: TypeAdapter[Envelope] = TypeAdapter(Envelope)
+_JOB: TypeAdapter[LoadJob | AttachAdapterJob | UnloadJob] = TypeAdapter(Job)
+T = TypeVar("T")
 
 
 def parse_job(payload: Any) -> LoadJob | AttachAdapterJob | UnloadJob:
     """Validate a job dict (or JSON string) from a producer; InvalidJob says what to fix."""
-    try:
-        if isinstance(payload, (str, bytes)):
-            return _JOB.validate_json(payload)
-        return _JOB.validate_python(payload)
-    except ValidationError as exc:
-        raise InvalidJob(describe(exc)) from None
+    return _validate(_JOB, payload)
 
 
 def decode_envelope(payload: Any) -> Envelope:
     """The one way a worker reads a queue message; InvalidJob when it is malformed."""
+    return _validate(_ENVELOPE, payload)
+
+
+def _validate(adapter: TypeAdapter[T], payload: Any) -> T:
     try:
         if isinstance(payload, (str, bytes)):
-            return _ENVELOPE.validate_json(payload)
-        return _ENVELOPE.validate_python(payload)
+            return adapter.validate_json(payload)
+        return adapter.validate_python(payload)
     except ValidationError as exc:
         raise InvalidJob(describe(exc)) from None
 
