@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.settings import Settings
 
@@ -57,6 +59,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from tasks.client import connect
     from tasks.store import Store
     from worker import device as devices
+    from schemas import LoadJob
     from tasks.registry import release_claim
     from worker.admission import Admission, AllocationFaults
     from worker.artifacts import Artifacts, default_root
@@ -114,6 +117,18 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         observers.append(metrics)
         cache.on_evict = metrics.evicted
     store = Store(client, keys, settings.record_ttl_seconds)
+
+    def release(job: Any) -> None:
+        """Drop the routing claim of a load that ran here (after the registry shows it)."""
+        if isinstance(job, LoadJob):
+            try:
+                release_claim(client, keys, job, name)
+            except redis.RedisError as exc:  # the claim's TTL ends it
+                log.warning("worker %s: could not release a load claim: %s", name, exc)
+
+    common: dict[str, Any] = dict(max_attempts=settings.max_attempts, observers=observers,
+                                  on_change=lambda: heartbeat.publish(force=False),
+                                  on_ended=release, **reliability)
     queues = [SHARED_QUEUE, worker_queue(name)]
     if tenants.multi:  # verified jobs, tenant rules, fair tenant queues
         from tasks.tenants import all_queues, publish_limits
@@ -123,13 +138,10 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         publish_limits(client, keys, tenants)
         queues += all_queues(tenants, worker_queue(name))
         service: ModelService = TenantModelService(cache, spot, tenants, admission)
-        runner = Runner(store, service, max_attempts=settings.max_attempts,
-                        on_change=lambda: heartbeat.publish(force=False), observers=observers,
-                        admit=Gate(tenants, store).admit, **reliability)
+        runner = Runner(store, service, admit=Gate(tenants, store).admit, **common)
     else:
         service = ModelService(cache, spot, admission)
-        runner = Runner(store, service, max_attempts=settings.max_attempts,
-                        on_change=lambda: heartbeat.publish(force=False), observers=observers, **reliability)
+        runner = Runner(store, service, **common)
 
     app = create_app(settings)
 
@@ -142,20 +154,8 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         outcome = runner.run(payload)
         if outcome is Outcome.busy:
             raise task.retry(countdown=settings.worker_ttl_seconds, max_retries=None)
-        _release(payload)
         if outcome is Outcome.poisoned:
             leave(EXIT_POISONED)
-
-    def _release(envelope: Any) -> None:
-        """Drop the routing claim of a load that ended here (after the registry shows it)."""
-        from schemas import LoadJob, decode_envelope
-
-        try:
-            job = decode_envelope(envelope).job
-            if isinstance(job, LoadJob):
-                release_claim(client, keys, job, name)
-        except Exception as exc:  # a malformed message or Redis hiccup: the claim's TTL ends it
-            log.warning("worker %s: could not release a load claim: %s", name, exc)
 
     from celery.signals import setup_logging, worker_ready
 
@@ -204,8 +204,6 @@ def reconnect_consumer(box: list[Any]) -> None:
 
 
 def _raise_reconnect() -> None:
-    import redis
-
     raise redis.ConnectionError("Redis came back after an outage: reconnecting the consumer")
 
 

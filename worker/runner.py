@@ -72,6 +72,7 @@ class Runner:
                  on_stuck: Callable[[], None] = lambda: None,
                  observers: Sequence[RunObserver] = (),
                  admit: Callable[[Any, Envelope | None], bool] = lambda payload, envelope: True,
+                 on_ended: Callable[[LoadJob | AttachAdapterJob | UnloadJob], None] = lambda job: None,
                  ) -> None:
         self.store = store
         self.admit = admit  # tenants: signature, expiry, replay (worker/policy.py Gate.admit)
@@ -83,6 +84,7 @@ class Runner:
         self.faults = faults or Faults()
         self.on_change = on_change  # called after the cache changed (registry refresh)
         self.on_stuck = on_stuck  # a job stuck past its deadline: exit the process
+        self.on_ended = on_ended  # a job ran here (routing: drop its load claim)
 
     def run(self, payload: Any) -> Outcome:
         """Run one delivery; Redis unreachable before the job started means `busy` (try later)."""
@@ -116,6 +118,7 @@ class Runner:
         finally:
             self.leases.release(job_id)
             self.on_change()
+            self.on_ended(job)
 
     def _ended_already(self, job_id: str) -> bool:
         """True (and logged) when the job's record is terminal or gone: drop the delivery."""
