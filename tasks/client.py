@@ -83,11 +83,10 @@ class Client:
         job_id = uuid.uuid4().hex
         try:
             limits = read_limits(self.redis, self.keys, job.tenant)
-            workers = self.registry.workers()
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
-                _check_model_owner(job, workers)
-            queue = self.registry.route(job, workers)
+                _check_model_owner(job, self.registry.workers())
+            queue = self.registry.route(job)
             if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
                 raise not_resident(job.model_key)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants

@@ -53,10 +53,9 @@ class Registry:
                 return worker
         return None
 
-    def route(self, job: AnyJob, workers: list[WorkerInfo] | None = None) -> str:
-        """The queue for `job` (among `workers`, read now if not given); a load sent to a
-        worker claims its request key there."""
-        workers = self.workers() if workers is None else workers
+    def route(self, job: AnyJob) -> str:
+        """The queue for `job`; a load sent to a worker claims its request key there."""
+        workers = self.workers()
         queue = route(job, workers)
         if not isinstance(job, LoadJob) or queue == SHARED_QUEUE:
             return queue
