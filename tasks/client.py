@@ -94,15 +94,13 @@ class Client:
             record = JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
                                status=JobStatus.queued, created_at=now(), job=job)
             envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
-            self.store.create(record)
-            if limits is not None:
-                self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
+            self.store.create(record, open_jobs=limits is not None)
         except redis.RedisError as exc:
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         try:
             self.app.send_task(
                 "modelq.run", args=[self._signed(envelope)], task_id=job_id,
-                queue=queue, retry=True,
+                queue=queue, retry=True, argsrepr=f"<{job.kind} job {job_id}>", kwargsrepr="{}",
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:

@@ -34,14 +34,14 @@ class Registry:
         self.redis = client
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
+        self._entries = client.register_script(_ENTRIES)
 
     def workers(self) -> list[WorkerInfo]:
-        names = sorted(_text(n) for n in self.redis.smembers(self.keys.workers()))
-        if not names:
-            return []
-        raws = self.redis.mget([self.keys.worker(n) for n in names])
-        live = [WorkerInfo.model_validate_json(raw) for raw in raws if raw is not None]
-        gone = [n for n, raw in zip(names, raws) if raw is None]
+        """The live workers by name (one round trip); names whose entry expired are dropped."""
+        reply = self._entries(keys=[self.keys.workers()], args=[self.keys.worker("")])
+        entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
+        live = [WorkerInfo.model_validate_json(raw) for _, raw in entries if raw]
+        gone = [name for name, raw in entries if not raw]
         if gone:
             self.redis.srem(self.keys.workers(), *gone)
         return live
@@ -56,12 +56,15 @@ class Registry:
     def route(self, job: AnyJob) -> str:
         """The queue for `job`; a load sent to a worker claims its request key there."""
         workers = self.workers()
-        queue = route(job, workers)
-        if not isinstance(job, LoadJob) or queue == SHARED_QUEUE:
-            return queue
+        if not isinstance(job, LoadJob):
+            return route(job, workers)
         wanted = request_key(job)
-        if any(wanted in m.request_keys for w in workers for m in w.models):
-            return queue  # resident there already: a cache hit needs no claim
+        holder = _serving(wanted, workers)
+        if holder is not None:
+            return holder.queue  # resident there already: a cache hit needs no claim
+        queue = route(job, workers, wanted)
+        if queue == SHARED_QUEUE:
+            return queue
         key = self.keys.loading(wanted)
         live = {w.queue for w in workers}
         for _ in range(3):
@@ -74,30 +77,52 @@ class Registry:
         return queue
 
 
-def route(job: AnyJob, workers: list[WorkerInfo]) -> str:
-    """The holder's queue for attach/unload and resident loads; a new load to the most free bytes."""
+def route(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
+    """The holder's queue for attach/unload and resident loads; a new load to the most free bytes.
+
+    `wanted` is the load's request key, when the caller has it already.
+    """
     if isinstance(job, (AttachAdapterJob, UnloadJob)):
         for worker in workers:
             if worker.holds(job.model_key):
                 return worker.queue
         return SHARED_QUEUE
-    wanted = request_key(job)
-    for worker in workers:
-        if any(wanted in m.request_keys for m in worker.models):
-            return worker.queue
+    holder = _serving(wanted or request_key(job), workers)
+    if holder is not None:
+        return holder.queue
     roomy = [w for w in workers if w.free_bytes > 0]
     if not roomy:
         return SHARED_QUEUE
     return max(roomy, key=lambda w: (w.free_bytes, w.name)).queue
 
 
-def release_claim(client: redis.Redis, keys: Keys, job: LoadJob, worker: str) -> None:
-    """Drop this worker's claim on the job's request key (after its load ended, either way)."""
-    client.eval(_RELEASE_CLAIM, 1, keys.loading(request_key(job)), worker_queue(worker))
+def _serving(wanted: str, workers: list[WorkerInfo]) -> WorkerInfo | None:
+    """The worker whose resident model serves loads with request key `wanted`."""
+    for worker in workers:
+        if any(wanted in m.request_keys for m in worker.models):
+            return worker
+    return None
 
 
-# Delete the claim only if this worker holds it (one round trip, no race with a new claim).
-_RELEASE_CLAIM = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:
+    """(key, value) of the routing claim that sends `job`'s identical loads to `worker`.
+
+    The worker drops it, only while it still names its queue, with the job's final record.
+    """
+    return keys.loading(request_key(job)), worker_queue(worker)
+
+
+# Every registered name with its entry ('' once expired): KEYS the name set; ARGV the
+# entries' key prefix. One round trip for what a router reads on each submit.
+_ENTRIES = """
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = name
+  out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''
+end
+return out
+"""
+
 
 
 def _text(value: bytes | str) -> str:

@@ -10,7 +10,7 @@ never changes again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -43,6 +43,8 @@ class Store:
         self.record_ttl = record_ttl
         self._seen: dict[str, tuple[bytes | str, JobRecord]] = {}  # job id -> last read/written
         self._cas_script = client.register_script(_CAS)
+        self._create_script = client.register_script(_CREATE)
+        self._release_script = client.register_script(_RELEASE)
 
     # --- reading -------------------------------------------------------------------
 
@@ -50,6 +52,10 @@ class Store:
         raw = self.redis.get(self.keys.job(job_id))
         if raw is None:
             raise not_found(job_id)
+        return self.adopt(job_id, raw)
+
+    def adopt(self, job_id: str, raw: bytes | str) -> JobRecord:
+        """The record from `raw`, read by another path (a lease taken in the same round trip)."""
         record = JobRecord.model_validate_json(raw)
         self._remember(job_id, raw, record)
         return record
@@ -78,14 +84,18 @@ class Store:
 
     # --- writing -------------------------------------------------------------------
 
-    def create(self, record: JobRecord) -> None:
-        """Write a new record with its first event; refuses to overwrite an existing job."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.job(record.job_id), record.model_dump_json(), nx=True,
-                 ex=self.record_ttl)
-        self._add_event(pipe, record, message="submitted")
-        pipe.zadd(self.keys.jobs(record.tenant), {record.job_id: record.created_at.timestamp()})
-        created, *_ = pipe.execute()
+    def create(self, record: JobRecord, *, open_jobs: bool = False) -> None:
+        """Write a new record with its first event; refuses to overwrite an existing job.
+
+        One round trip: the record, its event and its place in the tenant's job index
+        (and, with `open_jobs`, in the tenant's open jobs that quotas count).
+        """
+        event = _event(record, "submitted").model_dump_json()
+        index = [self.keys.jobs(record.tenant)] + ([self.keys.open_jobs(record.tenant)] if open_jobs else [])
+        created = self._create_script(
+            keys=[self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
+            args=[record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
+                  record.created_at.timestamp(), record.job_id])
         if not created:
             raise ValueError(f"job {record.job_id} already exists")
 
@@ -99,17 +109,19 @@ class Store:
 
     def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,
                    only_from: frozenset[JobStatus] | None = None,
-                   **changes: Any) -> JobRecord | None:
+                   release: Sequence[tuple[str, str]] = (), **changes: Any) -> JobRecord | None:
         """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`.
 
         When this store wrote or read the job last, the write is one compare-and-set
         round trip against that value; if anyone changed the record since (a cancel),
-        it falls back to reading it under WATCH.
+        it falls back to reading it under WATCH. `release` holds (key, value) pairs
+        deleted along with a write that happens, each only while it still holds its value
+        (a job's lease and routing claim, dropped with its final record).
         """
         seen = self._seen.get(job_id)
         if seen is not None:
             outcome = self._next(job_id, seen[1], status, message, only_from, changes)
-            if outcome is not None and self._cas(job_id, seen[0], *outcome):
+            if outcome is not None and self._cas(job_id, seen[0], *outcome, release=release):
                 return outcome[0]
         key = self.keys.job(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -136,6 +148,7 @@ class Store:
                         pipe.expire(self.keys.done(job_id), self.record_ttl)
                     pipe.execute()
                     self._remember(job_id, record_json, record)
+                    self.release(release)
                     return record
                 except redis.WatchError:
                     continue
@@ -150,14 +163,20 @@ class Store:
         record = current.model_copy(update={"status": status, **_stamps(current, status), **changes})
         return record, record.model_dump_json(), _event(record, message).model_dump_json()
 
+    def release(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Delete each (key, value) pair's key while it still holds that value (one round trip)."""
+        if pairs:
+            self._release_script(keys=[key for key, _ in pairs], args=[value for _, value in pairs])
+
     def _cas(self, job_id: str, seen: bytes | str, record: JobRecord, record_json: str,
-             event_json: str) -> bool:
+             event_json: str, release: Sequence[tuple[str, str]] = ()) -> bool:
         """Write `record` if the stored value is still `seen` (one round trip)."""
         terminal = record.status in TERMINAL
         written = self._cas_script(
             keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
-                  self.keys.done(job_id)],
-            args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal)])
+                  self.keys.done(job_id), *(key for key, _ in release)],
+            args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal),
+                  *(value for _, value in release)])
         if written:
             self._remember(job_id, record_json, record)
         else:
@@ -184,13 +203,18 @@ class Store:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
-    def _add_event(self, pipe: Any, record: JobRecord, message: str | None) -> None:
-        pipe.xadd(self.keys.events(record.job_id), {"event": _event(record, message).model_dump_json()},
-                  maxlen=EVENTS_MAXLEN, approximate=True)
 
+# A new record with its first event and index entries: KEYS job, events, then the sorted
+# sets that index it; ARGV record, ttl, maxlen, event, score, job id.
+_CREATE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[4])
+for i = 3, #KEYS do redis.call('ZADD', KEYS[i], ARGV[5], ARGV[6]) end
+return 1
+"""
 
-# Compare-and-set of a record with its event: KEYS job, events, cancel, done; ARGV seen,
-# new, ttl, maxlen, event, terminal.
+# Compare-and-set of a record with its event: KEYS job, events, cancel, done, then keys to
+# release; ARGV seen, new, ttl, maxlen, event, terminal, then the values they must hold.
 _CAS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
@@ -200,6 +224,17 @@ if ARGV[6] == '1' then
   redis.call('DEL', KEYS[3])
   redis.call('XADD', KEYS[4], '*', 'record', ARGV[2])
   redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+for i = 5, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 2] then redis.call('DEL', KEYS[i]) end
+end
+return 1
+"""
+
+# Compare-and-delete: each KEYS[i] is deleted only while it holds ARGV[i].
+_RELEASE = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
 end
 return 1
 """

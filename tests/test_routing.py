@@ -8,7 +8,8 @@ import redis
 
 from schemas import AttachAdapterJob, LoadJob, ModelRef, ResidentModel, WorkerInfo
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
-from tasks.registry import Registry, release_claim, request_key, route
+from tasks.registry import Registry, claim, request_key, route
+from tasks.store import Store
 
 NOW = datetime.now(timezone.utc)
 KEY = "ab" * 16
@@ -43,7 +44,10 @@ def test_identical_loads_follow_the_claim_until_it_is_released(redis_url: str) -
     client.set(keys.worker("b"), _worker("b", 90).model_dump_json())  # b now has more room
     assert registry.route(job) == worker_queue("a")  # but a is loading this very request
     assert registry.route(LoadJob(model=ModelRef(path="/n"))) == worker_queue("b")
-    release_claim(client, keys, job, "a")
+    store = Store(client, keys, record_ttl=60)
+    store.release([claim(keys, job, "b")])  # not b's claim: it stays
+    assert registry.route(job) == worker_queue("a")
+    store.release([claim(keys, job, "a")])  # what worker a drops with the job's final record
     assert registry.route(job) == worker_queue("b")
     client.delete(keys.worker("b"))  # b died holding the claim: the next load is not sent there
     assert registry.route(job) == worker_queue("a")

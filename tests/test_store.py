@@ -176,3 +176,39 @@ def test_a_malformed_event_is_skipped_not_fatal(store: Store) -> None:
     store.transition("j1", JobStatus.cancelled, message="stop")
     assert [(e.status.value, e.message) for e in follow(store, "j1", timeout=10)] == [
         ("queued", "submitted"), ("cancelled", "stop")]
+
+
+def test_final_write_releases_pairs_that_still_hold_their_values(store: Store) -> None:
+    _new(store)
+    store.redis.set("lease", "w1:7")
+    store.redis.set("claim", "modelq.worker.w2")  # taken over by another worker meanwhile
+    store.transition("j1", JobStatus.running, worker="w1")  # CAS path: this store saw the record
+    done = store.transition("j1", JobStatus.succeeded, release=[("lease", "w1:7"),
+                                                                ("claim", "modelq.worker.w1")])
+    assert done is not None and done.status is JobStatus.succeeded
+    assert store.redis.get("lease") is None and store.redis.get("claim") == b"modelq.worker.w2"
+
+
+def test_release_pairs_also_go_with_the_watch_path_and_not_with_a_refused_write(store: Store) -> None:
+    _new(store)
+    store.redis.set("lease", "w1:7")
+    other = Store(store.redis, store.keys, 60)  # never saw the record: reads it under WATCH
+    assert other.transition("j1", JobStatus.succeeded, release=[("lease", "w1:7")]) is not None
+    assert store.redis.get("lease") is None
+    store.redis.set("lease", "w1:7")
+    assert other.transition("j1", JobStatus.failed, release=[("lease", "w1:7")]) is None  # terminal
+    assert store.redis.get("lease") == b"w1:7"
+    store.release([("lease", "w1:8"), ("nothing", "x")])  # not ours: kept
+    assert store.redis.get("lease") == b"w1:7"
+    store.release([("lease", "w1:7")])
+    assert store.redis.get("lease") is None
+
+
+def test_create_indexes_open_jobs_only_when_asked(store: Store) -> None:
+    _new(store, "j1")
+    record = JobRecord(job_id="j2", kind="load", tenant="t1", status=JobStatus.queued,
+                       created_at=now(), job=LoadJob(model="o/m", tenant="t1"))
+    store.create(record, open_jobs=True)
+    assert store.redis.zrange(store.keys.open_jobs("t1"), 0, -1) == [b"j2"]
+    assert store.redis.zrange(store.keys.jobs("t1"), 0, -1) == [b"j1", b"j2"]
+    assert [(e.status, e.message) for _, e in store.events("j2")] == [(JobStatus.queued, "submitted")]

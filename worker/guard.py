@@ -42,7 +42,8 @@ class JobGuard:
 
     def __init__(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob, *, timeout: float,
                  report: Report, cancel_requested: Callable[[], bool], faults: Faults,
-                 on_stuck: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_stuck: Callable[[], None], clock: Callable[[], float] = time.monotonic,
+                 announced: Stage | None = None, cancel_seen: bool | None = None) -> None:
         self.job_id = job_id
         self.job = job
         self.timeout = timeout
@@ -53,7 +54,10 @@ class JobGuard:
         self._clock = clock
         self.deadline = clock() + timeout
         self._stage: Stage | None = None
-        self._cancel_looked_at: float | None = None
+        self._announced = announced  # the opening stage, already written with the job's start
+        # a cancel flag read with the job's lease counts as the first look
+        self._cancel_looked_at: float | None = None if cancel_seen is None else clock()
+        self._cancel_asked = bool(cancel_seen)
         self._done = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.reporter = Reporter(self._emit, self.cancelled)
@@ -65,10 +69,10 @@ class JobGuard:
                            "raise the job's timeout_seconds (or MODELQ_MAX_LOAD_SECONDS) or use a "
                            "smaller model", job_id=self.job_id, timeout_seconds=self.timeout)
         now = self._clock()
-        if self._cancel_looked_at is not None and now - self._cancel_looked_at < CANCEL_POLL_SECONDS:
-            return
-        self._cancel_looked_at = now
-        if self._cancel_requested():
+        if self._cancel_looked_at is None or now - self._cancel_looked_at >= CANCEL_POLL_SECONDS:
+            self._cancel_looked_at = now
+            self._cancel_asked = self._cancel_requested()
+        if self._cancel_asked:
             raise Cancelled("cancelled on request")
 
     def cancelled(self) -> bool:
@@ -81,7 +85,9 @@ class JobGuard:
 
     def _emit(self, stage: Stage, progress: Progress | None, message: str | None) -> None:
         self.check()
-        self._report(stage, progress, message)
+        announced, self._announced = self._announced, None
+        if stage is not announced or (progress is not None and progress.fraction > 0):
+            self._report(stage, progress, message)
         if stage is not self._stage:
             self._stage = stage
             self.faults.on_stage(self.job, stage, self.reporter)

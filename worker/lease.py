@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 
 import redis
 
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 
 # Compare-and-set scripts: only the holder may renew or drop its lease.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Take a lease (SET NX) and read more keys: KEYS lease, then the others; ARGV token, ttl ms.
+# Returns {taken, holder, then the others' values ('' when missing)}.
+_ACQUIRE = """
+local out = {redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
+for i = 1, #KEYS do out[i + 1] = redis.call('GET', KEYS[i]) or '' end
+return out
+"""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -37,27 +45,35 @@ class Leases:
         self.ttl_ms = max(1000, int(ttl * 1000))
         self._held: set[str] = set()
         self._lock = threading.Lock()
+        self._acquire = client.register_script(_ACQUIRE)
 
-    def acquire(self, job_id: str) -> str | None:
-        """Take the lease on `job_id`: None when taken, else the token of its live holder."""
+    def acquire(self, job_id: str, *, read: Sequence[str]) -> tuple[str | None, list[bytes | None]]:
+        """Take the lease on `job_id` and read the keys `read` at the same moment (one round trip).
+
+        Returns (holder, their values): holder None when the lease is now ours, else the
+        token of the live worker that holds it.
+        """
         key = self.keys.lease(job_id)
-        if self.redis.set(key, self.token, nx=True, px=self.ttl_ms):
-            with self._lock:
-                self._held.add(job_id)
-            return None
-        holder = self.redis.get(key)
-        if holder is None:  # lapsed between SET and GET: try once more
-            return self.acquire(job_id)
+        taken, holder, *values = self._acquire(keys=[key, *read], args=[self.token, self.ttl_ms])
+        found = [value or None for value in values]
         text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        if text == self.token:  # ours already (a retried acquire)
+        if taken or text == self.token:  # ours (a retried acquire finds its own token)
             with self._lock:
                 self._held.add(job_id)
-            return None
-        return text
+            return None, found
+        return text, found
 
-    def release(self, job_id: str) -> None:
+    def pair(self, job_id: str) -> tuple[str, str]:
+        """(key, token) of this process's lease on `job_id`: what a compare-and-delete drops."""
+        return self.keys.lease(job_id), self.token
+
+    def forget(self, job_id: str) -> None:
+        """Stop renewing `job_id`: its lease was deleted with the job's final record."""
         with self._lock:
             self._held.discard(job_id)
+
+    def release(self, job_id: str) -> None:
+        self.forget(job_id)
         try:
             self.redis.eval(_RELEASE, 1, self.keys.lease(job_id), self.token)
         except redis.RedisError as exc:  # it lapses by itself within the TTL

@@ -60,7 +60,7 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     from tasks.store import Store
     from worker import device as devices
     from schemas import LoadJob
-    from tasks.registry import release_claim
+    from tasks.registry import claim
     from worker.admission import Admission, AllocationFaults
     from worker.artifacts import Artifacts, default_root
     from worker.cache import KeepAliveTimer, ModelCache
@@ -118,17 +118,14 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
         cache.on_evict = metrics.evicted
     store = Store(client, keys, settings.record_ttl_seconds)
 
-    def release(job: Any) -> None:
-        """Drop the routing claim of a load that ran here (after the registry shows it)."""
-        if isinstance(job, LoadJob):
-            try:
-                release_claim(client, keys, job, name)
-            except redis.RedisError as exc:  # the claim's TTL ends it
-                log.warning("worker %s: could not release a load claim: %s", name, exc)
+    def claims(job: Any) -> list[tuple[str, str]]:
+        """The routing claim a load that ran here drops (with its record, after the registry
+        shows the model)."""
+        return [claim(keys, job, name)] if isinstance(job, LoadJob) else []
 
     common: dict[str, Any] = dict(max_attempts=settings.max_attempts, observers=observers,
                                   on_change=lambda: heartbeat.publish(force=False),
-                                  on_ended=release, **reliability)
+                                  claims=claims, **reliability)
     queues = [SHARED_QUEUE, worker_queue(name)]
     if tenants.multi:  # verified jobs, tenant rules, fair tenant queues
         from tasks.tenants import all_queues, publish_limits

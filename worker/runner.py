@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -47,6 +48,9 @@ STORE_RETRY_SECONDS = 120.0
 """How long a finished attempt keeps trying to write its terminal record while Redis is away."""
 
 
+AnyJob = LoadJob | AttachAdapterJob | UnloadJob
+
+
 class Outcome(enum.Enum):
     """What the task body does with the message after `Runner.run`."""
 
@@ -63,6 +67,17 @@ class RunObserver(Protocol):
     def job_ended(self, record: JobRecord) -> None: ...
 
 
+@dataclass
+class Attempt:
+    """One delivery being run here: what its final record releases, and that record."""
+
+    job_id: str
+    job: AnyJob
+    release: tuple[tuple[str, str], ...]  # (key, value): this process's lease, the load's claims
+    final: JobRecord | None = None
+    released: bool = False
+
+
 class Runner:
     """Runs job envelopes for one worker and writes their records."""
 
@@ -72,7 +87,7 @@ class Runner:
                  on_stuck: Callable[[], None] = lambda: None,
                  observers: Sequence[RunObserver] = (),
                  admit: Callable[[Any, Envelope | None], bool] = lambda payload, envelope: True,
-                 on_ended: Callable[[LoadJob | AttachAdapterJob | UnloadJob], None] = lambda job: None,
+                 claims: Callable[[AnyJob], list[tuple[str, str]]] = lambda job: [],
                  ) -> None:
         self.store = store
         self.admit = admit  # tenants: signature, expiry, replay (worker/policy.py Gate.admit)
@@ -84,7 +99,7 @@ class Runner:
         self.faults = faults or Faults()
         self.on_change = on_change  # called after the cache changed (registry refresh)
         self.on_stuck = on_stuck  # a job stuck past its deadline: exit the process
-        self.on_ended = on_ended  # a job ran here (routing: drop its load claim)
+        self.claims = claims  # (key, value) routing claims a job that ran here drops
 
     def run(self, payload: Any) -> Outcome:
         """Run one delivery; Redis unreachable before the job started means `busy` (try later)."""
@@ -106,37 +121,38 @@ class Runner:
         job_id, job = envelope.job_id, envelope.job
         if not self.admit(payload, envelope):  # refused before anything is resolved
             return Outcome.done
-        holder = self.leases.acquire(job_id)
+        keys = self.store.keys
+        holder, (raw, cancel) = self.leases.acquire(job_id, read=(keys.job(job_id), keys.cancel(job_id)))
         if holder is not None:
-            if self._ended_already(job_id):
+            if self._ended_already(job_id, raw):
                 return Outcome.done
             log.warning("job %s: delivered again while %s holds its lease and runs it (a load "
                         "longer than the visibility timeout); handing this delivery back", job_id, holder)
             return Outcome.busy
+        attempt = Attempt(job_id, job, release=(self.leases.pair(job_id), *self.claims(job)))
         try:
-            return self._run_leased(job_id, job)
+            return self._run_leased(attempt, raw, cancel is not None)
         finally:
-            self.leases.release(job_id)
-            self.on_change()
-            self.on_ended(job)
+            self.leases.forget(job_id)
+            if not attempt.released:  # no final record written by this attempt
+                self._release(attempt)
 
-    def _ended_already(self, job_id: str) -> bool:
+    def _ended_already(self, job_id: str, raw: bytes | None) -> bool:
         """True (and logged) when the job's record is terminal or gone: drop the delivery."""
-        try:
-            if self.store.get(job_id).terminal:
-                log.info("job %s: already ended; dropping this delivery", job_id)
-                return True
-        except JobNotFound:
+        if raw is None:
             log.error("job %s: no record; dropping the message", job_id)
+            return True
+        if JobRecord.model_validate_json(raw).terminal:
+            log.info("job %s: already ended; dropping this delivery", job_id)
             return True
         return False
 
-    def _run_leased(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob) -> Outcome:
-        try:
-            current = self.store.get(job_id)
-        except JobNotFound:
+    def _run_leased(self, attempt: Attempt, raw: bytes | None, cancel_asked: bool) -> Outcome:
+        job_id, job = attempt.job_id, attempt.job
+        if raw is None:
             log.error("job %s: no record; dropping the message", job_id)
             return Outcome.done
+        current = self.store.adopt(job_id, raw)
         if current.status not in STARTABLE:
             log.info("job %s: already ended (%s); dropping this delivery", job_id,
                      current.status.value)
@@ -145,9 +161,10 @@ class Runner:
             self._fail(job_id, WorkerLost(
                 f"the job's worker died {current.attempt} times while running it; it was "
                 "stopped so that it can't take down more workers: check the model, or raise "
-                "MODELQ_MAX_ATTEMPTS", attempts=current.attempt))
+                "MODELQ_MAX_ATTEMPTS", attempts=current.attempt), attempt=attempt)
             return Outcome.done
-        record = self._start(current)
+        opening = _opening(job)
+        record = self._start(current, opening)
         if record is None:
             return Outcome.done
         for observer in self.observers:
@@ -157,15 +174,14 @@ class Runner:
         guard = JobGuard(job_id, job, timeout=timeout,
                          report=lambda stage, progress, message: self._report(job_id, stage, progress, message),
                          cancel_requested=lambda: self._cancel_requested(job_id),
-                         faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout))
-        final: JobRecord | None = None  # the terminal record this attempt wrote, for observers
+                         faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout),
+                         announced=opening[0] if opening else None, cancel_seen=cancel_asked)
         try:
             with guard:
                 result = self._execute(job, guard.reporter)
         except Cancelled as exc:
             release_memory()
-            final = _retrying(job_id, lambda: self.store.transition(job_id, JobStatus.cancelled,
-                                                                    message=exc.message))
+            self._end(attempt, JobStatus.cancelled, message=exc.message)
             log.info("job %s: cancelled", job_id)
         except Exception as exc:
             release_memory()
@@ -175,28 +191,50 @@ class Runner:
                 error = type(error)(f"{error.message}; the CUDA context of worker {record.worker} is "
                                     "unusable after this error, so the worker exits to be restarted",
                                     **error.details)
-            final = self._fail(job_id, error)
+            self._fail(job_id, error, attempt=attempt)
             return Outcome.poisoned if poisoned else Outcome.done
         else:
             self.on_change()  # the registry shows the cache as it is before the record says done
-            final = _retrying(job_id, lambda: self.store.transition(
-                job_id, JobStatus.succeeded, result=result, message="done",
-                progress=Progress(fraction=1.0)))
+            self._end(attempt, JobStatus.succeeded, result=result, message="done",
+                      progress=Progress(fraction=1.0))
             log.info("job %s: succeeded (%s)", job_id, result.model_key)
         finally:
-            self._ended(job_id, final)
+            if attempt.final is None or attempt.final.status is not JobStatus.succeeded:
+                self.on_change()  # a failed or cancelled job may have changed the cache too
+            self._ended(job_id, attempt.final)
         return Outcome.done
 
-    def _start(self, current: JobRecord) -> JobRecord | None:
-        """Mark the job running as attempt N+1 (N > 0: its previous worker died)."""
+    def _end(self, attempt: Attempt, status: JobStatus, **changes: Any) -> JobRecord | None:
+        """The attempt's final record, written with its lease and claims released."""
+        final = _retrying(attempt.job_id, lambda: self.store.transition(
+            attempt.job_id, status, release=attempt.release, **changes))
+        attempt.final = final
+        attempt.released = final is not None
+        return final
+
+    def _release(self, attempt: Attempt) -> None:
+        """Drop the attempt's lease and claims when no final record took them along."""
+        try:
+            self.store.release(attempt.release)
+        except redis.RedisError as exc:  # both lapse by themselves (lease TTL, claim TTL)
+            log.warning("job %s: could not release its lease and claims: %s", attempt.job_id, exc)
+
+    def _start(self, current: JobRecord, opening: tuple[Stage, str] | None) -> JobRecord | None:
+        """Mark the job running as attempt N+1 (N > 0: its previous worker died), in its
+        opening stage when it has one (written once, with the start)."""
         spot = self.service.spot
         message = f"started on {spot.name}"
         if current.status is JobStatus.running:
             message = (f"worker {current.worker} was lost during attempt {current.attempt}; "
                        f"attempt {current.attempt + 1} started on {spot.name}")
+        stage: dict[str, Any] = {}
+        if opening is not None:
+            stage = {"stage": opening[0], "progress": Progress(fraction=0.0)}
+            message = f"{message}: {opening[1]}"
         return self.store.transition(current.job_id, JobStatus.running,
                                      only_from=frozenset({current.status}), message=message,
-                                     worker=spot.name, device=spot.device, attempt=current.attempt + 1)
+                                     worker=spot.name, device=spot.device, attempt=current.attempt + 1,
+                                     **stage)
 
     def _stuck(self, job_id: str, timeout: float) -> None:
         """Watchdog: the job never reached a check after its deadline; fail it, then exit."""
@@ -236,17 +274,28 @@ class Runner:
         except (redis.ConnectionError, redis.TimeoutError):
             return False
 
-    def _fail(self, job_id: str, exc: ModelqError,
-              only_from: frozenset[JobStatus] | None = None) -> JobRecord | None:
+    def _fail(self, job_id: str, exc: ModelqError, only_from: frozenset[JobStatus] | None = None,
+              attempt: Attempt | None = None) -> JobRecord | None:
+        """Write the job's failed record (with the attempt's lease and claims released)."""
         error = ErrorInfo(type=exc.type, message=scrub(exc.message), retryable=exc.retryable,
                           details={k: scrub(str(v)) for k, v in exc.details.items()})
         log.warning("job %s: failed: %s: %s", job_id, error.type, error.message)
         try:
+            if attempt is not None:
+                return self._end(attempt, JobStatus.failed, error=error, message=error.message)
             return _retrying(job_id, lambda: self.store.transition(
                 job_id, JobStatus.failed, error=error, message=error.message, only_from=only_from))
         except (JobNotFound, redis.RedisError) as failure:
             log.error("job %s: could not record the failure: %s", job_id, failure)
             return None
+
+
+def _opening(job: AnyJob) -> tuple[Stage, str] | None:
+    """The stage a job starts in, written with its start: a load starts by resolving its model
+    (worker/service.py reports the same stage first, which the guard then doesn't write again)."""
+    if isinstance(job, LoadJob):
+        return Stage.resolving, f"resolving {job.model.display}"
+    return None
 
 
 def _ref(job: LoadJob | AttachAdapterJob | UnloadJob) -> str:

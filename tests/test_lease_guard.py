@@ -1,0 +1,65 @@
+"""worker/lease.py against the real redis-server, and worker/guard.py's stage and cancel checks."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from schemas import Cancelled, LoadJob, Progress, Stage
+from tasks.keys import Keys
+from tasks.settings import Settings
+from worker.faults import Faults
+from worker.guard import CANCEL_POLL_SECONDS, JobGuard
+from worker.lease import Leases
+
+
+@pytest.fixture
+def client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def test_acquire_takes_the_lease_and_reads_keys_in_the_same_trip(client: redis.Redis) -> None:
+    keys = Keys()
+    client.set("record", "{}")
+    mine, theirs = Leases(client, keys, worker="a", ttl=5), Leases(client, keys, worker="b", ttl=5)
+    assert mine.acquire("j1", read=("record", "missing")) == (None, [b"{}", None])
+    assert mine.held() == ["j1"]
+    holder, values = theirs.acquire("j1", read=("record",))
+    assert holder == mine.token and values == [b"{}"] and theirs.held() == []
+    assert mine.acquire("j1", read=()) == (None, [])  # a retried acquire finds its own token
+    assert client.pttl(keys.lease("j1")) > 0
+    key, token = mine.pair("j1")
+    assert client.get(key) == token.encode()
+    mine.forget("j1")  # the final record took the lease along: stop renewing it
+    assert mine.held() == []
+
+
+def _guard(reports: list[tuple[Stage, float | None]], *, asked: list[bool], clock: list[float],
+           **options: object) -> JobGuard:
+    return JobGuard("j1", LoadJob(model="o/m"), timeout=60,
+                    report=lambda stage, progress, message: reports.append(
+                        (stage, progress.fraction if progress else None)),
+                    cancel_requested=lambda: asked[0], faults=Faults(), on_stuck=lambda: None,
+                    clock=lambda: clock[0], **options)  # type: ignore[arg-type]
+
+
+def test_the_announced_opening_stage_is_not_written_twice() -> None:
+    reports: list[tuple[Stage, float | None]] = []
+    guard = _guard(reports, asked=[False], clock=[0.0], announced=Stage.resolving)
+    guard.reporter.stage(Stage.resolving)  # written with the job's start already
+    guard.reporter.progress(10, 10)  # progress in it is news
+    guard.reporter.stage(Stage.loading)
+    guard.reporter.stage(Stage.resolving)  # a second time is news
+    assert reports == [(Stage.resolving, 1.0), (Stage.loading, 0.0), (Stage.resolving, 0.0)]
+
+
+def test_a_cancel_flag_read_with_the_lease_counts_as_the_first_look() -> None:
+    asked, clock = [False], [0.0]
+    guard = _guard([], asked=asked, clock=clock, cancel_seen=False)
+    asked[0] = True
+    assert not guard.cancelled()  # seen clear at start: no second read within the poll interval
+    clock[0] = CANCEL_POLL_SECONDS
+    assert guard.cancelled()
+    seen = _guard([], asked=[False], clock=[0.0], cancel_seen=True)
+    with pytest.raises(Cancelled):
+        seen.check()
