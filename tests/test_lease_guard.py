@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import redis
 
@@ -9,7 +12,7 @@ from schemas import Cancelled, LoadJob, Progress, Stage
 from tasks.keys import Keys
 from tasks.settings import Settings
 from worker.faults import Faults
-from worker.guard import CANCEL_POLL_SECONDS, JobGuard
+from worker.guard import CANCEL_POLL_SECONDS, JobGuard, Watchdog
 from worker.lease import Leases
 
 
@@ -63,3 +66,14 @@ def test_a_cancel_flag_read_with_the_lease_counts_as_the_first_look() -> None:
     seen = _guard([], asked=[False], clock=[0.0], cancel_seen=True)
     with pytest.raises(Cancelled):
         seen.check()
+
+
+def test_the_watchdog_fires_only_for_a_job_still_running_past_its_deadline() -> None:
+    watchdog, fired = Watchdog(grace=0.05), threading.Event()
+    watchdog.watch("ended", time.monotonic(), fired.set)
+    watchdog.clear("ended")  # it ended in time: nothing happens
+    watchdog.watch("next", time.monotonic() + 60, fired.set)
+    watchdog.clear("other")  # not the watched job: no effect
+    watchdog.watch("stuck", time.monotonic() + 0.05, fired.set)
+    assert not fired.wait(0.05)
+    assert fired.wait(2)

@@ -138,3 +138,24 @@ def test_hub_adapter_repo_resolves_its_hub_base(models: dict[str, Path], hub_cac
     resolved = resolve(ModelRef(repo_id="org/tiny-lora"))
     assert resolved.base.repo_id == "org/tiny-llama" and resolved.base.revision == base_commit
     assert resolved.adapter is not None and resolved.adapter.repo_id == "org/tiny-lora"
+
+
+def test_fingerprint_keeps_its_digest_for_nested_folders_and_hub_symlinks(tmp_path: Path) -> None:
+    """The scandir walk hashes what sorted Path.rglob did (artifacts are keyed by it)."""
+    import hashlib
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    for folder in (blobs, snap / "a-b", snap / "a"):
+        folder.mkdir(parents=True)
+    (blobs / "x").write_text("1")
+    (snap / "config.json").symlink_to(blobs / "x")  # a hub snapshot links to its blobs
+    (snap / "a-b" / "f").write_text("22")
+    (snap / "a" / "g").write_text("333")
+    (snap / "linked").symlink_to(blobs, target_is_directory=True)  # not followed
+    digest = hashlib.sha256()
+    for file in sorted(p for p in snap.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(snap)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    assert fingerprint(snap) == digest.hexdigest()[:16]
+    (snap / "a" / "g").write_text("4444")
+    assert fingerprint(snap) != digest.hexdigest()[:16]

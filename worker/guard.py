@@ -10,6 +10,8 @@ Test hooks (worker/faults.py) run on each stage change.
 If the job's thread never reaches a check (stuck in native code), the watchdog
 calls `on_stuck` GRACE_SECONDS after the deadline: a thread can't be interrupted
 safely, so the runner fails the job and the process exits for its supervisor.
+One watchdog thread serves every job of the process (starting a thread per job
+cost more than a cache hit's own work).
 
 This module never writes a record itself; `report` does (tasks/store.py via the runner).
 """
@@ -58,8 +60,6 @@ class JobGuard:
         # a cancel flag read with the job's lease counts as the first look
         self._cancel_looked_at: float | None = None if cancel_seen is None else clock()
         self._cancel_asked = bool(cancel_seen)
-        self._done = threading.Event()
-        self._watchdog: threading.Thread | None = None
         self.reporter = Reporter(self._emit, self.cancelled)
 
     def check(self) -> None:
@@ -93,18 +93,55 @@ class JobGuard:
             self.faults.on_stage(self.job, stage, self.reporter)
 
     def __enter__(self) -> JobGuard:
-        self._watchdog = threading.Thread(target=self._watch, name=f"modelq-watchdog-{self.job_id[:8]}",
-                                          daemon=True)
-        self._watchdog.start()
+        WATCHDOG.watch(self.job_id, time.monotonic() + max(0.0, self.deadline - self._clock()),
+                       self._on_stuck)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._done.set()
+        WATCHDOG.clear(self.job_id)
 
-    def _watch(self) -> None:
-        if self._done.wait(max(0.0, self.deadline - self._clock()) + GRACE_SECONDS):
-            return
-        log.error("job %s: stuck %.0fs past its deadline without reaching a check", self.job_id,
-                  GRACE_SECONDS)
-        self._on_stuck()
+
+class Watchdog:
+    """One thread that calls the watched job's `on_stuck` once it is `grace` seconds past its
+    deadline without having ended (the solo pool runs one job at a time)."""
+
+    def __init__(self, grace: float = GRACE_SECONDS) -> None:
+        self.grace = grace
+        self._changed = threading.Condition()
+        self._watched: tuple[str, float, Callable[[], None]] | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, job_id: str, deadline: float, on_stuck: Callable[[], None]) -> None:
+        """Watch `job_id` until `clear`; `deadline` is on time.monotonic's clock."""
+        with self._changed:
+            self._watched = (job_id, deadline, on_stuck)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="modelq-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def clear(self, job_id: str) -> None:
+        with self._changed:
+            if self._watched is not None and self._watched[0] == job_id:
+                self._watched = None
+                self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._watched is None:
+                    self._changed.wait()
+                    continue
+                job_id, deadline, on_stuck = self._watched
+                left = deadline + self.grace - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                self._watched = None
+            log.error("job %s: stuck %.0fs past its deadline without reaching a check", job_id,
+                      self.grace)
+            on_stuck()
+
+
+WATCHDOG = Watchdog()

@@ -155,11 +155,24 @@ def check_architecture(ref: str, config: dict[str, Any], trust_remote_code: bool
 
 
 def fingerprint(path: Path) -> str:
-    """A hash of the folder's file names, sizes and modification times (no contents read)."""
+    """A hash of the folder's file names, sizes and modification times (no contents read).
+
+    Runs on every job (a cache hit included), so it walks with os.scandir rather than
+    Path.rglob; files are taken in the order of their path parts, as sorted Paths were.
+    """
+    found: list[tuple[tuple[str, ...], os.stat_result]] = []
+    folders: list[tuple[str, ...]] = [()]
+    while folders:
+        parts = folders.pop()
+        with os.scandir(os.path.join(path, *parts)) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append((*parts, entry.name))
+                elif entry.is_file():
+                    found.append(((*parts, entry.name), entry.stat()))
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for parts, stat in sorted(found, key=lambda item: item[0]):
+        digest.update(f"{'/'.join(parts)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
