@@ -25,7 +25,7 @@ from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now
 from tasks.tenants import (
-    DEFAULT_TENANT, check_submit_quota, pick_queue, read_limits, scoped_workers,
+    DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, scoped_workers,
 )
 
 if TYPE_CHECKING:
@@ -82,11 +82,12 @@ class Client:
         job = self._as_tenant(job)
         job_id = uuid.uuid4().hex
         try:
-            limits = read_limits(self.redis, self.keys, job.tenant)
+            workers, (raw_limits,) = self.registry.read(also=[self.keys.tenant_limits(job.tenant)])
+            limits = parse_limits(raw_limits)
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
-                _check_model_owner(job, self.registry.workers())
-            queue = self.registry.route(job)
+                _check_model_owner(job, workers)
+            queue = self.registry.route(job, workers)
             if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
                 raise not_resident(job.model_key)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 import redis
 
@@ -38,13 +39,18 @@ class Registry:
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers by name (one round trip); names whose entry expired are dropped."""
-        reply = self._entries(keys=[self.keys.workers()], args=[self.keys.worker("")])
+        return self.read()[0]
+
+    def read(self, also: Sequence[str] = ()) -> tuple[list[WorkerInfo], list[bytes | None]]:
+        """The live workers, and the values of the keys `also`, read in one round trip."""
+        reply = self._entries(keys=[self.keys.workers(), *also], args=[self.keys.worker("")])
+        values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
         entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
         live = [WorkerInfo.model_validate_json(raw) for _, raw in entries if raw]
         gone = [name for name, raw in entries if not raw]
         if gone:
             self.redis.srem(self.keys.workers(), *gone)
-        return live
+        return live, values
 
     def holder(self, model_key: str) -> WorkerInfo | None:
         """The worker where `model_key` is resident, if any."""
@@ -53,9 +59,12 @@ class Registry:
                 return worker
         return None
 
-    def route(self, job: AnyJob) -> str:
-        """The queue for `job`; a load sent to a worker claims its request key there."""
-        workers = self.workers()
+    def route(self, job: AnyJob, workers: list[WorkerInfo] | None = None) -> str:
+        """The queue for `job`; a load sent to a worker claims its request key there.
+
+        `workers` is the registry as the caller just read it (else it is read here).
+        """
+        workers = self.workers() if workers is None else workers
         if not isinstance(job, LoadJob):
             return route(job, workers)
         wanted = request_key(job)
@@ -112,10 +121,12 @@ def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:
     return keys.loading(request_key(job)), worker_queue(worker)
 
 
-# Every registered name with its entry ('' once expired): KEYS the name set; ARGV the
-# entries' key prefix. One round trip for what a router reads on each submit.
+# The values of KEYS[2..] ('' when missing), then every registered name with its entry
+# ('' once expired): KEYS the name set, then other keys to read; ARGV the entries' key
+# prefix. One round trip for what a router reads on each submit.
 _ENTRIES = """
 local out = {}
+for i = 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   out[#out + 1] = name
   out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''

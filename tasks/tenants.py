@@ -148,7 +148,11 @@ def all_queues(tenants: Tenants, own_queue: str) -> list[str]:
 
 def read_limits(client: redis.Redis, keys: Keys, tenant: str) -> TenantLimits | None:
     """The published limits of `tenant`; None when workers run single-tenant."""
-    raw = client.get(keys.tenant_limits(tenant))
+    return parse_limits(client.get(keys.tenant_limits(tenant)))
+
+
+def parse_limits(raw: bytes | str | None) -> TenantLimits | None:
+    """Limits as read from `Keys.tenant_limits` (None: no tenants file on the workers)."""
     return None if raw is None else TenantLimits.model_validate_json(raw)
 
 

@@ -159,3 +159,15 @@ def test_fingerprint_keeps_its_digest_for_nested_folders_and_hub_symlinks(tmp_pa
     assert fingerprint(snap) == digest.hexdigest()[:16]
     (snap / "a" / "g").write_text("4444")
     assert fingerprint(snap) != digest.hexdigest()[:16]
+
+
+def test_a_folder_that_passed_is_checked_again_once_its_files_change(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "llama"
+    shutil.copytree(models["llama"], folder)
+    assert resolve(_ref(folder)).config["model_type"] == "llama"
+    assert resolve(_ref(folder)).config["model_type"] == "llama"  # remembered
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelNotFound, match="no weights"):
+        resolve(_ref(folder))

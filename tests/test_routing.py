@@ -51,3 +51,15 @@ def test_identical_loads_follow_the_claim_until_it_is_released(redis_url: str) -
     assert registry.route(job) == worker_queue("b")
     client.delete(keys.worker("b"))  # b died holding the claim: the next load is not sent there
     assert registry.route(job) == worker_queue("a")
+
+
+def test_read_returns_workers_and_other_keys_in_one_trip(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys()
+    registry = Registry(client, keys)
+    client.set(keys.worker("a"), _worker("a", 50).model_dump_json())
+    client.sadd(keys.workers(), "a", "gone")  # gone: registered, its entry expired
+    client.set("limits", "{}")
+    workers, values = registry.read(also=["limits", "missing"])
+    assert [w.name for w in workers] == ["a"] and values == [b"{}", None]
+    assert client.smembers(keys.workers()) == {b"a"}  # the expired name was dropped

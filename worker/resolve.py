@@ -109,11 +109,31 @@ def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | bool
     return Resolved(base=source, config=check_model(source, trust_remote_code))
 
 
+_CHECKED: dict[tuple[Path, str, bool, bool], dict[str, Any]] = {}
+"""check_model's passed local folders by (path, fingerprint, trust_remote_code, pickle allowed);
+a folder whose files changed has another fingerprint. Bounded: cleared when full."""
+
+
 def check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
-    """The folder's config, once it has safetensors weights and a usable architecture.
+    """The folder's config (shared: read it, don't change it), once it has safetensors weights
+    and a usable architecture; a local folder that passed before is not read again.
 
     Pickle-only folders are refused unless the tenant's policy allows pickle weights.
     """
+    key = None
+    if source.fingerprint is not None:
+        key = (source.path, source.fingerprint, trust_remote_code, pickle_allowed())
+        if key in _CHECKED:
+            return _CHECKED[key]
+    config = _check_model(source, trust_remote_code)
+    if key is not None:
+        if len(_CHECKED) >= 256:
+            _CHECKED.clear()
+        _CHECKED[key] = config
+    return config
+
+
+def _check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
     if not (source.path / CONFIG).is_file():
         raise ModelNotFound(f"{source.ref} has no config.json: is it a transformers model folder?",
                             ref=source.ref)
