@@ -16,14 +16,14 @@ import redis
 from redis.sentinel import Sentinel
 
 from schemas import (
-    AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobKind, JobRecord, JobStatus,
+    AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobRecord, JobStatus,
     LoadJob, ModelNotFound, TERMINAL, TimedOut, UnloadJob, WorkerInfo, parse_job,
 )
 from tasks.auth import sign
 from tasks.keys import SHARED_QUEUE, Keys
 from tasks.registry import Registry
 from tasks.settings import Settings
-from tasks.store import Store, follow, now
+from tasks.store import Store, follow, now, submitted
 from tasks.tenants import (
     DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, scoped_workers,
 )
@@ -92,8 +92,7 @@ class Client:
                 raise not_resident(job.model_key)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=queue)
-            record = JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
-                               status=JobStatus.queued, created_at=now(), job=job)
+            record = submitted(job_id, job, now())
             envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
             self.store.create(record, open_jobs=limits is not None)
         except redis.RedisError as exc:

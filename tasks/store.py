@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
 
-from schemas import TERMINAL, Event, JobNotFound, JobRecord, JobStatus, Progress, Stage
+from schemas import TERMINAL, Event, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
+from schemas.records import JobSpec
 from tasks.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,22 @@ EVENTS_MAXLEN = 10_000
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def submitted(job_id: str, job: JobSpec, at: datetime) -> JobRecord:
+    """The record of a job as its client writes it on submit (and a worker can predict it)."""
+    return JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
+                     status=JobStatus.queued, created_at=at, job=job)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `Store.start` found: the lease's holder, and the running record if it wrote one."""
+
+    holder: str  # the lease's token: the caller's own when it took the lease
+    record: JobRecord | None  # the running record, when the stored one was still as submitted
+    current: bytes | None  # otherwise the record as stored (None: there is none)
+    cancel: bool  # a cancel was asked for (a running attempt's flag outlives it)
 
 
 def not_found(job_id: str) -> JobNotFound:
@@ -45,6 +63,7 @@ class Store:
         self._cas_script = client.register_script(_CAS)
         self._create_script = client.register_script(_CREATE)
         self._release_script = client.register_script(_RELEASE)
+        self._start_script = client.register_script(_START)
 
     # --- reading -------------------------------------------------------------------
 
@@ -83,6 +102,27 @@ class Store:
         return None
 
     # --- writing -------------------------------------------------------------------
+
+    def start(self, record: JobRecord, lease: tuple[str, str, int], *, message: str | None,
+              **changes: Any) -> Started:
+        """Take the job's lease (key, token, ttl ms: SET NX) and, if the lease is the caller's
+        and the stored record is still `record` (as submitted), mark it running with `changes`:
+        one round trip for a first attempt. Anything else is left to the caller, who reads
+        `Started.current` and uses `transition`.
+        """
+        job_id = record.job_id
+        outcome = self._next(job_id, record, JobStatus.running, message, None, changes)
+        assert outcome is not None, "start() takes a record as submitted (queued)"
+        running, running_json, event_json = outcome
+        key, token, ttl_ms = lease
+        holder, wrote, current, cancel = self._start_script(
+            keys=[key, self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id)],
+            args=[token, ttl_ms, record.model_dump_json(), running_json, self.record_ttl,
+                  EVENTS_MAXLEN, event_json])
+        if wrote:
+            self._remember(job_id, running_json, running)
+        return Started(holder=_text(holder), record=running if wrote else None,
+                       current=current or None, cancel=bool(cancel))
 
     def create(self, record: JobRecord, *, open_jobs: bool = False) -> None:
         """Write a new record with its first event; refuses to overwrite an existing job.
@@ -229,6 +269,22 @@ for i = 5, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[i + 2] then redis.call('DEL', KEYS[i]) end
 end
 return 1
+"""
+
+# A job's lease, and its start when the record is as submitted: KEYS lease, job, events,
+# cancel; ARGV token, lease ttl ms, submitted record, running record, record ttl, maxlen, event.
+# Returns {lease holder, 1 if started, the record if not started, the cancel flag}.
+_START = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local holder = redis.call('GET', KEYS[1]) or ''
+local current = redis.call('GET', KEYS[2]) or ''
+local started = 0
+if holder == ARGV[1] and current == ARGV[3] then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[7])
+  started, current = 1, ''
+end
+return {holder, started, current, redis.call('GET', KEYS[4]) or ''}
 """
 
 # Compare-and-delete: each KEYS[i] is deleted only while it holds ARGV[i].

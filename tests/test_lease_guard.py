@@ -21,20 +21,19 @@ def client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url)
 
 
-def test_acquire_takes_the_lease_and_reads_keys_in_the_same_trip(client: redis.Redis) -> None:
+def test_a_lease_is_renewed_while_held_and_not_after(client: redis.Redis) -> None:
     keys = Keys()
-    client.set("record", "{}")
-    mine, theirs = Leases(client, keys, worker="a", ttl=5), Leases(client, keys, worker="b", ttl=5)
-    assert mine.acquire("j1", read=("record", "missing")) == (None, [b"{}", None])
-    assert mine.held() == ["j1"]
-    holder, values = theirs.acquire("j1", read=("record",))
-    assert holder == mine.token and values == [b"{}"] and theirs.held() == []
-    assert mine.acquire("j1", read=()) == (None, [])  # a retried acquire finds its own token
-    assert client.pttl(keys.lease("j1")) > 0
-    key, token = mine.pair("j1")
-    assert client.get(key) == token.encode()
-    mine.forget("j1")  # the final record took the lease along: stop renewing it
-    assert mine.held() == []
+    leases = Leases(client, keys, worker="a", ttl=5)
+    key, token, ttl_ms = leases.lease("j1")
+    assert (key, ttl_ms) == (keys.lease("j1"), 5000) and leases.pair("j1") == (key, token)
+    client.set(key, token, px=1000)  # taken by the start script
+    leases.hold("j1")
+    leases.renew()
+    assert client.pttl(key) > 1000 and leases.held() == ["j1"]
+    leases.forget("j1")  # the final record took the lease along: stop renewing it
+    client.set(key, token, px=1000)
+    leases.renew()
+    assert client.pttl(key) <= 1000 and leases.held() == []
 
 
 def _guard(reports: list[tuple[Stage, float | None]], *, asked: list[bool], clock: list[float],

@@ -212,3 +212,31 @@ def test_create_indexes_open_jobs_only_when_asked(store: Store) -> None:
     assert store.redis.zrange(store.keys.open_jobs("t1"), 0, -1) == [b"j2"]
     assert store.redis.zrange(store.keys.jobs("t1"), 0, -1) == [b"j1", b"j2"]
     assert [(e.status, e.message) for _, e in store.events("j2")] == [(JobStatus.queued, "submitted")]
+
+
+def test_start_takes_the_lease_and_starts_a_record_still_as_submitted(store: Store) -> None:
+    record = _new(store)
+    lease = ("lease", "w1:7", 5000)
+    started = store.start(record, lease, message="started on w1", worker="w1", attempt=1)
+    assert started.holder == "w1:7" and started.current is None and not started.cancel
+    assert started.record is not None and started.record == store.get("j1")
+    assert started.record.status is JobStatus.running and started.record.attempt == 1
+    assert 0 < store.redis.pttl("lease") <= 5000
+    # another worker: the lease is taken, nothing is written, it sees the record as stored
+    other = store.start(record, ("lease", "w2:9", 5000), message="started on w2", worker="w2")
+    assert other.holder == "w1:7" and other.record is None
+    assert other.current is not None and JobRecord.model_validate_json(other.current).worker == "w1"
+    assert [e.message for _, e in store.events("j1")] == ["submitted", "started on w1"]
+
+
+def test_start_leaves_a_changed_record_to_the_caller(store: Store) -> None:
+    record = _new(store)
+    store.request_cancel("j1")
+    store.transition("j1", JobStatus.cancelled)
+    started = store.start(record, ("lease", "w1:7", 5000), message="started", worker="w1")
+    assert started.holder == "w1:7" and started.record is None and started.cancel is False
+    assert started.current is not None
+    assert JobRecord.model_validate_json(started.current).status is JobStatus.cancelled
+    again = _new(store, "j2")
+    store.request_cancel("j2")  # a running attempt's flag, seen by the next attempt
+    assert store.start(again, ("lease2", "w1:7", 5000), message="started").cancel

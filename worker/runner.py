@@ -32,7 +32,7 @@ from schemas import (
     Progress, Stage, TimedOut, UnloadJob, WorkerLost, decode_envelope,
 )
 from schemas.errors import InvalidJob, JobNotFound, ModelqError
-from tasks.store import Store
+from tasks.store import Started, Store, submitted
 from worker.cache import release_memory
 from worker.errors import poisons_process, scrub, translate
 from worker.faults import Faults
@@ -121,17 +121,22 @@ class Runner:
         job_id, job = envelope.job_id, envelope.job
         if not self.admit(payload, envelope):  # refused before anything is resolved
             return Outcome.done
-        keys = self.store.keys
-        holder, (raw, cancel) = self.leases.acquire(job_id, read=(keys.job(job_id), keys.cancel(job_id)))
-        if holder is not None:
-            if self._ended_already(job_id, raw):
+        opening = _opening(job)
+        message, changes = self._start_changes(None, opening)
+        lease = self.leases.lease(job_id)
+        started = self.store.start(submitted(job_id, job, envelope.submitted_at), lease,
+                                   message=message, **changes)
+        if started.holder != lease[1]:
+            if self._ended_already(job_id, started.current):
                 return Outcome.done
             log.warning("job %s: delivered again while %s holds its lease and runs it (a load "
-                        "longer than the visibility timeout); handing this delivery back", job_id, holder)
+                        "longer than the visibility timeout); handing this delivery back", job_id,
+                        started.holder)
             return Outcome.busy
+        self.leases.hold(job_id)
         attempt = Attempt(job_id, job, release=(self.leases.pair(job_id), *self.claims(job)))
         try:
-            return self._run_leased(attempt, raw, cancel is not None)
+            return self._run_leased(attempt, started, opening)
         finally:
             self.leases.forget(job_id)
             if not attempt.released:  # no final record written by this attempt
@@ -147,26 +152,29 @@ class Runner:
             return True
         return False
 
-    def _run_leased(self, attempt: Attempt, raw: bytes | None, cancel_asked: bool) -> Outcome:
+    def _run_leased(self, attempt: Attempt, started: Started, opening: tuple[Stage, str] | None) -> Outcome:
         job_id, job = attempt.job_id, attempt.job
-        if raw is None:
-            log.error("job %s: no record; dropping the message", job_id)
-            return Outcome.done
-        current = self.store.adopt(job_id, raw)
-        if current.status not in STARTABLE:
-            log.info("job %s: already ended (%s); dropping this delivery", job_id,
-                     current.status.value)
-            return Outcome.done
-        if current.status is JobStatus.running and current.attempt >= self.max_attempts:
-            self._fail(job_id, WorkerLost(
-                f"the job's worker died {current.attempt} times while running it; it was "
-                "stopped so that it can't take down more workers: check the model, or raise "
-                "MODELQ_MAX_ATTEMPTS", attempts=current.attempt), attempt=attempt)
-            return Outcome.done
-        opening = _opening(job)
-        record = self._start(current, opening)
+        record = started.record  # a first attempt is started already, with its lease
         if record is None:
-            return Outcome.done
+            if started.current is None:
+                log.error("job %s: no record; dropping the message", job_id)
+                return Outcome.done
+            current = self.store.adopt(job_id, started.current)
+            if current.status not in STARTABLE:
+                log.info("job %s: already ended (%s); dropping this delivery", job_id,
+                         current.status.value)
+                return Outcome.done
+            if current.status is JobStatus.running and current.attempt >= self.max_attempts:
+                self._fail(job_id, WorkerLost(
+                    f"the job's worker died {current.attempt} times while running it; it was "
+                    "stopped so that it can't take down more workers: check the model, or raise "
+                    "MODELQ_MAX_ATTEMPTS", attempts=current.attempt), attempt=attempt)
+                return Outcome.done
+            message, changes = self._start_changes(current, opening)
+            record = self.store.transition(job_id, JobStatus.running, message=message,
+                                           only_from=frozenset({current.status}), **changes)
+            if record is None:
+                return Outcome.done
         for observer in self.observers:
             observer.job_started(record)
         log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, record.worker)
@@ -175,7 +183,7 @@ class Runner:
                          report=lambda stage, progress, message: self._report(job_id, stage, progress, message),
                          cancel_requested=lambda: self._cancel_requested(job_id),
                          faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout),
-                         announced=opening[0] if opening else None, cancel_seen=cancel_asked)
+                         announced=opening[0] if opening else None, cancel_seen=started.cancel)
         try:
             with guard:
                 result = self._execute(job, guard.reporter)
@@ -219,22 +227,22 @@ class Runner:
         except redis.RedisError as exc:  # both lapse by themselves (lease TTL, claim TTL)
             log.warning("job %s: could not release its lease and claims: %s", attempt.job_id, exc)
 
-    def _start(self, current: JobRecord, opening: tuple[Stage, str] | None) -> JobRecord | None:
-        """Mark the job running as attempt N+1 (N > 0: its previous worker died), in its
-        opening stage when it has one (written once, with the start)."""
+    def _start_changes(self, current: JobRecord | None,
+                       opening: tuple[Stage, str] | None) -> tuple[str, dict[str, Any]]:
+        """The message and fields that mark a job running as attempt N+1 (`current` None: as
+        submitted; N > 0: its previous worker died), in its opening stage when it has one
+        (written once, with the start)."""
         spot = self.service.spot
+        done = 0 if current is None else current.attempt
         message = f"started on {spot.name}"
-        if current.status is JobStatus.running:
-            message = (f"worker {current.worker} was lost during attempt {current.attempt}; "
-                       f"attempt {current.attempt + 1} started on {spot.name}")
-        stage: dict[str, Any] = {}
+        if current is not None and current.status is JobStatus.running:
+            message = (f"worker {current.worker} was lost during attempt {done}; "
+                       f"attempt {done + 1} started on {spot.name}")
+        changes: dict[str, Any] = {"worker": spot.name, "device": spot.device, "attempt": done + 1}
         if opening is not None:
-            stage = {"stage": opening[0], "progress": Progress(fraction=0.0)}
+            changes.update(stage=opening[0], progress=Progress(fraction=0.0))
             message = f"{message}: {opening[1]}"
-        return self.store.transition(current.job_id, JobStatus.running,
-                                     only_from=frozenset({current.status}), message=message,
-                                     worker=spot.name, device=spot.device, attempt=current.attempt + 1,
-                                     **stage)
+        return message, changes
 
     def _stuck(self, job_id: str, timeout: float) -> None:
         """Watchdog: the job never reached a check after its deadline; fail it, then exit."""
