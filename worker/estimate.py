@@ -139,11 +139,20 @@ def estimate(folder: Path, config: dict[str, Any], job: LoadJob,
 # --- structure from config.json, on the meta device -------------------------------------
 
 def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The model's modules on the meta device, tied as from_pretrained ties them.
+
+    Random initialisation is skipped (on meta it computes nothing, and it is about
+    half the build); `init_weights` on the meta device then only ties the weights.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("transformers_version",)})
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg)
+        model.init_weights()
+    return model
 
 
 def _not_converted(model: torch.nn.Module, job: LoadJob) -> list[str]:
