@@ -116,6 +116,7 @@ def test_quantized_loads_are_smaller_and_hold_bnb_layers(loaded: dict[str, torch
     tensors = [*loaded["none"].parameters(), *loaded["none"].buffers()]
     assert plain == sum(t.numel() * t.element_size() for t in tensors) == loader.footprint(loaded["none"])
     assert all(p.dtype == torch.bfloat16 for p in loaded["none"].parameters())
+    assert not any(model.training for model in loaded.values())
 
 
 def test_one_measuring_pass_gives_the_predicted_bytes(models: dict[str, Path],

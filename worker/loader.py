@@ -99,8 +99,7 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
         kwargs["revision"] = resolved.base.revision
     with transformers_bars(reporter):
         model = AutoModelForCausalLM.from_pretrained(str(artifact or resolved.base.path), **kwargs)
-    model.eval()
-    return model
+    return model  # in eval mode: from_pretrained sets it (documented), a second walk is not needed
 
 
 @dataclass(frozen=True)
