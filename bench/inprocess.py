@@ -2,9 +2,12 @@
 
 Run as `python -m bench.inprocess`: imports the model stack once, then answers
 one JSON request per stdin line ({"path", "quant", "device"}) with one JSON line
-({"seconds"}). Models are freed between requests. The same from_pretrained
-arguments as the worker's loader (dtype, safetensors only, device_map, the same
-BitsAndBytesConfig), and no progress bars. `InProcess` drives it from the bench.
+({"seconds"}). A request that names an "adapter" times a PEFT user instead:
+from_pretrained + PeftModel.from_pretrained ("seconds"), then load_adapter of the
+same adapter under a second name ("second_adapter_seconds"). Models are freed
+between requests. The same from_pretrained arguments as the worker's loader
+(dtype, safetensors only, device_map, the same BitsAndBytesConfig), and no
+progress bars. `InProcess` drives it from the bench.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +28,32 @@ QUANTS = ("none", "nf4", "int8", "fp4")
 
 def load_once(path: str, quant: str = "none", device: str = "cpu") -> float:
     """Seconds for one from_pretrained of `path` (bf16, or bitsandbytes `quant`)."""
+    with _timed(device) as elapsed:
+        model = _from_pretrained(path, quant, device)
+    del model
+    _free(device)
+    return elapsed[0]
+
+
+def adapter_once(path: str, adapter: str, device: str = "cpu") -> tuple[float, float]:
+    """Seconds for base + adapter from scratch, and for the same adapter loaded again beside it.
+
+    Their ratio is the most an attach can save over a load from scratch on this
+    machine, whatever a queue around it does: the ceiling of adapter_attach_speedup.
+    """
+    from peft import PeftModel
+
+    with _timed(device) as scratch:
+        model = PeftModel.from_pretrained(_from_pretrained(path, "none", device), adapter,
+                                          is_trainable=False)
+    with _timed(device) as second:
+        model.load_adapter(adapter, adapter_name="second", is_trainable=False)
+    del model
+    _free(device)
+    return scratch[0], second[0]
+
+
+def _from_pretrained(path: str, quant: str, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -33,18 +64,30 @@ def load_once(path: str, quant: str = "none", device: str = "cpu") -> float:
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "use_safetensors": True, "device_map": device}
     if quant != "none":
         kwargs["quantization_config"] = bnb_config(QuantizationSpec(method=quant), DType.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+@contextmanager
+def _timed(device: str) -> Iterator[list[float]]:
+    """Seconds spent in the block (CUDA work included), in the yielded list once it ends."""
+    import torch
+
+    elapsed: list[float] = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    yield elapsed
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    del model
+    elapsed.append(time.perf_counter() - started)
+
+
+def _free(device: str) -> None:
+    import torch
+
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return elapsed
 
 
 def serve(stdin: IO[str], stdout: IO[str]) -> None:
@@ -59,9 +102,13 @@ def serve(stdin: IO[str], stdout: IO[str]) -> None:
     for line in stdin:
         request = json.loads(line)
         try:
-            seconds = load_once(request["path"], request.get("quant", "none"),
-                                request.get("device", "cpu"))
-            print(json.dumps({"seconds": seconds}), file=stdout, flush=True)
+            device = request.get("device", "cpu")
+            if request.get("adapter"):
+                seconds, second = adapter_once(request["path"], request["adapter"], device)
+                reply = {"seconds": seconds, "second_adapter_seconds": second}
+            else:
+                reply = {"seconds": load_once(request["path"], request.get("quant", "none"), device)}
+            print(json.dumps(reply), file=stdout, flush=True)
         except Exception as exc:  # reported to the driver, which stops the bench
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), file=stdout, flush=True)
 
@@ -78,10 +125,12 @@ class InProcess:
         self._read()
 
     def load(self, path: Path, quant: str = "none", device: str = "cpu") -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"path": str(path), "quant": quant, "device": device}) + "\n")
-        self.proc.stdin.flush()
-        return float(self._read()["seconds"])
+        return float(self._ask({"path": str(path), "quant": quant, "device": device})["seconds"])
+
+    def adapter(self, path: Path, adapter: Path, device: str = "cpu") -> tuple[float, float]:
+        """(base + adapter from scratch, the adapter again as a second one), in seconds."""
+        reply = self._ask({"path": str(path), "adapter": str(adapter), "device": device})
+        return float(reply["seconds"]), float(reply["second_adapter_seconds"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -93,6 +142,12 @@ class InProcess:
             self.proc.wait(5)
         if self._log is not subprocess.DEVNULL:
             self._log.close()  # type: ignore[union-attr]
+
+    def _ask(self, request: dict[str, str]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

@@ -65,6 +65,19 @@ def test_variants_share_weights_but_not_identity(tmp_path: Path) -> None:
     assert json.loads((lora / "adapter_config.json").read_text())["base_model_name_or_path"] == str(one)
 
 
+def test_in_process_baseline_times_a_peft_user(models: dict[str, Path]) -> None:
+    """Base + adapter from scratch, and the adapter again beside it: the attach ceiling's two sides."""
+    from bench.inprocess import InProcess
+
+    inproc = InProcess(ROOT)
+    try:
+        scratch, second = inproc.adapter(models["llama"], models["lora"])
+        assert scratch > 0 and second > 0
+        assert inproc.load(models["llama"]) > 0  # plain loads still answer after it
+    finally:
+        inproc.close()
+
+
 def test_peak_memory_resets_to_current() -> None:
     after = rss.reset_peak(os.getpid())
     assert 0 < after.rss <= after.peak

@@ -3,6 +3,8 @@ keep-alive expiry on a fake clock, InsufficientMemory, and estimates against foo
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,9 @@ import torch
 from schemas import BaseModelInfo, InsufficientMemory, LoadJob, ModelInfo, ModelRef
 from worker import loader
 from worker.cache import Entry, ModelCache
-from worker.estimate import estimate
+from worker.estimate import _model_bytes, estimate
 from worker.progress import Reporter
-from worker.resolve import Source, resolve
+from worker.resolve import CONFIG, Source, read_json, resolve
 
 
 class Clock:
@@ -80,3 +82,40 @@ def test_estimate_matches_the_loaded_footprint(models: dict[str, Path], kind: st
     predicted = estimate(resolved.base.path, resolved.config, job)
     model = loader.load(resolved, job, "cpu", Reporter(lambda *_: None, lambda: False))
     assert abs(predicted - loader.footprint(model)) <= 0.05 * loader.footprint(model)
+
+
+def test_estimates_are_cached_per_config_and_follow_a_changed_folder(models: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    source, copy = models["llama"], tmp_path / "copy"
+    shutil.copytree(source, copy)
+    job = LoadJob(model=ModelRef(path=str(copy)), dtype="bfloat16")
+    _model_bytes.cache_clear()
+    first = estimate(source, read_json(source / CONFIG), job)
+    assert estimate(copy, read_json(copy / CONFIG), job) == first  # same config: no second build
+    assert _model_bytes.cache_info().hits == 1
+    config = read_json(copy / CONFIG)
+    config["num_hidden_layers"] = 1  # a changed config.json is another model
+    (copy / CONFIG).write_text(json.dumps(config))
+    resolved = resolve(job.model)
+    smaller = estimate(copy, resolved.config, job)
+    model = loader.load(resolved, job, "cpu", Reporter(lambda *_: None, lambda: False))
+    assert smaller == loader.footprint(model) < first
+
+
+def test_auto_dtype_without_a_named_dtype_follows_the_weights(models: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(models["llama"], folder)
+    config = read_json(folder / CONFIG)
+    del config["dtype"]
+    (folder / CONFIG).write_text(json.dumps(config))
+    auto = LoadJob(model=ModelRef(path=str(folder)), dtype="auto")
+    as_float32 = estimate(folder, config, auto)
+    weights = folder / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    as_bfloat16 = estimate(folder, config, auto)  # the same config, other weights: not a stale hit
+    assert as_bfloat16 == estimate(folder, config, LoadJob(model=auto.model, dtype="bfloat16"))
+    assert as_bfloat16 < as_float32

@@ -12,6 +12,7 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec
 from schemas.specs import DType
 from worker import loader
+from worker.estimate import estimate
 from worker.progress import Reporter
 from worker.resolve import resolve
 
@@ -100,17 +101,32 @@ def loaded(models: dict[str, Path]) -> dict[str, torch.nn.Module]:
 
 
 def test_quantized_loads_are_smaller_and_hold_bnb_layers(loaded: dict[str, torch.nn.Module]) -> None:
-    plain = loader.footprint(loaded["none"])
-    assert loader.quantized_modules(loaded["none"]) == 0
+    measured = {method: loader.measure(model) for method, model in loaded.items()}
+    plain = measured["none"].footprint
+    assert measured["none"].quantized_modules == 0
     # 2 layers x 7 projections; lm_head stays in full precision
-    assert loader.quantized_modules(loaded["int8"]) == 14
+    assert measured["int8"].quantized_modules == 14
     assert isinstance(loaded["int8"].model.layers[0].self_attn.q_proj, Linear8bitLt)
     for method in ("nf4", "fp4"):
-        assert loader.quantized_modules(loaded[method]) == 14
+        assert measured[method].quantized_modules == 14
         assert isinstance(loaded[method].model.layers[1].mlp.down_proj, Linear4bit)
-        assert loader.footprint(loaded[method]) < loader.footprint(loaded["int8"]) < plain
-    counts = {loader.count_parameters(m) for m in loaded.values()}
+        assert measured[method].footprint < measured["int8"].footprint < plain
+    counts = {m.parameters for m in measured.values()}
     assert counts == {sum(p.numel() for p in loaded["none"].parameters())}
     tensors = [*loaded["none"].parameters(), *loaded["none"].buffers()]
-    assert plain == sum(t.numel() * t.element_size() for t in tensors)
+    assert plain == sum(t.numel() * t.element_size() for t in tensors) == loader.footprint(loaded["none"])
     assert all(p.dtype == torch.bfloat16 for p in loaded["none"].parameters())
+    assert not any(model.training for model in loaded.values())
+
+
+def test_one_measuring_pass_gives_the_predicted_bytes(models: dict[str, Path],
+                                                      loaded: dict[str, torch.nn.Module]) -> None:
+    """The merged pass counts quantization state and tied storage as the estimate predicts them."""
+    resolved = resolve(LoadJob(model=str(models["llama"])).model)
+    for method, model in loaded.items():
+        job = LoadJob(model=str(models["llama"]), dtype="bfloat16", quantization=method)
+        assert loader.measure(model).footprint == estimate(resolved.base.path, resolved.config, job)
+    tied = torch.nn.Linear(4, 4, bias=False)
+    twice = torch.nn.Sequential(tied, torch.nn.Linear(4, 4, bias=False))
+    twice[1].weight = tied.weight  # one storage, one parameter, counted once
+    assert loader.measure(twice) == loader.Measured(parameters=16, footprint=64, quantized_modules=0)

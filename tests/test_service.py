@@ -38,13 +38,16 @@ def test_switching_the_active_adapter_changes_the_outputs(models: dict[str, Path
     }), reporter)
     assert info.adapters == ("a", "b") and info.active_adapters == ("a",)
     model = service.cache.get(info.model_key).model  # type: ignore[union-attr]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
     with_a = _logits(model)
     torch.testing.assert_close(with_a, _reference(models, "lora"))
 
     switched = service.attach(AttachAdapterJob(model_key=info.model_key, adapter=str(models["lora2"]),
                                                name="b"), reporter)
     assert switched.active_adapters == ("b",) and switched.adapters == ("a", "b")
-    with_b = _logits(service.cache.get(info.model_key).model)  # type: ignore[union-attr]
+    model = service.cache.get(info.model_key).model  # type: ignore[union-attr]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with_b = _logits(model)
     torch.testing.assert_close(with_b, _reference(models, "lora2"))
     assert not torch.allclose(with_a, with_b)
 

@@ -42,16 +42,18 @@ def attach(model: torch.nn.Module, adapter: Source, name: str, *,
                                               is_trainable=False)
     except Exception as exc:
         raise translate(exc, ref=adapter.ref) from exc
-    if activate:
-        model.set_adapter(name)
-    model.eval()
+    # peft leaves the model in eval mode (is_trainable=False), and a freshly wrapped
+    # model already has its one adapter active: switching costs a walk over every module
+    if activate and model.active_adapter != name:
+        model.set_adapter(name, inference_mode=True)
     return model
 
 
 def activate(model: torch.nn.Module, name: str) -> None:
+    """Make `name` the active adapter, frozen (peft's default would make it trainable)."""
     if not isinstance(model, PeftModel) or name not in model.peft_config:
         raise InvalidJob(f"no adapter named {name!r} on this model", name=name)
-    model.set_adapter(name)
+    model.set_adapter(name, inference_mode=True)
 
 
 def names(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -6,13 +6,15 @@ header (the 8-byte length and the JSON that follows). The prediction follows
 what transformers' bitsandbytes integration does: only `nn.Linear` modules are
 quantized; the output embedding, tied weights, the last parameter and
 `_keep_in_fp32_modules` stay unquantized unless the job names its own skip list
-(then only that list and `_keep_in_fp32_modules` are skipped).
+(then only that list and `_keep_in_fp32_modules` are skipped). The bytes for one
+(config, dtype, quantization) are kept per process, so the meta model is built once.
 
 This module must not load weights or touch a device.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from schemas import LoadJob, QuantMethod
+from schemas import LoadJob, QuantizationSpec, QuantMethod
 from schemas.specs import FOUR_BIT, DType
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,9 @@ def stored_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def checkpoint_dtype(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> torch.dtype:
     """What `dtype="auto"` gives: config.json's dtype, else the first floating tensor's, else fp32."""
-    named = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(named, str) and named in _TORCH_DTYPES:
-        return _TORCH_DTYPES[named]
+    named = _named_dtype(config)
+    if named is not None:
+        return named
     for dtype, _shape in tensors.values():
         if dtype in ("F32", "BF16", "F16"):
             return _TORCH_DTYPES[dtype]
@@ -72,13 +74,25 @@ def checkpoint_dtype(config: dict[str, Any], tensors: dict[str, tuple[str, tuple
 
 def estimate_model(folder: Path, config: dict[str, Any], job: LoadJob) -> int:
     """Predicted bytes of parameters, buffers and quantization state once `job` has loaded."""
-    tensors = stored_tensors(folder)
-    dtype = (checkpoint_dtype(config, tensors) if job.dtype is DType.auto
-             else _TORCH_DTYPES[job.dtype.value])
+    if job.dtype is DType.auto:
+        dtype = checkpoint_dtype(config, {} if _named_dtype(config) else stored_tensors(folder))
+    else:
+        dtype = _TORCH_DTYPES[job.dtype.value]
+    return _model_bytes(json.dumps(config, sort_keys=True), dtype, job.quantization)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_bytes(config_json: str, dtype: torch.dtype, spec: QuantizationSpec) -> int:
+    """The bytes of the model `config_json` describes: a pure function, so cached per process.
+
+    A reload, or another folder with the same config.json (a fine-tune, a new revision
+    of the same architecture), skips the meta-device build; a changed config is a new key.
+    """
+    config = json.loads(config_json)
     model = _meta_model(config)
     element = torch.empty((), dtype=dtype).element_size()
-    method = job.quantization.method
-    skip = _not_converted(model, job) if method is not QuantMethod.none else []
+    method = spec.method
+    skip = _not_converted(model, spec) if method is not QuantMethod.none else []
     keep_fp32 = [] if dtype == torch.float32 else list(getattr(model, "_keep_in_fp32_modules", None) or [])
     seen: set[int] = set()
     total = 0
@@ -91,8 +105,7 @@ def estimate_model(folder: Path, config: dict[str, Any], job: LoadJob) -> int:
             seen.add(id(param))
             full = f"{module_name}.{param_name}" if module_name else param_name
             if quantize and param_name == "weight":
-                total += quantized_bytes(method, param.numel(), param.shape[0],
-                                         bool(job.quantization.double_quant))
+                total += quantized_bytes(method, param.numel(), param.shape[0], bool(spec.double_quant))
             elif keep_fp32 and not _should_convert(full, keep_fp32):
                 total += param.numel() * 4
             else:
@@ -102,6 +115,11 @@ def estimate_model(folder: Path, config: dict[str, Any], job: LoadJob) -> int:
                 seen.add(id(buffer))
                 total += buffer.numel() * buffer.element_size()
     return total
+
+
+def _named_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    named = config.get("dtype") or config.get("torch_dtype")
+    return _TORCH_DTYPES[named] if isinstance(named, str) and named in _TORCH_DTYPES else None
 
 
 def quantized_bytes(method: QuantMethod, numel: int, out_features: int, double_quant: bool) -> int:
@@ -139,18 +157,27 @@ def estimate(folder: Path, config: dict[str, Any], job: LoadJob,
 # --- structure from config.json, on the meta device -------------------------------------
 
 def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The model's modules on the meta device, tied as from_pretrained ties them.
+
+    Random initialisation is skipped (on meta it computes nothing, and it is about
+    half the build); `init_weights` on the meta device then only ties the weights.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("transformers_version",)})
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg)
+        model.init_weights()
+    return model
 
 
-def _not_converted(model: torch.nn.Module, job: LoadJob) -> list[str]:
+def _not_converted(model: torch.nn.Module, spec: QuantizationSpec) -> list[str]:
     """The module names transformers' bnb quantizer leaves alone, as it computes them."""
     from transformers.quantizers.base import HfQuantizer
 
-    skip = list(job.quantization.skip_modules) or None
+    skip = list(spec.skip_modules) or None
     return list(HfQuantizer.get_modules_to_not_convert(
         model, skip, getattr(model, "_keep_in_fp32_modules", None)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,43 +99,59 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
         kwargs["revision"] = resolved.base.revision
     with transformers_bars(reporter):
         model = AutoModelForCausalLM.from_pretrained(str(artifact or resolved.base.path), **kwargs)
-    model.eval()
-    return model
+    return model  # in eval mode: from_pretrained sets it (documented), a second walk is not needed
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters as the checkpoint counts them (packed 4-bit weights unpacked)."""
-    total = 0
-    for param in model.parameters():
-        state = getattr(param, "quant_state", None)
-        total += int(torch.Size(state.shape).numel()) if state is not None else param.numel()
-    return total
+@dataclass(frozen=True)
+class Measured:
+    """What a loaded model is reported as, taken in one walk over its modules."""
+
+    parameters: int  # as the checkpoint counts them (packed 4-bit weights unpacked)
+    footprint: int  # bytes of parameters, buffers and bitsandbytes state (not activations)
+    quantized_modules: int  # bitsandbytes Linear layers (8-bit or 4-bit)
 
 
-def quantized_modules(model: torch.nn.Module) -> int:
-    """How many bitsandbytes Linear layers (8-bit or 4-bit) the model holds."""
+def measure(model: torch.nn.Module) -> Measured:
+    """Parameters, bytes and quantized layers of `model`; one pass, however large the model."""
     import bitsandbytes as bnb
 
-    return sum(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
+    quantized_types = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    params: set[int] = set()
+    pointers: set[int] = set()  # storage counted once (tied weights), parameters before buffers
+    buffers: list[torch.Tensor] = []
+    parameters = footprint = quantized = 0
+    for module in model.modules():
+        quantized += isinstance(module, quantized_types)
+        buffers.extend(b for b in module._buffers.values() if b is not None)
+        for param in module._parameters.values():
+            if param is None or id(param) in params:
+                continue
+            params.add(id(param))
+            state = getattr(param, "quant_state", None)
+            parameters += int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+            footprint += _tensor_bytes(param, pointers)
+    footprint += sum(_tensor_bytes(buffer, pointers) for buffer in buffers)
+    return Measured(parameters, footprint, quantized)
 
 
 def footprint(model: torch.nn.Module) -> int:
     """Bytes the model's parameters, buffers and bitsandbytes state take (not activations)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    seen: set[int] = set()
-    total = 0
-    for tensor in tensors:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += _quant_state_bytes(state)
-        scales = getattr(tensor, "SCB", None)  # int8: one float32 scale per output row
-        if isinstance(scales, torch.Tensor) and scales.data_ptr() not in seen:
-            seen.add(scales.data_ptr())
-            total += scales.numel() * scales.element_size()
+    return measure(model).footprint
+
+
+def _tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
+    """Bytes of `tensor` and its bitsandbytes state; 0 for storage already in `seen`."""
+    if tensor.data_ptr() in seen:
+        return 0
+    seen.add(tensor.data_ptr())
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        total += _quant_state_bytes(state)
+    scales = getattr(tensor, "SCB", None)  # int8: one float32 scale per output row
+    if isinstance(scales, torch.Tensor) and scales.data_ptr() not in seen:
+        seen.add(scales.data_ptr())
+        total += scales.numel() * scales.element_size()
     return total
 
 

@@ -105,8 +105,7 @@ class ModelService:
         entry.pinned = entry.pinned or job.pin
         entry.keep_alive = job.keep_alive_seconds if job.keep_alive_seconds else entry.keep_alive
         entry.request_keys.add(request_key(job))
-        entry.info = self._info(entry, cache_hit, time.monotonic() - started,
-                                measure=not cache_hit or bool(attached))
+        entry.info = self._info(entry, cache_hit, time.monotonic() - started, measure=bool(attached))
         self.cache.put(entry)
         return entry.info
 
@@ -179,21 +178,22 @@ class ModelService:
             entry.adapters.pop(name, None)
 
     def _entry(self, key: str, model: torch.nn.Module, base: Source, job: LoadJob) -> Entry:
+        measured = loader.measure(model)
         info = ModelInfo(
             model_key=key, model_class=type(model).__name__,
             base_model=BaseModelInfo(ref=base.ref, revision=base.revision, path=str(base.path),
                                      fingerprint=base.fingerprint),
-            num_parameters=loader.count_parameters(model), footprint_bytes=loader.footprint(model),
+            num_parameters=measured.parameters, footprint_bytes=measured.footprint,
             dtype=str(model.dtype).removeprefix("torch."),
             quantization=job.quantization.method.value,
-            quantized_modules=loader.quantized_modules(model),
+            quantized_modules=measured.quantized_modules,
             device_map=loader.device_summary(model, self.spot.device))
         return Entry(key=key, model=model, info=info, base=base, tenant=job.tenant,
                      bytes=info.footprint_bytes)
 
     def _info(self, entry: Entry, cache_hit: bool, seconds: float, *,
               measure: bool = True) -> ModelInfo:
-        """The entry's ModelInfo now; `measure` False reuses its bytes (nothing was attached)."""
+        """The entry's ModelInfo now; `measure` False reuses its bytes (nothing attached since taken)."""
         attached, active = adapters.names(entry.model)
         footprint = loader.footprint(entry.model) if measure else entry.bytes
         entry.bytes = footprint
