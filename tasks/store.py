@@ -64,6 +64,7 @@ class Store:
         self._create_script = client.register_script(_CREATE)
         self._release_script = client.register_script(_RELEASE)
         self._start_script = client.register_script(_START)
+        self._run_through_script = client.register_script(_RUN_THROUGH)
 
     # --- reading -------------------------------------------------------------------
 
@@ -203,6 +204,24 @@ class Store:
         record = current.model_copy(update={"status": status, **_stamps(current, status), **changes})
         return record, record.model_dump_json(), _event(record, message).model_dump_json()
 
+    def run_through(self, record: JobRecord, *, lease: str, started: tuple[str, dict[str, Any]],
+                    ended: tuple[str, dict[str, Any]],
+                    release: Sequence[tuple[str, str]] = ()) -> JobRecord | None:
+        """Start a job as submitted and end it succeeded in one write, with both events
+        (`started` and `ended`: message and fields of each); None, writing nothing, when the
+        stored record is no longer `record` or someone holds the job's `lease` key."""
+        job_id = record.job_id
+        begun = self._next(job_id, record, JobStatus.running, started[0], None, started[1])
+        assert begun is not None, "run_through() takes a record as submitted (queued)"
+        final = self._next(job_id, begun[0], JobStatus.succeeded, ended[0], None, ended[1])
+        assert final is not None
+        written = self._run_through_script(
+            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
+                  self.keys.done(job_id), lease, *(key for key, _ in release)],
+            args=[record.model_dump_json(), final[1], self.record_ttl, EVENTS_MAXLEN, begun[2],
+                  final[2], *(value for _, value in release)])
+        return final[0] if written else None
+
     def release(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Delete each (key, value) pair's key while it still holds that value (one round trip)."""
         if pairs:
@@ -253,23 +272,43 @@ for i = 3, #KEYS do redis.call('ZADD', KEYS[i], ARGV[5], ARGV[6]) end
 return 1
 """
 
+# Lua shared by the record scripts below: KEYS job, events, cancel, done; ARGV[2] the final
+# record, ARGV[3] the ttl. A final record ends the event stream's life, drops the cancel flag
+# and wakes waiters on the one-entry 'done' stream.
+_ENDED = """
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+redis.call('XADD', KEYS[4], '*', 'record', ARGV[2])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+"""
+
+
+def _release(first_key: int, value_offset: int) -> str:
+    """Lua deleting KEYS[first_key..] while each holds ARGV[i + value_offset]."""
+    return f"""
+for i = {first_key}, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + {value_offset}] then redis.call('DEL', KEYS[i]) end
+end
+"""
+
+
 # Compare-and-set of a record with its event: KEYS job, events, cancel, done, then keys to
 # release; ARGV seen, new, ttl, maxlen, event, terminal, then the values they must hold.
 _CAS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5])
-if ARGV[6] == '1' then
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
-  redis.call('DEL', KEYS[3])
-  redis.call('XADD', KEYS[4], '*', 'record', ARGV[2])
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
-for i = 5, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 2] then redis.call('DEL', KEYS[i]) end
-end
-return 1
-"""
+if ARGV[6] == '1' then""" + _ENDED + "end" + _release(first_key=5, value_offset=2) + "return 1"
+
+# A job started and finished in one write, as submitted: KEYS job, events, cancel, done, its
+# lease (which must not exist), then keys to release; ARGV submitted, final, ttl, maxlen,
+# running event, final event, then the values the keys to release must hold.
+_RUN_THROUGH = """
+if redis.call('EXISTS', KEYS[5]) == 1 or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[6])
+""" + _ENDED + _release(first_key=6, value_offset=1) + "return 1"
 
 # A job's lease, and its start when the record is as submitted: KEYS lease, job, events,
 # cancel; ARGV token, lease ttl ms, submitted record, running record, record ttl, maxlen, event.
@@ -288,12 +327,7 @@ return {holder, started, current, redis.call('GET', KEYS[4]) or ''}
 """
 
 # Compare-and-delete: each KEYS[i] is deleted only while it holds ARGV[i].
-_RELEASE = """
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
-end
-return 1
-"""
+_RELEASE = _release(first_key=1, value_offset=0) + "return 1"
 
 
 def _event(record: JobRecord, message: str | None) -> Event:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from schemas import AttachAdapterJob, JobStatus, LoadJob, ModelRef, UnloadJob, WorkerInfo
+from schemas import AttachAdapterJob, JobStatus, LoadJob, ModelRef, Stage, UnloadJob, WorkerInfo
 from tasks.client import Client
 from tests.support.models import build_model
 from tests.support.workers import WorkerPool
@@ -167,3 +167,26 @@ def test_memory_returns_after_unload_and_quantized_artifacts_are_reused(
     assert third.base_model.fingerprint != first.base_model.fingerprint and not third.from_artifact
     now = [p for p in artifacts.iterdir() if not p.name.startswith(".")]
     assert len(now) == 1 and now[0] != saved[0]  # a new artifact; the stale one pruned
+
+
+def test_a_load_the_cache_serves_as_asked_ends_in_one_write(client: Client, pool: WorkerPool,
+                                                            models: dict[str, Path]) -> None:
+    worker = pool.start("hits")
+    first = client.submit(_load(models["llama"])).wait(timeout=120)
+    assert first.status is JobStatus.succeeded and first.result is not None
+    _until(lambda: _holder(client, first.result.model_key))  # the registry shows it resident
+    handle = client.submit(_load(models["llama"]))
+    hit = handle.wait(timeout=60)
+    assert hit.status is JobStatus.succeeded and hit.result is not None and hit.result.cache_hit
+    assert (hit.worker, hit.attempt, hit.result.model_key) == ("hits", 1, first.result.model_key)
+    assert hit.started_at is not None and hit.finished_at is not None
+    events = [(e.status, e.stage, e.message) for e in handle.events(timeout=5)]
+    assert events == [(JobStatus.queued, None, "submitted"),
+                      (JobStatus.running, Stage.resolving,
+                       f"started on hits: resolving {models['llama']}"),
+                      (JobStatus.succeeded, Stage.resolving, "done")]  # as a full run shows it
+    assert f"job {handle.job_id}: load served from the cache on hits" in worker.log_text()
+    # a hit that changes the entry (pin it) runs in full, and the entry says so after
+    pinned = client.submit(_load(models["llama"], pin=True)).wait(timeout=60)
+    assert pinned.result is not None and pinned.result.cache_hit and pinned.result.pinned
+    assert _holder(client, first.result.model_key) is not None

@@ -240,3 +240,22 @@ def test_start_leaves_a_changed_record_to_the_caller(store: Store) -> None:
     again = _new(store, "j2")
     store.request_cancel("j2")  # a running attempt's flag, seen by the next attempt
     assert store.start(again, ("lease2", "w1:7", 5000), message="started").cancel
+
+
+def test_run_through_starts_and_ends_a_submitted_job_in_one_write(store: Store) -> None:
+    record = _new(store)
+    store.redis.set("claim", "q.w1")
+    final = store.run_through(record, lease="lease", started=("started on w1", {"worker": "w1", "attempt": 1}),
+                              ended=("done", {}), release=[("claim", "q.w1")])
+    assert final is not None and final == store.get("j1") and final.status is JobStatus.succeeded
+    assert final.started_at is not None and final.finished_at is not None and final.attempt == 1
+    assert [(e.status, e.message) for _, e in store.events("j1")] == [
+        (JobStatus.queued, "submitted"), (JobStatus.running, "started on w1"),
+        (JobStatus.succeeded, "done")]
+    assert store.ended("j1", block_ms=1) == final and store.redis.get("claim") is None
+    # already ended, or leased by a worker running it: nothing is written
+    assert store.run_through(record, lease="lease", started=("x", {}), ended=("x", {})) is None
+    other = _new(store, "j2")
+    store.redis.set("lease2", "w2:1")
+    assert store.run_through(other, lease="lease2", started=("x", {}), ended=("x", {})) is None
+    assert store.get("j2").status is JobStatus.queued

@@ -76,6 +76,11 @@ class ModelCache:
                 entry.last_used = self.clock()
             return entry
 
+    def peek(self, key: str) -> Entry | None:
+        """The entry for `key`, not counted as a use."""
+        with self._lock:
+            return self._entries.get(key)
+
     def put(self, entry: Entry) -> None:
         with self._lock:
             entry.last_used = self.clock()

@@ -109,6 +109,28 @@ class ModelService:
         self.cache.put(entry)
         return entry.info
 
+    def cached(self, job: LoadJob) -> ModelInfo | None:
+        """What a load of a local folder gets when this cache already serves it exactly as
+        asked (nothing to load, attach, activate, pin or keep alive); None when the job must
+        run in full. Changes nothing: `served` records the hit once the job's record says so."""
+        started = time.monotonic()
+        if (job.model.path is None or job.adapters or job.active_adapter is not None or job.pin
+                or job.keep_alive_seconds):
+            return None
+        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, token=self.token())
+        if resolved.adapter is not None:
+            return None
+        entry = self.cache.peek(loader.model_key(self.base_identity(resolved.base, job), job))
+        if entry is None or request_key(job) not in entry.request_keys:
+            return None
+        return self._info(entry, True, time.monotonic() - started, measure=False)
+
+    def served(self, info: ModelInfo) -> None:
+        """A job was served from the cache with `info` (from `cached`): the entry was just used."""
+        entry = self.cache.get(info.model_key)
+        if entry is not None:
+            entry.info = info
+
     def attach(self, job: AttachAdapterJob, reporter: Reporter) -> ModelInfo:
         started = time.monotonic()
         entry = self._resident(job.model_key, job.tenant)

@@ -83,6 +83,10 @@ class TenantModelService(ModelService):
             self._check_after_load(tenant, entry)
         return self._view(info, entry, tenant.name)
 
+    def cached(self, job: LoadJob) -> ModelInfo | None:
+        """Never: a tenant's load runs in full, under its roots, quotas and sharing rules."""
+        return None
+
     def attach(self, job: AttachAdapterJob, reporter: Reporter) -> ModelInfo:
         tenant = self.tenants.get_tenant(job.tenant)
         entry = self._resident(job.model_key, tenant.name)
