@@ -1,7 +1,8 @@
 """The producer's API: `Client.submit(job) -> JobHandle` (no torch).
 
 A job is validated before anything is written; the record is written before the
-task is sent, and removed again if the send fails, so nothing is half-enqueued.
+task is sent (with the registry read, in one round trip), and removed again if
+routing refuses the job or the send fails, so nothing is half-enqueued.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.exceptions import NoScriptError
 from redis.sentinel import Sentinel
 
 from schemas import (
@@ -25,7 +27,7 @@ from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now, submitted
 from tasks.tenants import (
-    DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, scoped_workers,
+    DEFAULT_TENANT, TenantLimits, check_submit_quota, parse_limits, pick_queue, scoped_workers,
 )
 
 if TYPE_CHECKING:
@@ -81,9 +83,12 @@ class Client:
             job = parse_job(job)
         job = self._as_tenant(job)
         job_id = uuid.uuid4().hex
+        record = submitted(job_id, job, now())
         try:
-            workers, (raw_limits,) = self.registry.read(also=[self.keys.tenant_limits(job.tenant)])
-            limits = parse_limits(raw_limits)
+            workers, limits = self._read_and_create(record)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(self._unreachable(exc)) from exc
+        try:  # anything refused from here on takes the record back: nothing half-enqueued
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
                 _check_model_owner(job, workers)
@@ -92,11 +97,14 @@ class Client:
                 raise not_resident(job.model_key)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=queue)
-            record = submitted(job_id, job, now())
-            envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
-            self.store.create(record, open_jobs=limits is not None)
+                self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
         except redis.RedisError as exc:
+            self._forget(job_id, job.tenant)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
+        except BaseException:
+            self._forget(job_id, job.tenant)
+            raise
+        envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
         try:
             self.app.send_task(
                 "modelq.run", args=[self._signed(envelope)], task_id=job_id,
@@ -108,6 +116,25 @@ class Client:
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id, submitted=True)
+
+    def _read_and_create(self, record: JobRecord) -> tuple[list[WorkerInfo], TenantLimits | None]:
+        """The registry and the tenant's limits, with the record written, in one round trip:
+        both scripts pipelined by digest (a script Redis forgot, after a restart, runs alone)."""
+        also = [self.keys.tenant_limits(record.tenant)]
+        calls = [(self.registry.read_script, self.registry.read_call(also)),
+                 (self.store.create_script, self.store.create_call(record))]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for script, call in calls:
+                pipe.evalsha(script.sha, len(call["keys"]), *call["keys"], *call["args"])
+            replies = pipe.execute(raise_on_error=False)
+        for i, (script, call) in enumerate(calls):
+            if isinstance(replies[i], NoScriptError):
+                replies[i] = script(**call)
+            elif isinstance(replies[i], Exception):
+                raise replies[i]
+        workers, (raw_limits,) = self.registry.parse(replies[0], also)
+        self.store.created(record, replies[1])
+        return workers, parse_limits(raw_limits)
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)

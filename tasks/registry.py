@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -35,7 +36,7 @@ class Registry:
         self.redis = client
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
-        self._entries = client.register_script(_ENTRIES)
+        self.read_script = client.register_script(_ENTRIES)
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers by name (one round trip); names whose entry expired are dropped."""
@@ -43,7 +44,15 @@ class Registry:
 
     def read(self, also: Sequence[str] = ()) -> tuple[list[WorkerInfo], list[bytes | None]]:
         """The live workers, and the values of the keys `also`, read in one round trip."""
-        reply = self._entries(keys=[self.keys.workers(), *also], args=[self.keys.worker("")])
+        return self.parse(self.read_script(**self.read_call(also)), also)
+
+    def read_call(self, also: Sequence[str] = ()) -> dict[str, list[str]]:
+        """`read`'s script arguments (keys, args), for a caller that pipelines it (see `parse`)."""
+        return {"keys": [self.keys.workers(), *also], "args": [self.keys.worker("")]}
+
+    def parse(self, reply: list[Any], also: Sequence[str] = ()) -> tuple[list[WorkerInfo],
+                                                                         list[bytes | None]]:
+        """`read`'s result from its script's reply (names whose entry expired are dropped)."""
         values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
         entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
         live = [WorkerInfo.model_validate_json(raw) for _, raw in entries if raw]

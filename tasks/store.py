@@ -61,7 +61,7 @@ class Store:
         self.record_ttl = record_ttl
         self._seen: dict[str, tuple[bytes | str, JobRecord]] = {}  # job id -> last read/written
         self._cas_script = client.register_script(_CAS)
-        self._create_script = client.register_script(_CREATE)
+        self.create_script = client.register_script(_CREATE)
         self._release_script = client.register_script(_RELEASE)
         self._start_script = client.register_script(_START)
         self._run_through_script = client.register_script(_RUN_THROUGH)
@@ -131,13 +131,20 @@ class Store:
         One round trip: the record, its event and its place in the tenant's job index
         (and, with `open_jobs`, in the tenant's open jobs that quotas count).
         """
+        self.created(record, self.create_script(**self.create_call(record, open_jobs=open_jobs)))
+
+    def create_call(self, record: JobRecord, *, open_jobs: bool = False) -> dict[str, list[Any]]:
+        """`create`'s script arguments (keys, args), for a caller that pipelines it."""
         event = _event(record, "submitted").model_dump_json()
         index = [self.keys.jobs(record.tenant)] + ([self.keys.open_jobs(record.tenant)] if open_jobs else [])
-        created = self._create_script(
-            keys=[self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
-            args=[record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
-                  record.created_at.timestamp(), record.job_id])
-        if not created:
+        return {"keys": [self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
+                "args": [record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
+                         record.created_at.timestamp(), record.job_id]}
+
+    @staticmethod
+    def created(record: JobRecord, reply: Any) -> None:
+        """`create`'s check of its script's reply: ValueError if the job existed already."""
+        if not reply:
             raise ValueError(f"job {record.job_id} already exists")
 
     def delete(self, job_id: str, tenant: str) -> None:

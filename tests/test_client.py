@@ -47,10 +47,17 @@ def test_invalid_job_is_refused_and_nothing_is_written(client: Client) -> None:
     assert client.redis.dbsize() == 0
 
 
-def test_attach_to_a_model_no_worker_holds_is_refused_before_writing(client: Client) -> None:
+def test_attach_to_a_model_no_worker_holds_is_refused_and_leaves_nothing(client: Client) -> None:
     with pytest.raises(ModelNotFound, match="not resident"):
         client.submit({"kind": "attach", "model_key": KEY, "adapter": "/a"})
     assert client.redis.dbsize() == 0
+
+
+def test_submit_works_after_redis_forgot_its_scripts(client: Client) -> None:
+    client.submit(LoadJob(model="o/m"))
+    client.redis.script_flush()  # what a Redis restart does to loaded scripts
+    record = client.submit(LoadJob(model="o/n")).status()
+    assert record.status is JobStatus.queued and len(_queued_messages(client.redis)) == 2
 
 
 def test_unreachable_redis_fails_fast_with_broker_unavailable() -> None:
