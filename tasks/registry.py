@@ -37,6 +37,7 @@ class Registry:
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
         self.read_script = client.register_script(_ENTRIES)
+        self._parsed: dict[bytes, WorkerInfo] = {}  # frozen entries by their JSON
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers by name (one round trip); names whose entry expired are dropped."""
@@ -55,11 +56,20 @@ class Registry:
         """`read`'s result from its script's reply (names whose entry expired are dropped)."""
         values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
         entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
-        live = [WorkerInfo.model_validate_json(raw) for _, raw in entries if raw]
+        live = [self._info(raw) for _, raw in entries if raw]
         gone = [name for name, raw in entries if not raw]
         if gone:
             self.redis.srem(self.keys.workers(), *gone)
         return live, values
+
+    def _info(self, raw: bytes) -> WorkerInfo:
+        """An entry parsed; the same bytes (an entry unchanged since the last read) parse once."""
+        info = self._parsed.get(raw)
+        if info is None:
+            if len(self._parsed) >= 64:
+                self._parsed.clear()
+            info = self._parsed[raw] = WorkerInfo.model_validate_json(raw)
+        return info
 
     def holder(self, model_key: str) -> WorkerInfo | None:
         """The worker where `model_key` is resident, if any."""
