@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     runs = args.runs or (2 if args.quick else 5)
     counts = {"latency_rounds": 3, "jobs_per_round": 8 if args.quick else 20,
-              "batches": 3, "batch_size": 20 if args.quick else 60}
+              "batches": 3 if args.quick else 5, "batch_size": 20 if args.quick else 60}
     report = Report(figures(), context={
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
         "load_average": os.getloadavg(), "workers": args.workers, "runs": runs, **counts,

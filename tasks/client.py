@@ -19,7 +19,7 @@ from redis.sentinel import Sentinel
 
 from schemas import (
     AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobRecord, JobStatus,
-    LoadJob, ModelNotFound, TERMINAL, TimedOut, UnloadJob, WorkerInfo, parse_job,
+    LoadJob, ModelNotFound, TimedOut, UnloadJob, WorkerInfo, parse_job,
 )
 from tasks.auth import sign
 from tasks.keys import SHARED_QUEUE, Keys
@@ -124,12 +124,12 @@ class Client:
         calls = [(self.registry.read_script, self.registry.read_call(also)),
                  (self.store.create_script, self.store.create_call(record))]
         with self.redis.pipeline(transaction=False) as pipe:
-            for script, call in calls:
-                pipe.evalsha(script.sha, len(call["keys"]), *call["keys"], *call["args"])
+            for script, (keys, args) in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             replies = pipe.execute(raise_on_error=False)
-        for i, (script, call) in enumerate(calls):
+        for i, (script, (keys, args)) in enumerate(calls):
             if isinstance(replies[i], NoScriptError):
-                replies[i] = script(**call)
+                replies[i] = script(keys=keys, args=args)
             elif isinstance(replies[i], Exception):
                 raise replies[i]
         workers, (raw_limits,) = self.registry.parse(replies[0], also)

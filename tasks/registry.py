@@ -45,11 +45,12 @@ class Registry:
 
     def read(self, also: Sequence[str] = ()) -> tuple[list[WorkerInfo], list[bytes | None]]:
         """The live workers, and the values of the keys `also`, read in one round trip."""
-        return self.parse(self.read_script(**self.read_call(also)), also)
+        keys, args = self.read_call(also)
+        return self.parse(self.read_script(keys=keys, args=args), also)
 
-    def read_call(self, also: Sequence[str] = ()) -> dict[str, list[str]]:
+    def read_call(self, also: Sequence[str] = ()) -> tuple[list[str], list[Any]]:
         """`read`'s script arguments (keys, args), for a caller that pipelines it (see `parse`)."""
-        return {"keys": [self.keys.workers(), *also], "args": [self.keys.worker("")]}
+        return [self.keys.workers(), *also], [self.keys.worker("")]
 
     def parse(self, reply: list[Any], also: Sequence[str] = ()) -> tuple[list[WorkerInfo],
                                                                          list[bytes | None]]:

@@ -131,15 +131,16 @@ class Store:
         One round trip: the record, its event and its place in the tenant's job index
         (and, with `open_jobs`, in the tenant's open jobs that quotas count).
         """
-        self.created(record, self.create_script(**self.create_call(record, open_jobs=open_jobs)))
+        keys, args = self.create_call(record, open_jobs=open_jobs)
+        self.created(record, self.create_script(keys=keys, args=args))
 
-    def create_call(self, record: JobRecord, *, open_jobs: bool = False) -> dict[str, list[Any]]:
+    def create_call(self, record: JobRecord, *, open_jobs: bool = False) -> tuple[list[str], list[Any]]:
         """`create`'s script arguments (keys, args), for a caller that pipelines it."""
         event = _event(record, "submitted").model_dump_json()
         index = [self.keys.jobs(record.tenant)] + ([self.keys.open_jobs(record.tenant)] if open_jobs else [])
-        return {"keys": [self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
-                "args": [record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
-                         record.created_at.timestamp(), record.job_id]}
+        return ([self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
+                [record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
+                 record.created_at.timestamp(), record.job_id])
 
     @staticmethod
     def created(record: JobRecord, reply: Any) -> None:

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from schemas import Cancelled, LoadJob, Progress, Stage
+from schemas import Cancelled, LoadJob, Stage
 from tasks.keys import Keys
 from tasks.settings import Settings
 from worker.faults import Faults

@@ -245,7 +245,8 @@ def test_start_leaves_a_changed_record_to_the_caller(store: Store) -> None:
 def test_run_through_starts_and_ends_a_submitted_job_in_one_write(store: Store) -> None:
     record = _new(store)
     store.redis.set("claim", "q.w1")
-    final = store.run_through(record, lease="lease", started=("started on w1", {"worker": "w1", "attempt": 1}),
+    final = store.run_through(record, lease="lease",
+                              started=("started on w1", {"worker": "w1", "attempt": 1}),
                               ended=("done", {}), release=[("claim", "q.w1")])
     assert final is not None and final == store.get("j1") and final.status is JobStatus.succeeded
     assert final.started_at is not None and final.finished_at is not None and final.attempt == 1

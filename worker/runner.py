@@ -12,6 +12,11 @@ are at least once, so each one is checked before it starts anything:
   and after `max_attempts` it fails as WorkerLost instead (a job that keeps
   killing workers stops).
 
+A first attempt takes its lease and is marked running in one script (tasks/store.py
+Store.start). A load the worker's cache already serves as asked skips all of that:
+it is written from queued to succeeded at once (Store.run_through), or run in full
+when its record is no longer as submitted.
+
 A CUDA error that poisons the context fails the job and returns `Outcome.poisoned`:
 the process must exit so its supervisor starts a clean one.
 """
@@ -183,7 +188,8 @@ class Runner:
             return True
         return False
 
-    def _run_leased(self, attempt: Attempt, started: Started, opening: tuple[Stage, str] | None) -> Outcome:
+    def _run_leased(self, attempt: Attempt, started: Started,
+                    opening: tuple[Stage, str] | None) -> Outcome:
         job_id, job = attempt.job_id, attempt.job
         record = started.record  # a first attempt is started already, with its lease
         if record is None:
@@ -211,7 +217,7 @@ class Runner:
         log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, record.worker)
         timeout = (job.timeout_seconds if isinstance(job, LoadJob) else None) or self.default_timeout
         guard = JobGuard(job_id, job, timeout=timeout,
-                         report=lambda stage, progress, message: self._report(job_id, stage, progress, message),
+                         report=lambda stage, progress, note: self._report(job_id, stage, progress, note),
                          cancel_requested=lambda: self._cancel_requested(job_id),
                          faults=self.faults, on_stuck=lambda: self._stuck(job_id, timeout),
                          announced=opening[0] if opening else None, cancel_seen=started.cancel)
