@@ -58,3 +58,20 @@ def test_switching_the_active_adapter_changes_the_outputs(models: dict[str, Path
                                             name="a"), reporter)
     assert after.adapters == ("a", "b") and after.active_adapters == ("a",)
     torch.testing.assert_close(_logits(service.cache.get(info.model_key).model), with_a)  # type: ignore[union-attr]
+
+
+def test_cached_serves_only_a_load_the_cache_holds_as_asked(models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "llama"
+    shutil.copytree(models["llama"], folder)
+    service = ModelService(ModelCache(2**30), WorkerSpot(name="w", device="cpu", local_device="cpu"))
+    job = LoadJob(model=str(folder))
+    assert service.cached(job) is None  # nothing resident yet
+    loaded = service.load(job, Reporter(lambda *_: None, lambda: False))
+    info = service.cached(job)
+    assert info is not None and info.cache_hit and info.model_key == loaded.model_key
+    assert info.footprint_bytes == loaded.footprint_bytes and info.worker == "w"
+    assert service.cached(job.model_copy(update={"pin": True})) is None  # it would change the entry
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
+    assert service.cached(job) is None  # the folder changed: a new model, loaded in full

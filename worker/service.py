@@ -117,11 +117,14 @@ class ModelService:
         if (job.model.path is None or job.adapters or job.active_adapter is not None or job.pin
                 or job.keep_alive_seconds):
             return None
+        wanted = request_key(job)
+        if not any(wanted in entry.request_keys for entry in self.cache.entries()):
+            return None  # no resident model has served this load: a cold load resolves once
         resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, token=self.token())
         if resolved.adapter is not None:
             return None
         entry = self.cache.peek(loader.model_key(self.base_identity(resolved.base, job), job))
-        if entry is None or request_key(job) not in entry.request_keys:
+        if entry is None or wanted not in entry.request_keys:  # the folder changed since
             return None
         return self._info(entry, True, time.monotonic() - started, measure=False)
 
