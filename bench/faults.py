@@ -29,7 +29,12 @@ from schemas import JobStatus, LoadJob, ModelInfo, ModelNotFound, ModelRef, Stag
 from tasks.client import Client
 from tasks.settings import Settings
 from tests.support.faults import (
-    fault_env, marked_model, resident_copies, started_events, wait_for, wait_stage,
+    fault_env,
+    marked_model,
+    resident_copies,
+    started_events,
+    wait_for,
+    wait_stage,
 )
 from tests.support.models import build_model
 from tests.support.redis_server import RedisServer

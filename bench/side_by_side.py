@@ -22,7 +22,14 @@ from bench.env import ROOT, WORKER_ENV, Bench, variant, variant_lora
 from bench.figures import Report
 from bench.inprocess import InProcess
 from schemas import (
-    TERMINAL, AdapterSpec, AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef, QuantizationSpec,
+    TERMINAL,
+    AdapterSpec,
+    AttachAdapterJob,
+    JobRecord,
+    JobStatus,
+    LoadJob,
+    ModelRef,
+    QuantizationSpec,
     UnloadJob,
 )
 from schemas.specs import DType

@@ -2,20 +2,47 @@
 
 from schemas.base import SCHEMA_VERSION
 from schemas.errors import (
-    AccessDenied, AdapterIncompatible, BrokerUnavailable, Cancelled, InsufficientMemory,
-    InvalidJob, JobNotFound, LoadFailed, ModelNotFound, ModelqError, QuotaExceeded,
-    RemoteCodeNotAllowed, TimedOut, UnsafeWeights, UnsupportedModel, WorkerLost,
+    AccessDenied,
+    AdapterIncompatible,
+    BrokerUnavailable,
+    Cancelled,
+    InsufficientMemory,
+    InvalidJob,
+    JobNotFound,
+    LoadFailed,
+    ModelNotFound,
+    ModelqError,
+    QuotaExceeded,
+    RemoteCodeNotAllowed,
+    TimedOut,
+    UnsafeWeights,
+    UnsupportedModel,
+    WorkerLost,
 )
 from schemas.jobs import (
-    AdapterSpec, AttachAdapterJob, Envelope, JobKind, LoadJob, UnloadJob, decode_envelope,
+    AdapterSpec,
+    AttachAdapterJob,
+    Envelope,
+    JobKind,
+    LoadJob,
+    UnloadJob,
+    decode_envelope,
     parse_job,
 )
 from schemas.records import (
-    ACTIVE, TERMINAL, BaseModelInfo, ErrorInfo, Event, JobRecord, JobStatus, ModelInfo,
-    Progress, Stage,
+    ACTIVE,
+    TERMINAL,
+    BaseModelInfo,
+    ErrorInfo,
+    Event,
+    JobRecord,
+    JobStatus,
+    ModelInfo,
+    Progress,
+    Stage,
 )
-from schemas.registry import ResidentModel, WorkerInfo
 from schemas.refs import ModelRef, validate_repo_id
+from schemas.registry import ResidentModel, WorkerInfo
 from schemas.specs import DType, PlacementSpec, QuantizationSpec, QuantMethod, parse_bytes
 
 __all__ = [

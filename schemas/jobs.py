@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -154,7 +154,7 @@ def _is_commit(revision: str | None) -> bool:
     return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
 
 
-Job = Annotated[Union[LoadJob, AttachAdapterJob, UnloadJob], Field(discriminator="kind")]
+Job = Annotated[LoadJob | AttachAdapterJob | UnloadJob, Field(discriminator="kind")]
 
 
 class Envelope(Versioned):

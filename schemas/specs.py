@@ -100,7 +100,7 @@ def check_device(device: str) -> str:
     return device
 
 
-DeviceMap = Union[str, dict[str, Union[str, int]]]
+DeviceMap = Union[str, dict[str, str | int]]
 
 
 class PlacementSpec(Contract):

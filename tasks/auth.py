@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -48,7 +48,7 @@ def digest(envelope: dict[str, Any], key: str) -> str:
 def sign(envelope: dict[str, Any], key: str, *, tenant: str, ttl_seconds: int,
          now: datetime | None = None) -> dict[str, Any]:
     """`envelope` (a JSON dict) with an `auth` block signed by `key` for `tenant`."""
-    expires = (now or datetime.now(timezone.utc)) + timedelta(seconds=ttl_seconds)
+    expires = (now or datetime.now(UTC)) + timedelta(seconds=ttl_seconds)
     unsigned = {**envelope, "auth": {"tenant": tenant, "nonce": secrets.token_hex(16),
                                      "expires_at": expires.isoformat().replace("+00:00", "Z")}}
     unsigned["auth"]["signature"] = digest(unsigned, key)
@@ -80,7 +80,7 @@ def verify(payload: Any, tenants: Tenants, client: redis.Redis, keys: Keys, *,
         raise AccessDenied(f"the job's signature does not match tenant {auth.tenant!r}'s key (or "
                            "the job was changed after signing): check MODELQ_TENANT_KEY",
                            tenant=auth.tenant)
-    moment = now or datetime.now(timezone.utc)
+    moment = now or datetime.now(UTC)
     left = (auth.expires_at - moment).total_seconds()
     if left <= 0 and not started:
         raise AccessDenied(f"the job's signature expired at {auth.expires_at.isoformat()} before a "

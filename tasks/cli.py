@@ -17,8 +17,18 @@ import click
 from pydantic import ValidationError
 
 from schemas import (
-    AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, JobStatus, ModelqError,
-    ModelNotFound, QuotaExceeded, TimedOut, parse_bytes, parse_job,
+    AccessDenied,
+    BrokerUnavailable,
+    InvalidJob,
+    JobNotFound,
+    JobRecord,
+    JobStatus,
+    ModelNotFound,
+    ModelqError,
+    QuotaExceeded,
+    TimedOut,
+    parse_bytes,
+    parse_job,
 )
 from schemas.jobs import describe
 from tasks import render
@@ -342,7 +352,6 @@ def gateway(host: str, port: int) -> None:
     import uvicorn
 
     from tasks.gateway import create_app
-
     from tasks.tenants import load_tenants
 
     settings = _settings()

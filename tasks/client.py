@@ -18,8 +18,19 @@ from redis.exceptions import NoScriptError
 from redis.sentinel import Sentinel
 
 from schemas import (
-    AccessDenied, AttachAdapterJob, BrokerUnavailable, Envelope, Event, JobRecord, JobStatus,
-    LoadJob, ModelNotFound, TimedOut, UnloadJob, WorkerInfo, parse_job,
+    AccessDenied,
+    AttachAdapterJob,
+    BrokerUnavailable,
+    Envelope,
+    Event,
+    JobRecord,
+    JobStatus,
+    LoadJob,
+    ModelNotFound,
+    TimedOut,
+    UnloadJob,
+    WorkerInfo,
+    parse_job,
 )
 from tasks.auth import sign
 from tasks.keys import SHARED_QUEUE, Keys
@@ -27,7 +38,12 @@ from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now, submitted
 from tasks.tenants import (
-    DEFAULT_TENANT, TenantLimits, check_submit_quota, parse_limits, pick_queue, scoped_workers,
+    DEFAULT_TENANT,
+    TenantLimits,
+    check_submit_quota,
+    parse_limits,
+    pick_queue,
+    scoped_workers,
 )
 
 if TYPE_CHECKING:

@@ -21,8 +21,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
 from schemas import (
-    TERMINAL, AccessDenied, BrokerUnavailable, InvalidJob, JobNotFound, JobRecord, ModelqError,
-    ModelNotFound, QuotaExceeded, TimedOut, WorkerInfo, parse_job,
+    TERMINAL,
+    AccessDenied,
+    BrokerUnavailable,
+    InvalidJob,
+    JobNotFound,
+    JobRecord,
+    ModelNotFound,
+    ModelqError,
+    QuotaExceeded,
+    TimedOut,
+    WorkerInfo,
+    parse_job,
 )
 from tasks.client import Client, not_resident
 from tasks.settings import Settings

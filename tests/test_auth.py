@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ TENANTS = {"tenants": {"alice": {"key": ALICE_KEY, "roots": ["/data/alice"], "pr
 
 def envelope(tenant: str = "alice", job_id: str = "j1") -> dict[str, object]:
     job = LoadJob(model=ModelRef(path="/data/alice/m"), tenant=tenant)
-    return Envelope(job_id=job_id, submitted_at=datetime.now(timezone.utc),
+    return Envelope(job_id=job_id, submitted_at=datetime.now(UTC),
                     job=job).model_dump(mode="json")
 
 
@@ -53,7 +53,7 @@ def test_bad_envelopes_are_access_denied(settings: Settings, case: str) -> None:
         payload = sign(envelope(), BOB_KEY, tenant="bob", ttl_seconds=60)
     elif case == "expired":
         payload = sign(envelope(), ALICE_KEY, tenant="alice", ttl_seconds=60,
-                       now=datetime.now(timezone.utc) - timedelta(seconds=120))
+                       now=datetime.now(UTC) - timedelta(seconds=120))
     elif case == "nonce reused":
         verify(payload, tenants, redis, keys)
         redis.set(keys.nonce("alice", payload["auth"]["nonce"]), "another-job")  # type: ignore[index]
@@ -67,7 +67,7 @@ def test_bad_envelopes_are_access_denied(settings: Settings, case: str) -> None:
 
 def test_expired_envelope_of_a_started_job_is_a_redelivery(settings: Settings) -> None:
     payload = sign(envelope(), ALICE_KEY, tenant="alice", ttl_seconds=60,
-                   now=datetime.now(timezone.utc) - timedelta(seconds=120))
+                   now=datetime.now(UTC) - timedelta(seconds=120))
     assert verify(payload, parse_tenants(TENANTS), connect(settings), Keys(), started=True) == "alice"
 
 

@@ -12,7 +12,13 @@ import pytest
 import redis
 
 from schemas import (
-    BrokerUnavailable, InvalidJob, JobStatus, LoadJob, ModelNotFound, TimedOut, decode_envelope,
+    BrokerUnavailable,
+    InvalidJob,
+    JobStatus,
+    LoadJob,
+    ModelNotFound,
+    TimedOut,
+    decode_envelope,
 )
 from tasks.client import Client
 from tasks.keys import SHARED_QUEUE

@@ -23,7 +23,11 @@ from schemas import AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef, S
 from tasks.client import Client
 from tasks.settings import Settings
 from tests.support.models import (
-    build_hub_cache, build_model, build_pickle_only_model, build_remote_code_model, build_unknown_arch,
+    build_hub_cache,
+    build_model,
+    build_pickle_only_model,
+    build_remote_code_model,
+    build_unknown_arch,
 )
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool

@@ -130,7 +130,7 @@ def test_gateway_with_tenants(client: Client, pool: WorkerPool, settings: Settin
 
         # --- bob sees no such job: the same 404 as for an id that never existed -------------
         unknown = "f" * 32
-        for path in (f"/v1/jobs/{{}}", f"/v1/jobs/{{}}/events"):
+        for path in ("/v1/jobs/{}", "/v1/jobs/{}/events"):
             theirs = error_of(bob.get(path.format(job_id)), 404)
             never = error_of(bob.get(path.format(unknown)), 404)
             assert theirs == {**never, "message": never["message"].replace(unknown, job_id)}

@@ -17,7 +17,12 @@ from schemas import AdapterSpec, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
 from tasks.keys import SHARED_QUEUE
 from tests.support.faults import (
-    fault_env, marked_model, resident_copies, started_events, wait_for, wait_stage,
+    fault_env,
+    marked_model,
+    resident_copies,
+    started_events,
+    wait_for,
+    wait_stage,
 )
 from tests.support.workers import WorkerPool, WorkerProcess
 from worker.faults import CUDA_MARKER, KILL_MARKER

@@ -11,11 +11,18 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from schemas import (
-    AdapterIncompatible, ModelNotFound, ModelRef, RemoteCodeNotAllowed, UnsafeWeights,
+    AdapterIncompatible,
+    ModelNotFound,
+    ModelRef,
+    RemoteCodeNotAllowed,
+    UnsafeWeights,
     UnsupportedModel,
 )
 from tests.support.models import (
-    build_hub_cache, build_pickle_only_model, build_remote_code_model, build_unknown_arch,
+    build_hub_cache,
+    build_pickle_only_model,
+    build_remote_code_model,
+    build_unknown_arch,
 )
 from worker.resolve import fingerprint, resolve
 

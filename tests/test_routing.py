@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import redis
 
@@ -11,7 +11,7 @@ from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.registry import Registry, claim, request_key, route
 from tasks.store import Store
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 KEY = "ab" * 16
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from huggingface_hub.utils import HFValidationError
@@ -15,10 +15,29 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from schemas import (
-    AdapterSpec, AttachAdapterJob, BrokerUnavailable, Envelope, ErrorInfo, Event, InvalidJob,
-    JobRecord, JobStatus, LoadJob, ModelInfo, ModelNotFound, ModelqError, ModelRef,
-    PlacementSpec, QuantizationSpec, RemoteCodeNotAllowed, TERMINAL, UnloadJob, decode_envelope,
-    parse_bytes, parse_job, validate_repo_id,
+    TERMINAL,
+    AdapterSpec,
+    AttachAdapterJob,
+    BrokerUnavailable,
+    Envelope,
+    ErrorInfo,
+    Event,
+    InvalidJob,
+    JobRecord,
+    JobStatus,
+    LoadJob,
+    ModelInfo,
+    ModelNotFound,
+    ModelqError,
+    ModelRef,
+    PlacementSpec,
+    QuantizationSpec,
+    RemoteCodeNotAllowed,
+    UnloadJob,
+    decode_envelope,
+    parse_bytes,
+    parse_job,
+    validate_repo_id,
 )
 from schemas.errors import ERROR_TYPES, error_from
 from schemas.records import BaseModelInfo
@@ -189,7 +208,7 @@ def test_parse_job_dispatches_by_kind_and_raises_invalid_job() -> None:
 
 
 def test_decode_envelope_errors() -> None:
-    good = Envelope(job_id="j1", submitted_at=datetime.now(timezone.utc), job=LoadJob(model="o/m"))
+    good = Envelope(job_id="j1", submitted_at=datetime.now(UTC), job=LoadJob(model="o/m"))
     assert decode_envelope(good.model_dump(mode="json")) == good
     assert decode_envelope(good.model_dump_json()) == good
     payload = good.model_dump(mode="json")
@@ -203,7 +222,7 @@ def test_decode_envelope_errors() -> None:
 # --- records round trip ------------------------------------------------------------------
 
 def _record() -> JobRecord:
-    at = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    at = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     info = ModelInfo(model_key=KEY, model_class="LlamaForCausalLM",
                      base_model=BaseModelInfo(ref="o/m", revision=COMMIT, path="/cache/x"),
                      num_parameters=10, footprint_bytes=40, dtype="bfloat16", quantization="nf4",

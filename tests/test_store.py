@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timezone
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -50,7 +50,7 @@ def test_transitions_stamp_times_and_events_come_in_order(store: Store) -> None:
     store.report("j1", Stage.resolving, message="resolving")
     store.report("j1", Stage.loading, Progress(fraction=0.5, done=5, total=10))
     done = store.transition("j1", JobStatus.succeeded, message="done")
-    assert done is not None and done.finished_at is not None and done.finished_at.tzinfo == timezone.utc
+    assert done is not None and done.finished_at is not None and done.finished_at.tzinfo == UTC
     assert done.stage is Stage.loading and done.started_at == running.started_at
 
     events = [e for _, e in store.events("j1")]

@@ -4,14 +4,20 @@ worker-side quotas, a shared pinned base with two tenants' adapters, and no secr
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from schemas import (
-    AccessDenied, AdapterSpec, AttachAdapterJob, JobRecord, JobStatus, LoadJob, ModelRef,
+    AccessDenied,
+    AdapterSpec,
+    AttachAdapterJob,
+    JobRecord,
+    JobStatus,
+    LoadJob,
+    ModelRef,
     UnloadJob,
 )
 from schemas.jobs import Envelope
@@ -92,7 +98,7 @@ def test_tenants_end_to_end(client: Client, pool: WorkerPool, settings: Settings
     class PastClient(Client):
         def _signed(self, envelope: Envelope) -> dict[str, Any]:
             return sign(envelope.model_dump(mode="json"), KEYS["alice"], tenant="alice",
-                        ttl_seconds=60, now=datetime.now(timezone.utc) - timedelta(hours=1))
+                        ttl_seconds=60, now=datetime.now(UTC) - timedelta(hours=1))
 
     expired = PastClient(alice.settings).submit(LoadJob(model=str(alice_llama)))
     assert "expired" in failed_with(expired.wait(timeout=120), "AccessDenied")

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -55,7 +55,7 @@ class Entry:
             quantization=self.info.quantization, pinned=self.pinned,
             keep_alive_seconds=self.keep_alive, request_keys=tuple(sorted(self.request_keys)),
             shared_by=tuple(sorted(self.shared_by)),
-            last_used=datetime.fromtimestamp(self.last_used, tz=timezone.utc))
+            last_used=datetime.fromtimestamp(self.last_used, tz=UTC))
 
 
 class ModelCache:

@@ -11,8 +11,13 @@ import re
 from huggingface_hub import errors as hub
 
 from schemas.errors import (
-    AccessDenied, AdapterIncompatible, InsufficientMemory, LoadFailed, ModelNotFound,
-    ModelqError, UnsupportedModel,
+    AccessDenied,
+    AdapterIncompatible,
+    InsufficientMemory,
+    LoadFailed,
+    ModelNotFound,
+    ModelqError,
+    UnsupportedModel,
 )
 
 _SECRET = re.compile(r"(hf_[A-Za-z0-9]{6,}|(?<=://)[^/@\s]+(?=@))")

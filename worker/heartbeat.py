@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import redis
 
@@ -49,7 +49,7 @@ class Heartbeat:
         self._failing = False
         self.interval = interval
         self.ttl_ms = int(ttl * 1000)
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -60,7 +60,7 @@ class Heartbeat:
                           device=self.device, queue=worker_queue(self.name),
                           capacity_bytes=self._capacity(), free_bytes=self._free(),
                           models=tuple(self._models()), started_at=self.started_at,
-                          heartbeat_at=datetime.now(timezone.utc))
+                          heartbeat_at=datetime.now(UTC))
 
     def register(self) -> None:
         """Claim the name; WorkerNameTaken if another live process holds it."""

@@ -55,12 +55,12 @@ def run_worker(settings: Settings, *, device: str = "cpu", name: str | None = No
     import_model_stack()
     log.info("model stack imported in %.1fs", time.monotonic() - started)
 
+    from schemas import LoadJob
     from tasks.app import TASK_RUN, create_app
     from tasks.client import connect
+    from tasks.registry import claim
     from tasks.store import Store
     from worker import device as devices
-    from schemas import LoadJob
-    from tasks.registry import claim
     from worker.admission import Admission, AllocationFaults
     from worker.artifacts import Artifacts, default_root
     from worker.cache import KeepAliveTimer, ModelCache

@@ -22,7 +22,11 @@ from huggingface_hub import snapshot_download
 
 from schemas import ModelRef
 from schemas.errors import (
-    AdapterIncompatible, ModelNotFound, RemoteCodeNotAllowed, UnsafeWeights, UnsupportedModel,
+    AdapterIncompatible,
+    ModelNotFound,
+    RemoteCodeNotAllowed,
+    UnsafeWeights,
+    UnsupportedModel,
 )
 from worker.errors import translate
 from worker.policy import guard_path, pickle_allowed

@@ -26,15 +26,27 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 
 from schemas import (
-    AttachAdapterJob, Cancelled, Envelope, ErrorInfo, JobRecord, JobStatus, LoadJob, ModelInfo,
-    Progress, Stage, TimedOut, UnloadJob, WorkerLost, decode_envelope,
+    AttachAdapterJob,
+    Cancelled,
+    Envelope,
+    ErrorInfo,
+    JobRecord,
+    JobStatus,
+    LoadJob,
+    ModelInfo,
+    Progress,
+    Stage,
+    TimedOut,
+    UnloadJob,
+    WorkerLost,
+    decode_envelope,
 )
 from schemas.errors import InvalidJob, JobNotFound, ModelqError
 from tasks.store import Started, Store, submitted

@@ -16,8 +16,16 @@ from pathlib import Path
 import torch
 
 from schemas import (
-    AdapterSpec, AttachAdapterJob, BaseModelInfo, Cancelled, LoadJob, ModelInfo, ModelNotFound,
-    ModelRef, Stage, UnloadJob,
+    AdapterSpec,
+    AttachAdapterJob,
+    BaseModelInfo,
+    Cancelled,
+    LoadJob,
+    ModelInfo,
+    ModelNotFound,
+    ModelRef,
+    Stage,
+    UnloadJob,
 )
 from schemas.errors import AdapterIncompatible, InvalidJob, ModelqError
 from tasks.registry import request_key
