@@ -39,8 +39,8 @@ from tests.support.faults import (
 from tests.support.models import build_model
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool, WorkerProcess
+from worker.app import EXIT_POISONED
 from worker.faults import CUDA_MARKER, KILL_MARKER
-from worker.main import EXIT_POISONED
 
 
 class Fleet:

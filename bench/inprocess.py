@@ -93,7 +93,7 @@ def _free(device: str) -> None:
 def serve(stdin: IO[str], stdout: IO[str]) -> None:
     from transformers.utils import logging as hf_logging
 
-    from worker.main import import_model_stack
+    from worker.celery_worker import import_model_stack
 
     import_model_stack()
     hf_logging.disable_progress_bar()

@@ -1,6 +1,6 @@
-"""Memory really comes back: RSS over 50 load/unload cycles through the worker's own service.
+"""Memory really comes back: RSS over 50 load/unload cycles through the worker's own handlers.
 
-Runs the worker's load and unload code (ModelService against a ModelCache) in this
+Runs the worker's load and unload code (the load and unload handlers over a ModelCache) in this
 process, on a ~55 MB float32 llama, plain and nf4, and compares RSS after each
 unload with RSS after the first cycle (allocator arenas and imports warmed up).
 
@@ -31,21 +31,21 @@ def run(cycles: int = CYCLES) -> dict[str, Any]:
     from schemas import LoadJob, ModelRef, UnloadJob
     from tests.support.models import build_model
     from worker.cache import ModelCache
+    from worker.handlers import local_handlers
     from worker.progress import Reporter
-    from worker.service import ModelService, WorkerSpot
 
     hf_logging.disable_progress_bar()
     reporter = Reporter(lambda *_: None, lambda: False)
-    service = ModelService(ModelCache(2**32), WorkerSpot(name="bench", device="cpu", local_device="cpu"))
+    handlers = local_handlers(ModelCache(2**32), name="bench")
     with tempfile.TemporaryDirectory(prefix="modelq-memory-") as tmp:
         folder = build_model("llama", Path(tmp) / "llama", hidden=512, layers=4, vocab=4096)
         jobs = [LoadJob(model=ModelRef(path=str(folder))),
                 LoadJob(model=ModelRef(path=str(folder)), quantization="nf4")]
 
         def cycle(job: LoadJob) -> int:
-            info = service.load(job, reporter)
+            info = handlers["load"].run(job, reporter)
             loaded = _rss()
-            service.unload(UnloadJob(model_key=info.model_key), reporter)
+            handlers["unload"].run(UnloadJob(model_key=info.model_key), reporter)
             return loaded
 
         for job in jobs:

@@ -14,6 +14,12 @@ from pydantic import Field, field_validator, model_validator
 
 from schemas.base import Contract
 
+DEFAULT_TENANT = "default"
+"""The tenant of every job in single-tenant mode, and of a job that names none."""
+
+SHARED_TENANT = "*"
+"""The tenant of a resident base that several tenants share (a public repo at a pinned commit)."""
+
 
 class TenantLimits(Contract):
     """Quotas, policies and scheduling weight of one tenant (nothing secret here)."""

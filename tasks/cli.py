@@ -1,4 +1,8 @@
-"""The `modelq` command line (no torch; `modelq worker` imports worker/ only when run).
+"""The `modelq` command line (no torch).
+
+The worker side's commands (`modelq worker`, `modelq demo`) are found through the
+`modelq.commands` entry-point group and loaded only when named: this layer never
+imports worker/.
 
 Exit codes: 0 succeeded, 1 the job failed or was cancelled, 2 the input was invalid
 (nothing was enqueued), 3 timed out waiting, 4 Redis unreachable (nothing enqueued).
@@ -11,6 +15,7 @@ import logging
 import os
 import re
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NoReturn
 
 import click
@@ -31,14 +36,17 @@ from schemas import (
     parse_job,
 )
 from schemas.jobs import describe
+from schemas.refs import is_local_path
 from tasks import render
 from tasks.settings import Settings
 
 OK, FAILED, INVALID, TIMED_OUT, UNREACHABLE = 0, 1, 2, 3, 4
+COMMANDS_GROUP = "modelq.commands"
+"""Entry-point group of commands registered by other layers (the worker's: worker, demo)."""
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
-def _settings() -> Settings:
+def settings_of_command() -> Settings:
     """The one Settings of this command, built by `main` (flags over MODELQ_* variables)."""
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_root().obj if ctx is not None else None
@@ -48,10 +56,10 @@ def _settings() -> Settings:
 def _client() -> Any:
     from tasks.client import Client
 
-    return Client(_settings())
+    return Client(settings_of_command())
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int) -> NoReturn:
     render.console(stderr=True).print(f"[red]error:[/red] {message}")
     sys.exit(code)
 
@@ -60,7 +68,7 @@ def _exit_for(record: JobRecord) -> int:
     return OK if record.status is JobStatus.succeeded else FAILED
 
 
-def _ref(value: str) -> str:
+def local_ref(value: str) -> str:
     """A ref as typed: an existing relative folder becomes absolute; else as given."""
     if os.path.isdir(value) and not value.startswith(("/", "~")):
         return os.path.abspath(value)
@@ -70,8 +78,8 @@ def _ref(value: str) -> str:
 def _adapter(value: str) -> dict[str, Any]:
     head, sep, tail = value.rpartition(":")
     if sep and head and _ADAPTER_NAME.fullmatch(tail):
-        return {"ref": _ref(head), "name": tail}
-    return {"ref": _ref(value)}
+        return {"ref": local_ref(head), "name": tail}
+    return {"ref": local_ref(value)}
 
 
 def _show(record: JobRecord, as_json: bool) -> None:
@@ -86,11 +94,11 @@ def _submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, a
         parsed = parse_job(job)
         handle = _client().submit(parsed)
     except InvalidJob as exc:
-        _fail(f"invalid job: {exc.message}", INVALID)
+        fail(f"invalid job: {exc.message}", INVALID)
     except BrokerUnavailable as exc:
-        _fail(exc.message, UNREACHABLE)
+        fail(exc.message, UNREACHABLE)
     except (ModelNotFound, AccessDenied, QuotaExceeded) as exc:  # nothing was enqueued
-        _fail(exc.message, INVALID)
+        fail(exc.message, INVALID)
     if not wait:
         if as_json:
             _show(handle.status(), True)
@@ -102,12 +110,34 @@ def _submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, a
     except TimedOut as exc:
         if as_json:
             _show(handle.status(), True)
-        _fail(exc.message, TIMED_OUT)
+        fail(exc.message, TIMED_OUT)
     _show(record, as_json)
     sys.exit(_exit_for(record))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ModelqGroup(click.Group):
+    """The command group, plus the commands other layers register as `modelq.commands`
+    entry points (loaded only when listed or run)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(e.name for e in _plugins())})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        for entry in _plugins():
+            if entry.name == cmd_name:
+                loaded: click.Command = entry.load()
+                return loaded
+        return None
+
+
+def _plugins() -> list[EntryPoint]:
+    return list(entry_points(group=COMMANDS_GROUP))
+
+
+@click.group(cls=ModelqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--log-json", is_flag=True, default=None,
               help="Log JSON lines with job id, tenant and worker (or MODELQ_LOG_JSON=1).")
@@ -119,29 +149,9 @@ def main(ctx: click.Context, verbose: int, log_json: bool | None) -> None:
     try:
         settings = Settings(log_json=True) if log_json else Settings()
     except ValidationError as exc:  # a MODELQ_* variable that doesn't parse
-        _fail(f"settings: {describe(exc)} (check the MODELQ_* environment variables)", INVALID)
+        fail(f"settings: {describe(exc)} (check the MODELQ_* environment variables)", INVALID)
     ctx.obj = settings
     logs.configure(logging.WARNING - 10 * verbose, as_json=settings.log_json)
-
-
-@main.command()
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N")
-@click.option("--name", default=None, help="Worker name (default: HOST-DEVICE).")
-@click.option("--capacity", default=None, help="Bytes this worker may fill, e.g. 2GiB.")
-@click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics on this port.")
-def worker(device: str, name: str | None, capacity: str | None, metrics_port: int | None) -> None:
-    """Run one worker pinned to one device (foreground)."""
-    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    from worker.main import run_worker
-
-    try:
-        size = parse_bytes(capacity) if capacity else None
-    except ValueError as exc:
-        _fail(f"--capacity: {exc}", INVALID)
-    try:
-        run_worker(_settings(), device=device, name=name, capacity=size, metrics_port=metrics_port)
-    except (ValueError, RuntimeError) as exc:
-        _fail(str(exc), INVALID)
 
 
 @main.command()
@@ -175,9 +185,8 @@ def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: b
          active_adapter: str | None, trust_remote_code: bool, pin: bool, keep_alive: float | None,
          tenant: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Submit a load job for REF (a hub repo id or a local folder); prints its id."""
-    model: dict[str, Any] = {"path": _ref(ref)} if os.path.isdir(ref) else {"repo_id": ref}
-    if ref.startswith(("/", "./", "../", "~")):
-        model = {"path": _ref(ref)}
+    model: dict[str, Any] = ({"path": local_ref(ref)} if os.path.isdir(ref) or is_local_path(ref)
+                             else {"repo_id": ref})
     if revision:
         model["revision"] = revision
     quantization: dict[str, Any] = {"method": quant}
@@ -194,7 +203,7 @@ def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: b
         try:
             placement["max_memory"] = dict(item.split("=", 1) for item in max_memory)
         except ValueError:
-            _fail("--max-memory takes DEV=SIZE, e.g. 0=20GiB", INVALID)
+            fail("--max-memory takes DEV=SIZE, e.g. 0=20GiB", INVALID)
     job: dict[str, Any] = {"kind": "load", "model": model, "dtype": dtype,
                            "quantization": quantization, "placement": placement,
                            "adapters": [_adapter(a) for a in adapters], "tenant": tenant,
@@ -218,7 +227,7 @@ def load(ref: str, revision: str | None, dtype: str, quant: str, double_quant: b
 def attach(model_key: str, adapter_ref: str, name: str, revision: str | None, no_activate: bool,
            tenant: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Attach ADAPTER_REF to the resident model MODEL_KEY."""
-    ref = _ref(adapter_ref)
+    ref = local_ref(adapter_ref)
     adapter: Any = {"path": ref} if os.path.isdir(adapter_ref) else ref
     if revision:
         adapter = {"repo_id": adapter_ref, "revision": revision}
@@ -272,7 +281,7 @@ def watch(job_id: str, timeout: float | None) -> None:
     _read(job_id, client)
     record = follow_with_bar(client, job_id, timeout)
     if not record.terminal:
-        _fail(f"job {job_id} is still {record.status.value}", TIMED_OUT)
+        fail(f"job {job_id} is still {record.status.value}", TIMED_OUT)
     render.console().print(render.record_table(record))
     sys.exit(_exit_for(record))
 
@@ -323,25 +332,9 @@ def up(devices: tuple[str, ...], capacity: str | None, metrics_port: int | None)
 
     args = ("--capacity", capacity) if capacity else ()
     try:
-        sys.exit(run_up(_settings(), list(devices) or None, args, metrics_port=metrics_port))
+        sys.exit(run_up(settings_of_command(), list(devices) or None, args, metrics_port=metrics_port))
     except RuntimeError as exc:
-        _fail(str(exc), FAILED)
-
-
-@main.command()
-@click.option("--model", default=None, help="A local model folder (default: a tiny demo model built here).")
-@click.option("--adapter", default=None, help="A LoRA adapter folder for --model.")
-@click.option("--quant", default="nf4", show_default=True, type=click.Choice(["none", "int8", "nf4", "fp4"]))
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the pool and jobs.")
-def demo(model: str | None, adapter: str | None, quant: str, timeout: float) -> None:
-    """The main job end to end: load a model in nf4, attach a LoRA adapter, show the result."""
-    from worker.demo import run_demo
-
-    try:
-        sys.exit(run_demo(_settings(), model=_ref(model) if model else None,
-                          adapter=_ref(adapter) if adapter else None, quant=quant, timeout=timeout))
-    except (RuntimeError, TimeoutError, ModelqError) as exc:
-        _fail(getattr(exc, "message", None) or str(exc), FAILED)
+        fail(str(exc), FAILED)
 
 
 @main.command()
@@ -354,7 +347,7 @@ def gateway(host: str, port: int) -> None:
     from tasks.gateway import create_app
     from tasks.tenants import load_tenants
 
-    settings = _settings()
+    settings = settings_of_command()
     uvicorn.run(create_app(settings, tenants=load_tenants(settings.tenants_file)), host=host,
                 port=port, log_config=None)
 
@@ -363,11 +356,11 @@ def _read(job_id: str, client: Any = None) -> JobRecord:
     try:
         return (client or _client()).status(job_id)
     except JobNotFound as exc:
-        _fail(exc.message, INVALID)
+        fail(exc.message, INVALID)
     except ModelqError as exc:
-        _fail(exc.message, UNREACHABLE if isinstance(exc, BrokerUnavailable) else FAILED)
+        fail(exc.message, UNREACHABLE if isinstance(exc, BrokerUnavailable) else FAILED)
     except Exception as exc:  # redis.ConnectionError and kin
-        _fail(f"cannot read job {job_id}: {exc}", UNREACHABLE)
+        fail(f"cannot read job {job_id}: {exc}", UNREACHABLE)
 
 
 if __name__ == "__main__":

@@ -184,14 +184,6 @@ class Settings(BaseSettings):
     second delivery away (worker/lease.py). Tests set it low to see redelivery fast.
     """
 
-    test_stage_delay: str = ""
-    """Test hook, never set in production: 'STAGE:SECONDS' pauses every job on entering
-    STAGE, ticking progress (e.g. 'loading:5'); see worker/faults.py."""
-
-    test_faults: bool = False
-    """Test hook, never set in production: lets a model path containing a fault marker
-    kill its worker or poison its CUDA context (worker/faults.py)."""
-
     @property
     def visibility_timeout(self) -> int:
         """Seconds before an unacked task is delivered again: above the longest load."""

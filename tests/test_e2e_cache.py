@@ -185,7 +185,8 @@ def test_a_load_the_cache_serves_as_asked_ends_in_one_write(client: Client, pool
                       (JobStatus.running, Stage.resolving,
                        f"started on hits: resolving {models['llama']}"),
                       (JobStatus.succeeded, Stage.resolving, "done")]  # as a full run shows it
-    assert f"job {handle.job_id}: load served from the cache on hits" in worker.log_text()
+    # the worker logs the hit just after its one write: give the line a moment to land
+    _until(lambda: f"job {handle.job_id}: load served from the cache on hits" in worker.log_text(), 10)
     # a hit that changes the entry (pin it) runs in full, and the entry says so after
     pinned = client.submit(_load(models["llama"], pin=True)).wait(timeout=60)
     assert pinned.result is not None and pinned.result.cache_hit and pinned.result.pinned

@@ -12,7 +12,7 @@ from schemas import Cancelled, LoadJob, Stage
 from tasks.keys import Keys
 from tasks.settings import Settings
 from worker.faults import Faults
-from worker.guard import CANCEL_POLL_SECONDS, JobGuard, Watchdog
+from worker.guard import CANCEL_POLL_SECONDS, GuardHooks, JobGuard, Opened, Watchdog
 from worker.lease import Leases
 
 
@@ -37,17 +37,17 @@ def test_a_lease_is_renewed_while_held_and_not_after(client: redis.Redis) -> Non
 
 
 def _guard(reports: list[tuple[Stage, float | None]], *, asked: list[bool], clock: list[float],
-           **options: object) -> JobGuard:
-    return JobGuard("j1", LoadJob(model="o/m"), timeout=60,
-                    report=lambda stage, progress, message: reports.append(
-                        (stage, progress.fraction if progress else None)),
-                    cancel_requested=lambda: asked[0], faults=Faults(), on_stuck=lambda: None,
-                    clock=lambda: clock[0], **options)  # type: ignore[arg-type]
+           opened: Opened | None = None) -> JobGuard:
+    hooks = GuardHooks(report=lambda stage, progress, message: reports.append(
+                           (stage, progress.fraction if progress else None)),
+                       cancel_requested=lambda: asked[0])
+    return JobGuard("j1", LoadJob(model="o/m"), timeout=60, hooks=hooks, faults=Faults(),
+                    clock=lambda: clock[0], opened=opened or Opened())
 
 
 def test_the_announced_opening_stage_is_not_written_twice() -> None:
     reports: list[tuple[Stage, float | None]] = []
-    guard = _guard(reports, asked=[False], clock=[0.0], announced=Stage.resolving)
+    guard = _guard(reports, asked=[False], clock=[0.0], opened=Opened(stage=Stage.resolving))
     guard.reporter.stage(Stage.resolving)  # written with the job's start already
     guard.reporter.progress(10, 10)  # progress in it is news
     guard.reporter.stage(Stage.loading)
@@ -57,12 +57,12 @@ def test_the_announced_opening_stage_is_not_written_twice() -> None:
 
 def test_a_cancel_flag_read_with_the_lease_counts_as_the_first_look() -> None:
     asked, clock = [False], [0.0]
-    guard = _guard([], asked=asked, clock=clock, cancel_seen=False)
+    guard = _guard([], asked=asked, clock=clock, opened=Opened(cancel=False))
     asked[0] = True
     assert not guard.cancelled()  # seen clear at start: no second read within the poll interval
     clock[0] = CANCEL_POLL_SECONDS
     assert guard.cancelled()
-    seen = _guard([], asked=[False], clock=[0.0], cancel_seen=True)
+    seen = _guard([], asked=[False], clock=[0.0], opened=Opened(cancel=True))
     with pytest.raises(Cancelled):
         seen.check()
 

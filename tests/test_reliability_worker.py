@@ -26,7 +26,7 @@ from tests.support.faults import (
 )
 from tests.support.workers import WorkerPool, WorkerProcess
 from worker.faults import CUDA_MARKER, KILL_MARKER
-from worker.main import EXIT_POISONED
+from worker.app import EXIT_POISONED
 
 pytestmark = pytest.mark.e2e
 

@@ -5,16 +5,11 @@ evict idle models if that makes room or fail with InsufficientMemory, load the
 quantized artifact when this host has one (worker/artifacts.py) or quantize on
 load and save one, and on an out-of-memory error free what the load took, evict
 every idle model and try once more before failing cleanly.
-
-Test hook: `MODELQ_TEST_FAIL_ALLOC=N` makes the first N load attempts of this
-worker raise MemoryError, standing in for an allocation failure. It is read only
-by `AllocationFaults.from_env()` at worker start; it exists for tests only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,33 +18,15 @@ from transformers import PreTrainedModel
 from schemas import InsufficientMemory, LoadJob
 from schemas.errors import ModelqError
 from worker import estimate, loader
+from worker.access import OPEN, Access
 from worker.artifacts import Artifacts
 from worker.cache import ModelCache, release_memory
 from worker.errors import translate
+from worker.faults import AllocationFaults
 from worker.progress import Reporter
 from worker.resolve import Resolved, fetch
 
 log = logging.getLogger(__name__)
-
-TEST_FAIL_ALLOC = "MODELQ_TEST_FAIL_ALLOC"
-
-
-class AllocationFaults:
-    """Injected allocation failures for tests: the next `remaining` load attempts fail."""
-
-    def __init__(self, remaining: int = 0) -> None:
-        self.remaining = remaining
-
-    @classmethod
-    def from_env(cls) -> AllocationFaults:
-        value = os.environ.get(TEST_FAIL_ALLOC, "").strip()
-        return cls(int(value) if value.isdigit() else 0)
-
-    def check(self) -> None:
-        if self.remaining > 0:
-            self.remaining -= 1
-            raise MemoryError(f"injected allocation failure ({TEST_FAIL_ALLOC})")
-
 
 @dataclass
 class Admitted:
@@ -71,13 +48,13 @@ class Admission:
         self.faults = faults or AllocationFaults()
 
     def load(self, resolved: Resolved, job: LoadJob, reporter: Reporter,
-             token: str | bool | None = None) -> Admitted:
+             access: Access = OPEN) -> Admitted:
         """Load `job`'s base (no adapters) once there is room for it and its adapters.
 
-        `token`: the job's tenant's hub token (False: none), for the adapters and the load.
+        `access`: the job's tenant's roots and hub token, for the adapters and the load.
         """
         ref = resolved.base.ref
-        adapter_folders = [fetch(a.ref, token=token).path for a in job.adapters if a.ref.path is not None]
+        adapter_folders = [fetch(a.ref, access=access).path for a in job.adapters if a.ref.path is not None]
         if resolved.adapter is not None:
             adapter_folders.append(resolved.adapter.path)
         needed = self._estimate(resolved, job, adapter_folders)
@@ -88,8 +65,8 @@ class Admission:
         for attempt in (1, 2):
             try:
                 self.faults.check()
-                model = loader.load(resolved, job, self.device, reporter, artifact=artifact,
-                                    token=token)
+                model = loader.load(resolved, job, self.device, reporter, access=access,
+                                    artifact=artifact)
                 break
             except ModelqError:
                 raise
@@ -110,7 +87,7 @@ class Admission:
             return estimate.estimate(resolved.base.path, resolved.config, job, adapters)
         except Exception:  # an odd header or config: admit on the bytes we can see
             log.exception("could not estimate %s; counting its safetensors bytes", resolved.base.ref)
-            return sum(p.stat().st_size for p in resolved.base.path.glob("*.safetensors"))
+            return estimate.weights_bytes(resolved.base.path)
 
     def _artifact(self, resolved: Resolved, job: LoadJob) -> Path | None:
         if self.artifacts is None or not self.artifacts.eligible(job):

@@ -7,7 +7,7 @@ never read again (and is pruned when the new one is written). A folder is writte
 under a temporary name and renamed into place, so a crash never leaves half an
 artifact where a reader would take it for a whole one.
 
-This module does not decide when to load; worker/service.py asks it.
+This module does not decide when to load; the load handler (worker/handlers/load.py) asks it.
 """
 
 from __future__ import annotations

@@ -61,11 +61,12 @@ class Entry:
 class ModelCache:
     """Resident models by key, with their bytes counted against `capacity`."""
 
-    def __init__(self, capacity: int, clock: Clock = time.time) -> None:
+    def __init__(self, capacity: int, clock: Clock = time.time,
+                 on_evict: Callable[[int], None] | None = None) -> None:
         self.capacity = capacity
         self.clock = clock
         self.busy: str | None = None  # the key the running job works on: never evicted
-        self.on_evict: Callable[[int], None] = lambda count: None  # metrics: models evicted
+        self.on_evict = on_evict or (lambda count: None)  # told how many models were evicted
         self._entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
 

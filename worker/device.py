@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
+from dataclasses import dataclass
 
 RESERVE_FRACTION = 0.1  # of a GPU's memory, kept for activations and the CUDA context
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who is doing the work: the worker's name, its device as configured and as torch sees it."""
+
+    name: str
+    device: str  # as given to `modelq worker --device` (cuda:3)
+    local_device: str  # as torch sees it after pinning (cuda:0) or cpu
+
+
+def default_name(device: str) -> str:
+    """A worker's name when none is given: HOST-DEVICE (e.g. gpu-host-7-cuda3)."""
+    return f"{socket.gethostname()}-{device.replace(':', '')}"
 
 
 def pin(device: str) -> str:

@@ -148,6 +148,11 @@ def estimate_adapter(folder: Path) -> int:
     return total
 
 
+def weights_bytes(folder: Path) -> int:
+    """The size of a folder's safetensors files: roughly what an unquantized load takes."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
 def estimate(folder: Path, config: dict[str, Any], job: LoadJob,
              adapter_folders: list[Path] | tuple[Path, ...] = ()) -> int:
     """The model's bytes plus each adapter's."""

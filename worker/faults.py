@@ -1,6 +1,7 @@
 """Test hooks that make worker faults happen on cue; inert unless a test setting turns them on.
 
-Two settings drive them (tasks/settings.py), and production leaves both unset:
+`FaultSettings` (prefix MODELQ_TEST_, read only by the worker at start, apart from the
+production Settings) drives them, and production leaves all of it unset:
 
 - `MODELQ_TEST_STAGE_DELAY=STAGE:SECONDS` pauses every job for SECONDS on entering
   STAGE (e.g. `loading:5`), ticking progress as a slow weight load would, so a
@@ -9,6 +10,8 @@ Two settings drive them (tasks/settings.py), and production leaves both unset:
   marker fault on entering the `loading` stage:
   `modelq-fault-kill` SIGKILLs the worker (a job that kills its worker every time);
   `modelq-fault-cuda` raises the error a poisoned CUDA context raises.
+- `MODELQ_TEST_FAIL_ALLOC=N` makes the first N cold loads of the worker raise
+  MemoryError, standing in for an allocation failure (`AllocationFaults`).
 
 This module only injects faults; it never handles them (that is worker/runner.py).
 """
@@ -20,8 +23,11 @@ import os
 import signal
 import time
 
-from schemas import AttachAdapterJob, LoadJob, Stage, UnloadJob
-from tasks.settings import Settings
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import AttachAdapterJob, LoadJob, Stage
+from schemas.jobs import Job
 from worker.progress import Reporter
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,37 @@ log = logging.getLogger(__name__)
 KILL_MARKER = "modelq-fault-kill"
 CUDA_MARKER = "modelq-fault-cuda"
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered (injected by MODELQ_TEST_FAULTS)"
+
+
+class FaultSettings(BaseSettings):
+    """The test hooks' configuration: off unless a MODELQ_TEST_* variable sets it."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELQ_TEST_", frozen=True, extra="ignore")
+
+    stage_delay: str = ""
+    """'STAGE:SECONDS' pauses every job on entering STAGE, ticking progress (e.g. 'loading:5')."""
+
+    faults: bool = False
+    """Lets a model path containing a fault marker kill its worker or poison its CUDA context."""
+
+    fail_alloc: int = Field(default=0, ge=0)
+    """The first N cold loads of the worker fail as an allocation failure would."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stage_delay or self.faults or self.fail_alloc)
+
+
+class AllocationFaults:
+    """Injected allocation failures: the next `remaining` load attempts fail."""
+
+    def __init__(self, remaining: int = 0) -> None:
+        self.remaining = remaining
+
+    def check(self) -> None:
+        if self.remaining > 0:
+            self.remaining -= 1
+            raise MemoryError("injected allocation failure (MODELQ_TEST_FAIL_ALLOC)")
 
 
 class Faults:
@@ -43,18 +80,18 @@ class Faults:
         self.enabled = enabled
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Faults:
-        faults = cls(settings.test_stage_delay, settings.test_faults)
-        if faults.active:
-            log.warning("TEST HOOKS ON (stage delay %r, fault markers %s): not for production",
-                        settings.test_stage_delay, faults.enabled)
-        return faults
+    def from_settings(cls, settings: FaultSettings) -> Faults:
+        if settings.active:
+            log.warning("TEST HOOKS ON (stage delay %r, fault markers %s, failed allocations %d): "
+                        "not for production", settings.stage_delay, settings.faults,
+                        settings.fail_alloc)
+        return cls(settings.stage_delay, settings.faults)
 
     @property
     def active(self) -> bool:
         return self.enabled or self.delay_stage is not None
 
-    def on_stage(self, job: LoadJob | AttachAdapterJob | UnloadJob, stage: Stage,
+    def on_stage(self, job: Job, stage: Stage,
                  reporter: Reporter) -> None:
         """Apply the hooks for `job` entering `stage` (after its stage event was written)."""
         if self.enabled and stage is Stage.loading:
@@ -78,7 +115,7 @@ class Faults:
         reporter.progress(self.delay_seconds, self.delay_seconds, unit="s")
 
 
-def _refs(job: LoadJob | AttachAdapterJob | UnloadJob) -> str:
+def _refs(job: Job) -> str:
     if isinstance(job, LoadJob):
         return " ".join([job.model.display, *(a.ref.display for a in job.adapters)])
     if isinstance(job, AttachAdapterJob):

@@ -22,9 +22,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
-from schemas import AttachAdapterJob, Cancelled, LoadJob, Progress, Stage, TimedOut, UnloadJob
+from schemas import Cancelled, Progress, Stage, TimedOut
+from schemas.jobs import Job
 from worker.faults import Faults
 from worker.progress import Reporter
 
@@ -39,27 +41,42 @@ CANCEL_POLL_SECONDS = 0.1
 Report = Callable[[Stage, Progress | None, str | None], None]
 
 
+@dataclass(frozen=True)
+class GuardHooks:
+    """Where a guard reports stages, asks about cancels, and calls when the job is stuck."""
+
+    report: Report
+    cancel_requested: Callable[[], bool]
+    on_stuck: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What the job's start wrote or read already: its opening stage, its cancel flag."""
+
+    stage: Stage | None = None  # written with the start: not written again
+    cancel: bool | None = None  # read with the lease: counts as the first look
+
+
 class JobGuard:
     """Deadline, cancel checks and fault hooks around one attempt of one job."""
 
-    def __init__(self, job_id: str, job: LoadJob | AttachAdapterJob | UnloadJob, *, timeout: float,
-                 report: Report, cancel_requested: Callable[[], bool], faults: Faults,
-                 on_stuck: Callable[[], None], clock: Callable[[], float] = time.monotonic,
-                 announced: Stage | None = None, cancel_seen: bool | None = None) -> None:
+    def __init__(self, job_id: str, job: Job, *, timeout: float, hooks: GuardHooks,
+                 faults: Faults | None = None, clock: Callable[[], float] = time.monotonic,
+                 opened: Opened = Opened()) -> None:
         self.job_id = job_id
         self.job = job
         self.timeout = timeout
-        self._report = report
-        self._cancel_requested = cancel_requested
-        self.faults = faults
-        self._on_stuck = on_stuck
+        self._report = hooks.report
+        self._cancel_requested = hooks.cancel_requested
+        self.faults = faults or Faults()
+        self._on_stuck = hooks.on_stuck
         self._clock = clock
         self.deadline = clock() + timeout
         self._stage: Stage | None = None
-        self._announced = announced  # the opening stage, already written with the job's start
-        # a cancel flag read with the job's lease counts as the first look
-        self._cancel_looked_at: float | None = None if cancel_seen is None else clock()
-        self._cancel_asked = bool(cancel_seen)
+        self._announced = opened.stage
+        self._cancel_looked_at: float | None = None if opened.cancel is None else clock()
+        self._cancel_asked = bool(opened.cancel)
         self.reporter = Reporter(self._emit, self.cancelled)
 
     def check(self) -> None:

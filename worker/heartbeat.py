@@ -1,7 +1,7 @@
 """The worker's registry entry: written at start, refreshed by a heartbeat, removed at exit.
 
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it.
-Each beat also runs `renew` (the worker's job leases, worker/lease.py), so a lease
+Each beat also runs `on_beat` (the worker's job leases, worker/lease.py), so a lease
 lives exactly as long as the heartbeat does.
 """
 
@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 _TIMES = {"heartbeat_at": True, "models": {"__all__": {"last_used"}}}
 
 
+@dataclass(frozen=True)
+class WorkerState:
+    """What the entry says of the worker's cache right now."""
+
+    capacity: int
+    free: int
+    models: list[ResidentModel]
+
+
 class WorkerNameTaken(RuntimeError):
     """A live worker already holds this name."""
 
@@ -32,22 +42,18 @@ class WorkerNameTaken(RuntimeError):
 class Heartbeat:
     """Publishes this worker's WorkerInfo every `interval` seconds with a `ttl`."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, name: str, device: str,
-                 capacity: Callable[[], int], free: Callable[[], int],
-                 models: Callable[[], list[ResidentModel]], interval: float, ttl: float,
-                 renew: Callable[[], None] = lambda: None,
+    def __init__(self, client: redis.Redis, keys: Keys, worker: tuple[str, str], *,
+                 state: Callable[[], WorkerState], timing: tuple[float, float],
+                 on_beat: Callable[[], None] = lambda: None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
-        self.name = name
-        self.device = device
-        self._capacity = capacity
-        self._free = free
-        self._models = models
-        self._renew = renew
+        self.name, self.device = worker  # the worker's name and its device as configured
+        self._state = state
+        self._on_beat = on_beat  # leases renewed, dead workers' queues rescued
         self._on_reconnect = on_reconnect  # called once Redis answers again after an outage
         self._failing = False
-        self.interval = interval
+        self.interval, ttl = timing  # (seconds between beats, seconds the entry lives)
         self.ttl_ms = int(ttl * 1000)
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
@@ -56,10 +62,11 @@ class Heartbeat:
         self._published: str | None = None  # the entry last written, less its times
 
     def info(self) -> WorkerInfo:
+        state = self._state()
         return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
                           device=self.device, queue=worker_queue(self.name),
-                          capacity_bytes=self._capacity(), free_bytes=self._free(),
-                          models=tuple(self._models()), started_at=self.started_at,
+                          capacity_bytes=state.capacity, free_bytes=state.free,
+                          models=tuple(state.models), started_at=self.started_at,
                           heartbeat_at=datetime.now(UTC))
 
     def register(self) -> None:
@@ -121,6 +128,6 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             self.publish()
             try:
-                self._renew()
+                self._on_beat()
             except Exception:  # a beat must never die
                 log.exception("worker %s: lease renewal failed", self.name)

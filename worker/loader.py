@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec, QuantMethod
 from schemas.specs import DEVICE_MAP_STRATEGIES, DType
-from worker.policy import pickle_allowed
+from worker.access import OPEN, Access
 from worker.progress import Reporter, transformers_bars
 from worker.resolve import Resolved
 
@@ -80,7 +80,7 @@ def _gpu_index(name: str, device: str) -> str | int:
 
 
 def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
-         token: str | bool | None = None, artifact: Path | None = None) -> PreTrainedModel:
+         access: Access = OPEN, artifact: Path | None = None) -> PreTrainedModel:
     """from_pretrained with the job's settings; weight loading reported as it goes.
 
     `artifact` is a folder of already-quantized weights (worker/artifacts.py): its
@@ -88,9 +88,9 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
     """
     kwargs: dict[str, Any] = {
         "dtype": "auto" if job.dtype is DType.auto else TORCH_DTYPES[job.dtype],
-        "use_safetensors": None if pickle_allowed() else True,  # None: safetensors first
+        "use_safetensors": None if access.allow_pickle else True,  # None: safetensors first
         "trust_remote_code": job.trust_remote_code,
-        "token": token,
+        "token": access.token,
         **placement_args(job.placement, device),
     }
     if job.quantization.quantized and artifact is None:

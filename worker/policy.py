@@ -1,43 +1,36 @@
-"""A tenant's rules on the worker: who sent a job, which folders and token it may use, its quotas.
+"""Tenant rules on the worker, as one object handed to the job handlers (no Redis here).
 
-- `Gate` admits a job message before anything is resolved: signature, expiry, replay
-  (tasks/auth.py), and decides whether a refused message may fail the record it names.
-- `scope(tenant)` makes a tenant's roots and token the current ones while its job runs;
-  `guard_path` (called by worker/resolve.py for every local folder, before anything in it
-  is read) refuses folders whose real path is outside the tenant's roots.
-- `hub_token`, `check_quota` and `is_shareable` answer the tenant questions of worker/tenancy.py.
+`TenantPolicy` answers every tenant question a handler asks, for a single-tenant
+worker (no tenants file: everything is tenant `default`, nothing is namespaced or
+counted) and a multi-tenant one alike:
 
-Rule for refused messages: a message that fails verification may mark the record it
-names failed/AccessDenied only if that record is still `queued`, belongs to the tenant
-the message names, and holds exactly the job and submit time the message carries (so it
-is the message the record's own submit sent, e.g. with a wrong or missing key).
-Otherwise (a forged message naming someone else's job id, a replay of a finished job)
-nothing is written; the refusal is logged without keys or signatures. A correctly signed
-message is still refused, without a write, when the record it names belongs to another
-tenant or holds another job: a tenant's key moves only that tenant's records.
+- `access(tenant)`: the job's roots, pickle rule and hub token (worker/access.py);
+- `check_job(job)`: the remote-code rule, before anything is resolved;
+- `identity(base, job)`: a private model's key includes its tenant, so another tenant's
+  identical load is a new model; a public hub repo at a pinned commit is shared;
+- `adapter_name` / `view`: adapter names are namespaced as `NAME@TENANT` on a model
+  ('@' is in no tenant or adapter name); records show a tenant only its own, plainly;
+- `owned(entry, tenant)`: whether a resident model may be used by a job's tenant;
+- `check_quota(...)`: the one place a worker checks max_models / max_resident_bytes.
 
-No secrets leave here: tokens are read when a job needs them and never logged.
+Tokens are read when a job needs them and never logged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from schemas import ErrorInfo, JobStatus, LoadJob
-from schemas.errors import AccessDenied, JobNotFound, QuotaExceeded
-from schemas.jobs import Envelope
-from schemas.tenants import Tenant
-from tasks.auth import verify
-from tasks.store import Store
+from schemas import LoadJob, ModelInfo
+from schemas.errors import AccessDenied, ModelNotFound, QuotaExceeded, RemoteCodeNotAllowed
+from schemas.tenants import SHARED_TENANT, Tenant
 from tasks.tenants import Tenants
+from worker.access import OPEN, Access, real_roots
+from worker.cache import Entry
+from worker.resolve import Source
 
 log = logging.getLogger(__name__)
 
@@ -45,51 +38,115 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 AMBIENT_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 
 
-@dataclass(frozen=True)
-class Scope:
-    """The tenant whose job is running, in a multi-tenant pool."""
+class TenantPolicy:
+    """The tenants file's rules (or none, single-tenant) as the handlers apply them."""
 
-    tenant: Tenant
+    def __init__(self, tenants: Tenants) -> None:
+        self.tenants = tenants
+        self.multi = tenants.multi
 
-    @property
-    def roots(self) -> tuple[Path, ...]:
-        return tuple(Path(os.path.realpath(os.path.expanduser(r))) for r in self.tenant.roots)
+    # --- what a job may touch ----------------------------------------------------------
 
+    def access(self, tenant: str) -> Access:
+        """The roots, pickle rule and hub token for a job of `tenant` (AccessDenied: unknown)."""
+        if not self.multi:
+            return OPEN
+        rules = self.tenants.get_tenant(tenant)
+        return Access(tenant=rules.name, roots=real_roots(rules.roots),
+                      allow_pickle=rules.allow_pickle_weights, token=hub_token(rules))
 
-_current: ContextVar[Scope | None] = ContextVar("modelq_tenant_scope", default=None)
-
-
-@contextlib.contextmanager
-def scope(tenant: Tenant) -> Iterator[Scope]:
-    """Make `tenant`'s roots and token the current ones for the job that runs inside."""
-    token = _current.set(Scope(tenant))
-    try:
-        yield _current.get()  # type: ignore[misc]
-    finally:
-        _current.reset(token)
-
-
-def current() -> Scope | None:
-    return _current.get()
-
-
-def pickle_allowed() -> bool:
-    """Whether the running job's tenant may load pickle checkpoints (allow_pickle_weights)."""
-    active = current()
-    return active is not None and active.tenant.allow_pickle_weights
-
-
-def guard_path(given: str, real: Path) -> None:
-    """AccessDenied unless `real` (a realpath) lies under one of the current tenant's roots."""
-    active = current()
-    if active is None:
-        return
-    for root in active.roots:
-        if real == root or real.is_relative_to(root):
+    def check_job(self, job: LoadJob) -> None:
+        """RemoteCodeNotAllowed when the job's tenant may not run a repo's own code."""
+        if not self.multi or not job.trust_remote_code:
             return
-    raise AccessDenied(f"tenant {active.tenant.name!r} may not load from {given}: it resolves "
-                       "outside the tenant's roots; put the model under one of them (ask the "
-                       "operator for the roots in the tenants file)", tenant=active.tenant.name)
+        tenant = self.tenants.get_tenant(job.tenant)
+        if not tenant.allow_remote_code:
+            raise RemoteCodeNotAllowed(
+                f"tenant {tenant.name!r} may not run a repo's own code (allow_remote_code is off "
+                "in the tenants file): use a built-in architecture or ask the operator",
+                tenant=tenant.name)
+
+    # --- model identity and sharing ----------------------------------------------------
+
+    def shares(self, job: LoadJob, base: Source) -> bool:
+        """Whether `job`'s base is loaded once for every tenant: a public hub repo at a pinned
+        commit, no custom code, fetched without a token."""
+        if not self.multi:
+            return False
+        ref = job.model
+        return (ref.repo_id is not None and base.repo_id == ref.repo_id
+                and ref.revision is not None and _COMMIT.fullmatch(ref.revision) is not None
+                and not job.trust_remote_code
+                and hub_token(self.tenants.get_tenant(job.tenant)) is False)
+
+    def identity(self, base: Source, job: LoadJob) -> str:
+        """What a model key is built from: the base, and the tenant for a private model."""
+        if not self.multi or self.shares(job, base):
+            return base.identity
+        return f"{base.identity}|tenant:{job.tenant}"
+
+    def owner(self, job: LoadJob, base: Source) -> str:
+        """The tenant a freshly loaded entry belongs to ('*' for a shared base)."""
+        return SHARED_TENANT if self.shares(job, base) else job.tenant
+
+    def adapter_name(self, name: str, tenant: str) -> str:
+        """An adapter's name on the model: namespaced by tenant in a multi-tenant pool."""
+        return f"{name}@{tenant}" if self.multi else name
+
+    def tenant_adapters(self, entry: Entry, tenant: str) -> list[str]:
+        """The names (on the model) of `tenant`'s adapters on `entry`."""
+        if not self.multi:
+            return list(entry.adapters)
+        return [name for name in entry.adapters if name.endswith(f"@{tenant}")]
+
+    def view(self, info: ModelInfo, entry: Entry, tenant: str) -> ModelInfo:
+        """`info` as `tenant` may see it: only its own adapters, by their plain names."""
+        if not self.multi:
+            return info
+        private = entry.tenant != SHARED_TENANT
+        return info.model_copy(update={"adapters": visible(info.adapters, tenant, private),
+                                       "active_adapters": visible(info.active_adapters, tenant,
+                                                                  private)})
+
+    def owned(self, entry: Entry | None, key: str, tenant: str, worker: str) -> Entry:
+        """`entry` when `tenant` may use it; ModelNotFound (absent) or AccessDenied (another's)."""
+        if entry is None or (not self.multi and entry.tenant != tenant):
+            raise ModelNotFound(f"model {key} is not resident on worker {worker}: load it "
+                                "first (`modelq ls` lists resident models)", model_key=key)
+        if entry.tenant not in (tenant, SHARED_TENANT):
+            raise AccessDenied(f"model {key} belongs to another tenant: load your own copy",
+                               model_key=key, tenant=tenant)
+        return entry
+
+    # --- quotas ------------------------------------------------------------------------
+
+    def check_quota(self, tenant: str, entries: Iterable[Entry], *, adding: int,
+                    skip: str | None = None) -> None:
+        """QuotaExceeded when one more model of `adding` bytes breaks `tenant`'s limits, counting
+        the resident `entries` it owns or shares (less `skip`, the model being counted)."""
+        if not self.multi:
+            return
+        rules = self.tenants.get_tenant(tenant)
+        mine = [e for e in entries if e.key != skip and (e.tenant == tenant or tenant in e.shared_by)]
+        models, used = len(mine), sum(e.bytes for e in mine)
+        if rules.max_models is not None and models + 1 > rules.max_models:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {models} models resident on this worker and max_models "
+                f"is {rules.max_models}: unload one (`modelq unload KEY`) first",
+                quota="max_models", used=models, limit=rules.max_models)
+        if rules.max_resident_bytes is not None and used + adding > rules.max_resident_bytes:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {used} bytes resident on this worker; this model adds "
+                f"{adding} and max_resident_bytes is {rules.max_resident_bytes}: unload a model "
+                "or load a smaller (quantized) one", quota="max_resident_bytes", used=used,
+                adding=adding, limit=rules.max_resident_bytes)
+
+
+def visible(names: tuple[str, ...], tenant: str, private: bool) -> tuple[str, ...]:
+    """The adapter names `tenant` sees: its own, without the namespace."""
+    suffix = f"@{tenant}"
+    out = [n.removesuffix(suffix) for n in names if n.endswith(suffix)]
+    return tuple(out + ([n for n in names if "@" not in n] if private else []))
 
 
 def hub_token(tenant: Tenant) -> str | bool:
@@ -111,74 +168,3 @@ def drop_ambient_token() -> None:
     for name in AMBIENT_TOKEN_VARS:
         os.environ.pop(name, None)
     os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
-
-
-def is_shareable(job: LoadJob, tenant: Tenant) -> bool:
-    """Whether `job`'s base may be shared: a public hub repo at a pinned commit, no custom code."""
-    ref = job.model
-    return (ref.repo_id is not None and ref.revision is not None
-            and _COMMIT.fullmatch(ref.revision) is not None
-            and not job.trust_remote_code and hub_token(tenant) is False)
-
-
-def check_quota(tenant: Tenant, *, models: int, resident_bytes: int, adding_bytes: int) -> None:
-    """QuotaExceeded when one more model of `adding_bytes` would break the tenant's limits."""
-    if tenant.max_models is not None and models + 1 > tenant.max_models:
-        raise QuotaExceeded(
-            f"tenant {tenant.name!r} has {models} models resident on this worker and max_models "
-            f"is {tenant.max_models}: unload one (`modelq unload KEY`) first",
-            quota="max_models", used=models, limit=tenant.max_models)
-    if tenant.max_resident_bytes is not None and \
-            resident_bytes + adding_bytes > tenant.max_resident_bytes:
-        raise QuotaExceeded(
-            f"tenant {tenant.name!r} has {resident_bytes} bytes resident on this worker; this "
-            f"model adds {adding_bytes} and max_resident_bytes is {tenant.max_resident_bytes}: "
-            "unload a model or load a smaller (quantized) one",
-            quota="max_resident_bytes", used=resident_bytes, adding=adding_bytes,
-            limit=tenant.max_resident_bytes)
-
-
-class Gate:
-    """Admits job messages from the tenants of `tenants`; refuses the rest as AccessDenied."""
-
-    def __init__(self, tenants: Tenants, store: Store) -> None:
-        self.tenants = tenants
-        self.store = store
-
-    def admit(self, payload: Any, envelope: Envelope | None) -> bool:
-        """True when the job may run; False when it was refused (recorded where the rule allows).
-
-        `envelope` is None for a message that did not decode: True then only when it is
-        signed by the tenant that owns the record it names (which it may then fail).
-        """
-        job_id = envelope.job_id if envelope is not None else str(payload.get("job_id"))
-        try:
-            record = self.store.get(job_id)
-        except JobNotFound:
-            record = None
-        started = record is not None and record.attempt > 0
-        try:
-            tenant = verify(payload, self.tenants, self.store.redis, self.store.keys,
-                            started=started)
-        except AccessDenied as exc:
-            log.warning("job %s: refused: %s", job_id, exc.message)
-            if envelope is not None and record is not None \
-                    and record.status is JobStatus.queued \
-                    and record.tenant == envelope.job.tenant and record.job == envelope.job \
-                    and record.created_at == envelope.submitted_at:
-                error = ErrorInfo(type=exc.type, message=exc.message, retryable=False,
-                                  details={k: str(v) for k, v in exc.details.items()})
-                self.store.transition(job_id, JobStatus.failed, error=error, message=exc.message,
-                                      only_from=frozenset({JobStatus.queued}))
-            return False
-        if envelope is None:
-            return record is not None and record.tenant == tenant
-        if record is not None and (record.tenant != tenant or record.job != envelope.job):
-            log.warning("job %s: refused: the message names a job of another tenant or another "
-                        "job than its record holds", job_id)
-            return False
-        if record is not None and record.terminal:
-            log.warning("job %s: refused: the job already ended (a replayed or late message)",
-                        job_id)
-            return False
-        return True

@@ -28,8 +28,8 @@ from schemas.errors import (
     UnsafeWeights,
     UnsupportedModel,
 )
+from worker.access import OPEN, Access
 from worker.errors import translate
-from worker.policy import guard_path, pickle_allowed
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,20 @@ class Resolved:
     adapter_config: dict[str, Any] = field(default_factory=dict)
 
 
-def fetch(ref: ModelRef, *, token: str | bool | None = None, tqdm_class: TqdmFactory | None = None,
+def fetch(ref: ModelRef, *, access: Access = OPEN, tqdm_class: TqdmFactory | None = None,
           allow_code: bool = False) -> Source:
     """Find `ref`'s folder: a local path as given, or a hub snapshot (downloaded if needed)."""
     if ref.path is not None:
         path = Path(os.path.expanduser(ref.path)).resolve()
-        guard_path(ref.path, path)  # a tenant's roots, checked before anything there is read
+        access.check_path(ref.path, path)  # a tenant's roots, checked before anything there is read
         if not path.is_dir():
             raise ModelNotFound(f"folder {ref.path} does not exist on this worker: give a path "
                                 "the worker can read", ref=ref.path)
         return Source(ref=ref.path, path=path, fingerprint=fingerprint(path))
     assert ref.repo_id is not None
-    patterns = HUB_PATTERNS + (["*.py"] if allow_code else []) + (["*.bin"] if pickle_allowed() else [])
+    patterns = HUB_PATTERNS + (["*.py"] if allow_code else []) + (["*.bin"] if access.allow_pickle else [])
     try:
-        folder = snapshot_download(ref.repo_id, revision=ref.revision, token=token,
+        folder = snapshot_download(ref.repo_id, revision=ref.revision, token=access.token,
                                    allow_patterns=patterns, tqdm_class=tqdm_class)
     except Exception as exc:
         raise translate(exc, ref=ref.display) from exc
@@ -90,10 +90,10 @@ def fetch(ref: ModelRef, *, token: str | bool | None = None, tqdm_class: TqdmFac
     return Source(ref=ref.display, path=path, repo_id=ref.repo_id, revision=path.name)
 
 
-def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | bool | None = None,
+def resolve(ref: ModelRef, *, trust_remote_code: bool = False, access: Access = OPEN,
             tqdm_class: TqdmFactory | None = None) -> Resolved:
     """Resolve `ref` to a loadable base, following an adapter to its base model."""
-    source = fetch(ref, token=token, tqdm_class=tqdm_class, allow_code=trust_remote_code)
+    source = fetch(ref, access=access, tqdm_class=tqdm_class, allow_code=trust_remote_code)
     if (source.path / ADAPTER_CONFIG).is_file():
         adapter_config = read_json(source.path / ADAPTER_CONFIG)
         base_name = adapter_config.get("base_model_name_or_path")
@@ -104,13 +104,13 @@ def resolve(ref: ModelRef, *, trust_remote_code: bool = False, token: str | bool
             base = source
         else:
             base_ref = base_of(source.ref, str(base_name))
-            base = fetch(base_ref, token=token, tqdm_class=tqdm_class, allow_code=trust_remote_code)
+            base = fetch(base_ref, access=access, tqdm_class=tqdm_class, allow_code=trust_remote_code)
             if (base.path / ADAPTER_CONFIG).is_file() and not (base.path / CONFIG).is_file():
                 raise AdapterIncompatible(f"the base of adapter {source.ref}, {base_name}, is "
                                           "itself an adapter: stacked adapters are not supported")
-        return Resolved(base=base, config=check_model(base, trust_remote_code),
+        return Resolved(base=base, config=check_model(base, trust_remote_code, access.allow_pickle),
                         adapter=source, adapter_config=adapter_config)
-    return Resolved(base=source, config=check_model(source, trust_remote_code))
+    return Resolved(base=source, config=check_model(source, trust_remote_code, access.allow_pickle))
 
 
 _CHECKED: dict[tuple[Path, str, bool, bool], dict[str, Any]] = {}
@@ -118,7 +118,7 @@ _CHECKED: dict[tuple[Path, str, bool, bool], dict[str, Any]] = {}
 a folder whose files changed has another fingerprint. Bounded: cleared when full."""
 
 
-def check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
+def check_model(source: Source, trust_remote_code: bool, allow_pickle: bool = False) -> dict[str, Any]:
     """The folder's config (shared: read it, don't change it), once it has safetensors weights
     and a usable architecture; a local folder that passed before is not read again.
 
@@ -126,10 +126,10 @@ def check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
     """
     key = None
     if source.fingerprint is not None:
-        key = (source.path, source.fingerprint, trust_remote_code, pickle_allowed())
+        key = (source.path, source.fingerprint, trust_remote_code, allow_pickle)
         if key in _CHECKED:
             return _CHECKED[key]
-    config = _check_model(source, trust_remote_code)
+    config = _check_model(source, trust_remote_code, allow_pickle)
     if key is not None:
         if len(_CHECKED) >= 256:
             _CHECKED.clear()
@@ -137,13 +137,13 @@ def check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
     return config
 
 
-def _check_model(source: Source, trust_remote_code: bool) -> dict[str, Any]:
+def _check_model(source: Source, trust_remote_code: bool, allow_pickle: bool) -> dict[str, Any]:
     if not (source.path / CONFIG).is_file():
         raise ModelNotFound(f"{source.ref} has no config.json: is it a transformers model folder?",
                             ref=source.ref)
     files = [p.name for p in source.path.iterdir()]
     if not any(name.endswith(".safetensors") for name in files):
-        if any(name.endswith(PICKLE_SUFFIXES) for name in files) and not pickle_allowed():
+        if any(name.endswith(PICKLE_SUFFIXES) for name in files) and not allow_pickle:
             raise UnsafeWeights(f"{source.ref} has only pickle weights ({_pickles(files)}), which "
                                 "can run code when loaded: convert them to safetensors",
                                 ref=source.ref)

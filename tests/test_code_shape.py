@@ -1,0 +1,84 @@
+"""The house's size rules, checked on every run: short files, short functions, small
+constructors, and the layers' imports (schemas/ and tasks/ never import torch or worker/)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("schemas", "tasks", "worker")
+MAX_FILE_LINES = 350
+MAX_FUNCTION_LINES = 60
+MAX_INIT_PARAMETERS = 7  # not counting self
+
+
+def _sources() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_source_file_is_over_the_line_limit() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in _sources()
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def test_no_function_is_over_the_line_limit() -> None:
+    long = {}
+    for path in _sources():
+        for fn in _functions(ast.parse(path.read_text())):
+            lines = (fn.end_lineno or fn.lineno) - fn.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                long[f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name}"] = lines
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_no_constructor_takes_too_many_parameters() -> None:
+    wide = {}
+    for path in _sources():
+        for fn in _functions(ast.parse(path.read_text())):
+            if fn.name != "__init__":
+                continue
+            args = fn.args
+            count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) - 1
+            if count > MAX_INIT_PARAMETERS:
+                wide[f"{path.relative_to(ROOT)}:{fn.lineno}"] = count
+    assert not wide, f"__init__ with more than {MAX_INIT_PARAMETERS} parameters: {wide}"
+
+
+def test_tasks_never_import_worker() -> None:
+    for path in sorted((ROOT / "tasks").rglob("*.py")) + sorted((ROOT / "schemas").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad = [n for n in names if n == "worker" or n.startswith("worker.")]
+            assert not bad, f"{path.relative_to(ROOT)}:{node.lineno} imports {bad}"
+
+
+@pytest.mark.parametrize("package", ["schemas", "tasks"])
+def test_producer_layers_import_without_torch(package: str) -> None:
+    """Every module of the producer layers imports with torch (and transformers) blocked."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {package}\n"
+        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+        "    if m.name in ('tasks.gateway',):\n"
+        "        continue  # needs the gateway extra, tested in its own tests\n"
+        "    importlib.import_module(m.name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

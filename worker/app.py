@@ -1,0 +1,178 @@
+"""The worker's composition root: every part of one worker process, built from Settings.
+
+`WorkerApp(settings, options)` builds the cache, admission, leases, heartbeat, reaper,
+store, handlers, runner and (optionally) metrics, and owns their start and stop. It
+knows nothing of Celery: worker/celery_worker.py binds it to a Celery worker, and a
+test can build one with a Redis alone and hand `run` a message itself.
+
+The device is pinned by the caller before torch is imported (worker/device.py `pin`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from schemas import LoadJob
+from tasks.client import connect  # MERGE: tasks.connection
+from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.logs import JobContext, set_worker
+from tasks.registry import claim
+from tasks.settings import Settings
+from tasks.store import Store
+from tasks.tenants import Tenants, all_queues, load_tenants, publish_limits
+from worker import device as devices
+from worker.admission import Admission
+from worker.artifacts import Artifacts, default_root
+from worker.attempt import Outcome, RunHooks, RunObserver
+from worker.cache import KeepAliveTimer, ModelCache
+from worker.faults import AllocationFaults, Faults, FaultSettings
+from worker.gate import Gate, OpenGate, SignatureGate
+from worker.handlers import handler_table
+from worker.heartbeat import Heartbeat, WorkerState
+from worker.lease import Leases
+from worker.policy import TenantPolicy
+from worker.reaper import Reaper
+from worker.resident import Residents
+from worker.runner import Runner, RunOptions
+
+log = logging.getLogger(__name__)
+
+EXIT_POISONED = 70
+"""Exit status after a CUDA error made the device context unusable."""
+EXIT_STUCK = 71
+"""Exit status after a job stayed stuck past its deadline (worker/guard.py)."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What `modelq worker` is told on its command line."""
+
+    device: str = "cpu"
+    name: str | None = None
+    capacity: int | None = None
+    metrics_port: int | None = None
+    local_device: str = "cpu"  # as torch sees the device after pinning
+    task_modules: tuple[str, ...] = field(default=())
+
+
+class WorkerApp:
+    """One worker process: its parts, wired once, started and stopped together."""
+
+    def __init__(self, settings: Settings, options: WorkerOptions, *,
+                 client: redis.Redis | None = None, tenants: Tenants | None = None,
+                 faults: FaultSettings | None = None) -> None:
+        self.settings = settings
+        self.tenants = tenants if tenants is not None else load_tenants(settings.tenants_file)
+        faults = faults if faults is not None else FaultSettings()
+        self.identity = devices.WorkerIdentity(options.name or devices.default_name(options.device),
+                                               options.device, options.local_device)
+        self.name = self.identity.name
+        self.keys = Keys(settings.key_prefix)
+        self.redis = client if client is not None else connect(settings)
+        self.on_reconnect: Callable[[], None] = lambda: None  # set by the Celery binding
+        observers: list[RunObserver] = [JobContext()]
+        self.metrics = self._metrics(options.metrics_port, observers)
+        self.cache = ModelCache(devices.capacity(options.local_device, options.capacity),
+                                on_evict=self.metrics.evicted if self.metrics else None)
+        self.leases = Leases(self.redis, self.keys, worker=self.name, ttl=settings.worker_ttl_seconds)
+        self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds)
+        self.heartbeat = self._heartbeat()
+        self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
+                                         settings.keep_alive_check_seconds)
+        self.store = Store(self.redis, self.keys, settings.record_ttl_seconds)
+        self.policy = TenantPolicy(self.tenants)
+        self.residents = Residents(self.cache, self.identity, self.policy)
+        artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
+        admission = Admission(self.cache, options.local_device, artifacts,
+                              AllocationFaults(faults.fail_alloc))
+        self.handlers = handler_table(self.residents, admission, claim=self._claim)
+        self.runner = Runner(
+            self.store, self.handlers, self.leases, worker=(self.name, options.device),
+            gate=self._gate(),
+            options=RunOptions(max_attempts=settings.max_attempts,
+                               default_timeout=settings.max_load_seconds,
+                               faults=Faults.from_settings(faults)),
+            hooks=RunHooks(on_change=lambda: self.heartbeat.publish(force=False),
+                           on_stuck=lambda: self.leave(EXIT_STUCK), observers=observers))
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues this worker consumes: the shared one, its own, and their tenant shares."""
+        own = worker_queue(self.name)
+        queues = [SHARED_QUEUE, own]
+        return queues + all_queues(self.tenants, own) if self.tenants.multi else queues
+
+    def run(self, payload: Any) -> Outcome:
+        """Run one job message (what the Celery task body calls)."""
+        return self.runner.run(payload)
+
+    def start(self) -> None:
+        """Join the pool: publish tenant limits, register (WorkerNameTaken if the name is live),
+        start the heartbeat, keep-alive timer and metrics server."""
+        set_worker(self.name)
+        publish_limits(self.redis, self.keys, self.tenants)
+        self.heartbeat.register()
+        self.heartbeat.start()
+        self.keep_alive.start()
+        if self.metrics is not None and self.metrics_port is not None:
+            self.metrics.serve(self.metrics_port)
+        log.info("worker %s on %s (%s): capacity %d bytes, %d tenant(s), queues %s", self.name,
+                 self.identity.device, self.identity.local_device, self.cache.capacity,
+                 len(self.tenants), ", ".join(self.queues))
+
+    def stop(self) -> None:
+        """Leave the pool (warm shutdown: the caller lets the running job finish first)."""
+        self.keep_alive.stop()
+        self.heartbeat.stop()
+        log.info("worker %s stopped", self.name)
+
+    def leave(self, code: int) -> None:
+        """Leave the registry and exit at once: this process must not run another job."""
+        self.heartbeat.stop()
+        log.error("worker %s exits with status %d so that its supervisor restarts it", self.name, code)
+        logging.shutdown()
+        os._exit(code)
+
+    # --- parts ---------------------------------------------------------------------------
+
+    def _metrics(self, port: int | None, observers: list[RunObserver]) -> Any:
+        self.metrics_port = port
+        if port is None:
+            return None
+        from worker.metrics import Metrics
+
+        metrics = Metrics(device=self.identity.device,
+                          resident=lambda: [e.bytes for e in self.cache.entries()],
+                          capacity=lambda: self.cache.capacity, client=self.redis,
+                          queues=[SHARED_QUEUE, worker_queue(self.name)])
+        observers.append(metrics)
+        return metrics
+
+    def _heartbeat(self) -> Heartbeat:
+        def on_beat() -> None:  # the heartbeat thread: keep our leases, rescue dead workers' queues
+            self.leases.renew()
+            self.reaper.maybe_run()
+
+        def state() -> WorkerState:
+            return WorkerState(self.cache.capacity, self.cache.free,
+                               [e.resident() for e in self.cache.entries()])
+
+        settings = self.settings
+        return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
+                         timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
+                         on_beat=on_beat, on_reconnect=lambda: self.on_reconnect())
+
+    def _gate(self) -> Gate:
+        return SignatureGate(self.tenants, self.store) if self.tenants.multi else OpenGate()
+
+    def _claim(self, job: LoadJob) -> tuple[str, str]:
+        """The routing claim a load that ran here drops (with its record, after the registry
+        shows the model)."""
+        return claim(self.keys, job, self.name)

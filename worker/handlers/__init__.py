@@ -1,0 +1,74 @@
+"""Job kinds as handlers: one table from a job's kind to what runs it on a worker.
+
+A new kind is one new `Handler` subclass and one entry in `handler_table`. The runner
+(worker/runner.py) looks the handler up by `job.kind` and asks it what it needs around
+the run: the stage the job opens with, the ref that errors name, its timeout, the routing
+claims its final record drops, and a cache answer that lets it skip the full run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from schemas import LoadJob, ModelInfo, Stage
+from worker.admission import Admission
+from worker.cache import ModelCache
+from worker.progress import Reporter
+from worker.resident import Residents
+
+Claim = tuple[str, str]
+"""(key, value): a routing claim a job's final record deletes while it still holds value."""
+
+
+class Handler:
+    """What one job kind does on a worker; subclasses implement `run` and override the rest."""
+
+    def run(self, job: Any, reporter: Reporter) -> ModelInfo:
+        """Do the job; its result goes into the succeeded record."""
+        raise NotImplementedError
+
+    def opening(self, job: Any) -> tuple[Stage, str] | None:
+        """The stage (and message) the job starts in, written with its start."""
+        return None
+
+    def ref(self, job: Any) -> str:
+        """What error messages name (the model or adapter the job is about)."""
+        return ""
+
+    def timeout(self, job: Any) -> float | None:
+        """The job's own time limit (None: the worker's default)."""
+        return None
+
+    def claims(self, job: Any) -> list[Claim]:
+        """Routing claims that this job's final record drops."""
+        return []
+
+    def cached(self, job: Any) -> ModelInfo | None:
+        """The result when the cache already serves the job as asked (one write, no run)."""
+        return None
+
+    def served(self, result: ModelInfo) -> None:
+        """A job was served from `cached`'s answer."""
+
+
+def handler_table(residents: Residents, admission: Admission,
+                  claim: Callable[[LoadJob], Claim] | None = None) -> Mapping[str, Handler]:
+    """The handlers of a worker, by job kind."""
+    from worker.handlers.attach import AttachHandler, UnloadHandler
+    from worker.handlers.load import LoadHandler
+
+    return {"load": LoadHandler(residents, admission, claim), "attach": AttachHandler(residents),
+            "unload": UnloadHandler(residents)}
+
+
+def local_handlers(cache: ModelCache, *, name: str = "local", device: str = "cpu") -> Mapping[str, Handler]:
+    """A single-tenant worker's handlers over `cache`, for use in this process (benchmarks,
+    tests, notebooks): no Redis, no routing claims."""
+    from tasks.tenants import load_tenants
+    from worker.device import WorkerIdentity
+    from worker.policy import TenantPolicy
+
+    residents = Residents(cache, WorkerIdentity(name=name, device=device, local_device=device),
+                          TenantPolicy(load_tenants(None)))
+    return handler_table(residents, Admission(cache, device))
