@@ -153,24 +153,28 @@ TOKENIZER_LINES = (
 
 
 def build_tokenizer(path: str | os.PathLike[str], *, vocab: int = 256) -> Path:
-    """Save a word-level fast tokenizer trained on ``TOKENIZER_LINES`` in ``path``.
+    """Save a word-level fast tokenizer for ``TOKENIZER_LINES`` in ``path``, ``vocab`` ids in all.
 
+    Its words are those of the lines in order of appearance, then fillers
+    (``w70``...) so that every id a tiny model can emit decodes to a word.
     Lowercases, splits on whitespace and punctuation, prepends ``<s>``, decodes
     with spaces between words. Built offline with the ``tokenizers`` library and
     saved with ``save_pretrained``, so ``AutoTokenizer.from_pretrained(path)`` loads it.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     folder = Path(path)
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words = ["<pad>", "<s>", "</s>", "<unk>"]
+    for word in " ".join(TOKENIZER_LINES).split():
+        if word not in words:
+            words.append(word)
+    if len(words) > vocab:
+        raise ValueError(f"the test tokenizer needs {len(words)} ids; the model has {vocab}")
+    words += [f"w{index}" for index in range(len(words), vocab)]  # every id decodes to a word
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(TOKENIZER_LINES, trainers.WordLevelTrainer(
-        vocab_size=vocab, special_tokens=specials, show_progress=False))
-    if backend.get_vocab_size() > vocab:
-        raise ValueError(f"the test tokenizer needs {backend.get_vocab_size()} ids; the model has {vocab}")
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
