@@ -118,7 +118,9 @@ class TaskRegistry:
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    """Where `fn` is defined: equal for the same function in a reloaded module."""
+    line = getattr(getattr(fn, "__code__", None), "co_firstlineno", "?")
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))} (line {line})"
 
 
 REGISTRY = TaskRegistry(builtins=("worker.builtin_tasks", "worker.adapter_tasks", "worker.train_task"))

@@ -57,11 +57,12 @@ def set_active(model: torch.nn.Module, names: Sequence[str]) -> tuple[str, ...]:
     if not names:
         tuner.disable_adapter_layers()
         return ()
-    tuner.enable_adapter_layers()
-    if list(model.active_adapters) != list(names):
-        model.set_adapter(names[0], inference_mode=True)  # also PeftModel's own active_adapter
-        if len(names) > 1:
-            tuner.set_adapter(list(names), inference_mode=True)
+    state = adapter_state(model)
+    if state is not None and not state.enabled:
+        tuner.enable_adapter_layers()  # which makes the active adapters trainable: set_adapter freezes them
+    model.set_adapter(names[0], inference_mode=True)  # also PeftModel's own active_adapter
+    if len(names) > 1:
+        tuner.set_adapter(list(names), inference_mode=True)
     return names
 
 
