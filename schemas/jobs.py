@@ -271,6 +271,8 @@ def _with_tenant(value: dict[str, Any]) -> dict[str, Any]:
     model = value.get("model")
     if isinstance(model, LoadJob):
         model = {"load": model}
+    elif isinstance(model, ModelTarget):
+        model = {"model_key": model.model_key, "load": model.load}
     if isinstance(model, dict) and isinstance(model.get("load"), LoadJob):
         load = model["load"]
         if "tenant" not in load.model_fields_set:

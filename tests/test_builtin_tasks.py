@@ -265,7 +265,7 @@ def test_training_refuses_what_it_cannot_use(folders: dict[str, Path], tmp_path:
 
 
 def test_train_on_an_nf4_base_leaves_the_quantized_weights_alone(folders: dict[str, Path]) -> None:
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # type: ignore[no-untyped-call]
                                       bnb_4bit_compute_dtype=torch.float32)
     model = _base(folders, quantization_config=quantization, device_map={"": "cpu"})
     ctx = _ctx(model, folders)

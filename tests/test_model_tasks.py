@@ -235,7 +235,11 @@ def test_a_task_hands_back_a_replaced_model_through_ctx(registry: TaskRegistry) 
 def test_the_tokenizer_is_loaded_once_per_model_and_its_absence_is_clear(
         folders: dict[str, Path], registry: TaskRegistry) -> None:
     loads: list[str] = []
-    cache = TokenizerCache(load=lambda folder, key: loads.append(key) or _real_tokenizer(folder, key))
+
+    def load(folder: Path, key: str) -> Any:
+        loads.append(key)
+        return _real_tokenizer(folder, key)
+    cache = TokenizerCache(load=load)
     registry.register("acme.vocab", lambda ctx: len(ctx.tokenizer))
     model: PreTrainedModel = torch.nn.Linear(1, 1)  # type: ignore[assignment]
     for _ in range(2):

@@ -21,6 +21,7 @@ from schemas import (
     ModelInfo,
     ModelqError,
     ModelRef,
+    ModelTarget,
     ResultTooLarge,
     RunJob,
     RunResult,
@@ -79,9 +80,10 @@ def test_bad_task_names_say_what_a_name_is(name: str) -> None:
 
 
 def test_a_bare_string_is_a_model_key_and_a_load_job_a_load_target() -> None:
-    assert RunJob(task="acme.score", model=KEY).model.model_key == KEY
+    assert RunJob.model_validate({"task": "acme.score", "model": KEY}).model.model_key == KEY
     load = LoadJob(model=ModelRef(repo_id="org/name"))
-    job = RunJob(task="acme.score", model=load, tenant="team-a")
+    job = RunJob.model_validate({"task": "acme.score", "model": load, "tenant": "team-a"})
+    assert RunJob(task="acme.score", model=ModelTarget(load=load), tenant="team-a") == job
     assert job.model.load is not None and job.model.load.model == load.model
     assert job.model.load.tenant == "team-a"  # the run job's tenant, not the load job's default
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, SupportsFloat, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -187,7 +187,7 @@ class TaskContext:
             self._tokenizer = self.hooks.load_tokenizer()
         return self._tokenizer
 
-    def progress(self, done: int, total: int, metrics: Mapping[str, float] | None = None) -> None:
+    def progress(self, done: int, total: int, metrics: Mapping[str, SupportsFloat] | None = None) -> None:
         """Report `done` of `total` steps, with per-step numbers such as {"loss": 2.3}."""
         numbers = None if metrics is None else {key: float(value) for key, value in metrics.items()}
         self.hooks.progress(done, total, numbers)
