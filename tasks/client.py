@@ -95,7 +95,7 @@ class Client:
             self._app = create_app(self.settings)
         return self._app
 
-    def submit(self, job: AnyJob | dict[str, Any]) -> JobHandle:
+    def submit(self, job: AnyJob | RunJob | dict[str, Any]) -> JobHandle:
         """Record and enqueue `job`; InvalidJob if it does not validate, nothing written."""
         parsed = parse_job(job) if isinstance(job, dict) else job
         if isinstance(parsed, RunJob):  # its worker handler, routing and Client.run come next
