@@ -55,6 +55,24 @@ class AdapterIncompatible(ModelqError):
     """The adapter was trained on another base, or its modules don't match."""
 
 
+# --- run jobs: the task itself ----------------------------------------------------
+
+class TaskNotFound(ModelqError, LookupError):
+    """No task of this name is registered on the worker (`modelq worker --tasks MODULE`)."""
+
+
+class TaskFailed(ModelqError):
+    """The task raised an exception, or returned something that is not JSON.
+
+    `details` carry `task`, `exception_type` and `exception_message`; the traceback
+    is in the worker's log, not in the record.
+    """
+
+
+class ResultTooLarge(ModelqError):
+    """The task's result, as JSON, is over the size limit (`details`: `size`, `limit` in bytes)."""
+
+
 # --- permissions and quotas --------------------------------------------------------
 
 class AccessDenied(ModelqError, PermissionError):
@@ -115,7 +133,7 @@ ERROR_TYPES: dict[str, type[ModelqError]] = {
     for cls in (ModelqError, InvalidJob, ModelNotFound, UnsafeWeights, RemoteCodeNotAllowed,
                 UnsupportedModel, AdapterIncompatible, AccessDenied, QuotaExceeded,
                 InsufficientMemory, WorkerLost, TimedOut, JobNotFound, BrokerUnavailable,
-                Cancelled, LoadFailed)
+                Cancelled, LoadFailed, TaskNotFound, TaskFailed, ResultTooLarge)
 }
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, JsonValue, TypeAdapter, ValidationError, field_validator, model_validator
 
 from schemas.base import Contract, Versioned
 from schemas.errors import InvalidJob
@@ -18,6 +19,9 @@ from schemas.tenants import Signature
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,63}")
 _MODEL_KEY = re.compile(r"[0-9a-f]{16,64}")
+_TASK = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+MAX_TASK_NAME = 128
+MAX_RUN_ARGUMENTS_BYTES = 2**20  # a run job's args and kwargs, as compact JSON
 
 
 class JobKind(str, Enum):
@@ -26,6 +30,7 @@ class JobKind(str, Enum):
     load = "load"  # load a base model (and adapters) into a worker's cache
     attach = "attach"  # attach an adapter to a resident model
     unload = "unload"  # free a resident model
+    run = "run"  # run a named task on a model (loaded first if needed)
 
 
 def check_adapter_name(name: str) -> str:
@@ -33,6 +38,16 @@ def check_adapter_name(name: str) -> str:
         raise ValueError(
             f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
         )
+    return name
+
+
+def check_task_name(name: str) -> str:
+    """A task name is dotted, like a Python module path: 'acme.score', 'modelq.generate'."""
+    if len(name) > MAX_TASK_NAME or not _TASK.fullmatch(name):
+        raise ValueError(
+            f"task name {name[:MAX_TASK_NAME]!r} must be a dotted name such as 'acme.score': at least "
+            f"two parts of letters, digits and '_' (not starting with a digit), at most "
+            f"{MAX_TASK_NAME} characters")
     return name
 
 
@@ -144,6 +159,130 @@ class UnloadJob(_Job):
         return check_model_key(value)
 
 
+class ModelTarget(Contract):
+    """The model a run job runs on: exactly one of a resident `model_key`, or a `load` job.
+
+    JSON: ``{"model_key": "<hex key>"}`` or ``{"load": {<LoadJob fields>}}``; a bare
+    string is read as a model key. A `load` target is loaded first, exactly as that
+    load job would be (a cache hit when it is resident already); its tenant is the run
+    job's tenant.
+    """
+
+    model_key: str | None = None
+    load: LoadJob | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shortcut(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"model_key": value}
+        if isinstance(value, LoadJob):
+            return {"load": value}
+        return value
+
+    @field_validator("model_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_key(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTarget:
+        if (self.model_key is None) == (self.load is None):
+            raise ValueError("give the model as exactly one of 'model_key' (a resident model) or "
+                             "'load' (a load job's fields)")
+        return self
+
+
+class RunJob(_Job):
+    """Run the task named `task` on `model`, with `args` and `kwargs` (JSON), and record its result.
+
+    `adapters` picks the active adapters for the call: None keeps the model's as they
+    stand, a name or a list of names activates those, and ``[]`` runs the base alone;
+    the model's own activation is restored afterwards.
+    """
+
+    kind: Literal["run"] = "run"
+    task: str
+    model: ModelTarget
+    adapters: tuple[str, ...] | None = None
+    args: tuple[JsonValue, ...] = ()
+    kwargs: dict[str, JsonValue] = {}
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """The longest the task may run (with the load, if any) before failing as TimedOut."""
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        return check_task_name(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        value = dict(value)
+        if isinstance(value.get("adapters"), str):
+            value["adapters"] = (value["adapters"],)
+        for name in ("args", "kwargs"):
+            if name in value:
+                value[name] = _lists(value[name])
+        return _with_tenant(value)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for name in value:
+            check_adapter_name(name)
+        if len(value) != len(set(value)):
+            raise ValueError("adapter names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RunJob:
+        try:
+            size = len(json.dumps([self.args, self.kwargs], separators=(",", ":"), ensure_ascii=False,
+                                  allow_nan=False).encode())
+        except ValueError:
+            raise ValueError("args and kwargs must be JSON: NaN and Infinity are not") from None
+        if size > MAX_RUN_ARGUMENTS_BYTES:
+            raise ValueError(f"args and kwargs take {size} bytes as JSON, over the limit of "
+                             f"{MAX_RUN_ARGUMENTS_BYTES}: pass large inputs as a file path instead")
+        load = self.model.load
+        if load is not None and load.tenant != self.tenant:
+            raise ValueError(f"the model's load job names tenant {load.tenant!r}, the run job "
+                             f"{self.tenant!r}: leave the load job's tenant out")
+        return self
+
+
+def _lists(value: Any) -> Any:
+    """Tuples as lists, all the way down (JSON has arrays only)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def _with_tenant(value: dict[str, Any]) -> dict[str, Any]:
+    """A load target without its own tenant takes the run job's."""
+    tenant = value.get("tenant", "default")
+    model = value.get("model")
+    if isinstance(model, LoadJob):
+        model = {"load": model}
+    elif isinstance(model, ModelTarget):
+        model = {"model_key": model.model_key, "load": model.load}
+    if isinstance(model, dict) and isinstance(model.get("load"), LoadJob):
+        load = model["load"]
+        if "tenant" not in load.model_fields_set:
+            value["model"] = {**model, "load": load.model_copy(update={"tenant": tenant})}
+    elif isinstance(model, dict) and isinstance(model.get("load"), dict) and \
+            "tenant" not in model["load"]:
+        value["model"] = {**model, "load": {**model["load"], "tenant": tenant}}
+    return value
+
+
 def check_model_key(value: str) -> str:
     if not _MODEL_KEY.fullmatch(value):
         raise ValueError(f"model key {value!r} must be the hex key a load job reported")
@@ -154,7 +293,8 @@ def _is_commit(revision: str | None) -> bool:
     return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
 
 
-Job = Annotated[LoadJob | AttachAdapterJob | UnloadJob, Field(discriminator="kind")]
+Job = Annotated[LoadJob | AttachAdapterJob | UnloadJob | RunJob, Field(discriminator="kind")]
+"""Any job a producer may submit, told apart by its `kind`: the one name for the union."""
 
 
 class Envelope(Versioned):
@@ -167,11 +307,11 @@ class Envelope(Versioned):
 
 
 _ENVELOPE: TypeAdapter[Envelope] = TypeAdapter(Envelope)
-_JOB: TypeAdapter[LoadJob | AttachAdapterJob | UnloadJob] = TypeAdapter(Job)
+_JOB: TypeAdapter[Job] = TypeAdapter(Job)
 T = TypeVar("T")
 
 
-def parse_job(payload: Any) -> LoadJob | AttachAdapterJob | UnloadJob:
+def parse_job(payload: Any) -> Job:
     """Validate a job dict (or JSON string) from a producer; InvalidJob says what to fix."""
     return _validate(_JOB, payload)
 

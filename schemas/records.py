@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Discriminator, Field, JsonValue, Tag, model_validator
 
 from schemas.base import Contract, Versioned
-from schemas.jobs import AttachAdapterJob, JobKind, LoadJob, UnloadJob
+from schemas.jobs import Job, JobKind
 
 
 class JobStatus(str, Enum):
@@ -21,7 +21,7 @@ class JobStatus(str, Enum):
     queued = "queued"  # recorded and sent; no worker has started it
     running = "running"  # a worker is on it; `stage` says where
     retrying = "retrying"  # an attempt ended (worker lost, out of memory); it will run again
-    succeeded = "succeeded"  # done; `result` holds the ModelInfo
+    succeeded = "succeeded"  # done; `result` holds the ModelInfo (a RunResult for run jobs)
     failed = "failed"  # done; `error` holds the ErrorInfo
     cancelled = "cancelled"  # stopped on request before it finished
 
@@ -38,6 +38,7 @@ class Stage(str, Enum):
     loading = "loading"  # reading weights, quantizing, placing layers
     attaching = "attaching"  # attaching PEFT adapters
     unloading = "unloading"  # freeing a resident model
+    running_task = "running_task"  # a run job's task is running on the model
 
 
 class Progress(Contract):
@@ -91,7 +92,26 @@ class ModelInfo(Contract):
     load_seconds: float | None = None
 
 
-JobSpec = LoadJob | AttachAdapterJob | UnloadJob
+class RunResult(Contract):
+    """What a run job's task returned, and on which model it ran."""
+
+    model_key: str
+    value: JsonValue  # the task's return value, as JSON
+    seconds: float  # time spent in the task itself (not loading)
+    cache_hit: bool  # the model was resident already (no load before the task)
+    model: ModelInfo  # the model as the task used it (its adapters, active adapters)
+
+
+def _result_kind(value: Any) -> str:
+    """'run' for a RunResult, 'model' for a ModelInfo: a RunResult carries a `value`."""
+    if isinstance(value, dict):
+        return "run" if "value" in value else "model"
+    return "run" if isinstance(value, RunResult) else "model"
+
+
+Result = Annotated[Annotated[ModelInfo, Tag("model")] | Annotated[RunResult, Tag("run")],
+                   Discriminator(_result_kind)]
+"""A record's result: a ModelInfo for load, attach and unload jobs, a RunResult for run jobs."""
 
 
 class JobRecord(Versioned):
@@ -109,9 +129,16 @@ class JobRecord(Versioned):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    result: ModelInfo | None = None
+    result: Result | None = None
     error: ErrorInfo | None = None
-    job: JobSpec
+    job: Job
+
+    @model_validator(mode="after")
+    def _result_fits_kind(self) -> JobRecord:
+        if self.result is not None and isinstance(self.result, RunResult) != (self.kind is JobKind.run):
+            wanted = "a RunResult" if self.kind is JobKind.run else "a ModelInfo"
+            raise ValueError(f"a {self.kind.value} job's result must be {wanted}")
+        return self
 
     @property
     def terminal(self) -> bool:
@@ -128,3 +155,4 @@ class Event(Versioned):
     progress: Progress | None = None
     message: str | None = None
     worker: str | None = None
+    metrics: dict[str, float] | None = None  # e.g. {"loss": 2.31} for a training step

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.table import Table
 
-from schemas import Event, JobRecord, WorkerInfo
+from schemas import Event, JobRecord, RunResult, WorkerInfo
 
 
 def size(n: int | None) -> str:
@@ -33,7 +35,12 @@ def record_table(record: JobRecord) -> Table:
         rows.append(("worker", f"{record.worker} ({record.device})"))
     if record.started_at and record.finished_at:
         rows.append(("took", f"{(record.finished_at - record.started_at).total_seconds():.2f}s"))
-    if record.result is not None:
+    if isinstance(record.result, RunResult):
+        run = record.result
+        rows += [("model_key", run.model_key), ("task took", f"{run.seconds:.2f}s"),
+                 ("cache_hit", "yes" if run.cache_hit else "no"),
+                 ("value", json.dumps(run.value, ensure_ascii=False)[:2000])]
+    elif record.result is not None:
         info = record.result
         rows += [
             ("model_key", info.model_key), ("model", f"{info.model_class} from {info.base_model.ref}"),

@@ -19,8 +19,7 @@ from typing import Any
 
 import redis
 
-from schemas import TERMINAL, Event, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
-from schemas.records import JobSpec
+from schemas import TERMINAL, Event, Job, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
 from tasks import record_scripts as scripts
 from tasks.keys import Keys
 
@@ -33,7 +32,7 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def submitted(job_id: str, job: JobSpec, at: datetime) -> JobRecord:
+def submitted(job_id: str, job: Job, at: datetime) -> JobRecord:
     """The record of a job as its client writes it on submit (and a worker can predict it)."""
     return JobRecord(job_id=job_id, kind=JobKind(job.kind), tenant=job.tenant,
                      status=JobStatus.queued, created_at=at, job=job)

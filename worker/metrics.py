@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from schemas import JobKind, JobRecord, JobStatus
+from schemas import JobKind, JobRecord, JobStatus, ModelInfo
 from tasks.keys import queue_list
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Metrics:
     def _count(self, record: JobRecord) -> None:
         self.jobs.labels(record.kind.value, record.status.value).inc()
         info = record.result
-        if record.kind is not JobKind.load or info is None:
+        if record.kind is not JobKind.load or not isinstance(info, ModelInfo):
             return
         if info.cache_hit:
             self.cache_hits.inc()

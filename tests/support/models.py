@@ -50,9 +50,11 @@ __all__ = [
     "build_model",
     "build_pickle_only_model",
     "build_remote_code_model",
+    "build_tokenizer",
     "build_unknown_arch",
     "hub_repo_folder",
     "tiny_config",
+    "TOKENIZER_LINES",
 ]
 
 ModelKind = Literal["llama", "qwen2", "mistral"]
@@ -114,11 +116,13 @@ def build_model(
     layers: int = 2,
     vocab: int = 256,
     tie: bool = False,
+    tokenizer: bool = True,
 ) -> Path:
     """Save a tiny float32 causal LM as safetensors (about 0.5 MB at the defaults).
 
     ``sharded=True`` splits it into several ``model-0000x-of-0000y.safetensors``
-    files and a ``model.safetensors.index.json``.
+    files and a ``model.safetensors.index.json``. ``tokenizer=True`` saves
+    ``build_tokenizer``'s tokenizer beside the weights.
     """
     folder = Path(path)
     model = _tiny_model(kind, seed=seed, hidden=hidden, layers=layers, vocab=vocab, tie=tie)
@@ -127,6 +131,56 @@ def build_model(
         model.save_pretrained(folder, max_shard_size=max(total // 4, 1))
     else:
         model.save_pretrained(folder)
+    if tokenizer:
+        build_tokenizer(folder, vocab=vocab)
+    return folder
+
+
+# -- tokenizers ---------------------------------------------------------------
+
+# What the test tokenizer knows: any text made of these words (any case) encodes
+# without <unk>. Ids 0-3 are <pad>, <s> (bos), </s> (eos), <unk>, as in tiny_config.
+TOKENIZER_LINES = (
+    "the quick brown fox jumps over the lazy dog",
+    "a cat sat on the mat and looked at the door",
+    "one two three four five six seven eight nine ten",
+    "red green blue yellow black white orange purple",
+    "she sells sea shells by the sea shore",
+    "models learn from data and adapters learn from less",
+    "hello world this is a tiny test of a tiny model",
+    "to be or not to be that is the question",
+)
+
+
+def build_tokenizer(path: str | os.PathLike[str], *, vocab: int = 256) -> Path:
+    """Save a word-level fast tokenizer for ``TOKENIZER_LINES`` in ``path``, ``vocab`` ids in all.
+
+    Its words are those of the lines in order of appearance, then fillers
+    (``w70``...) so that every id a tiny model can emit decodes to a word.
+    Lowercases, splits on whitespace and punctuation, prepends ``<s>``, decodes
+    with spaces between words. Built offline with the ``tokenizers`` library and
+    saved with ``save_pretrained``, so ``AutoTokenizer.from_pretrained(path)`` loads it.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(path)
+    words = ["<pad>", "<s>", "</s>", "<unk>"]
+    for word in " ".join(TOKENIZER_LINES).split():
+        if word not in words:
+            words.append(word)
+    if len(words) > vocab:
+        raise ValueError(f"the test tokenizer needs {len(words)} ids; the model has {vocab}")
+    words += [f"w{index}" for index in range(len(words), vocab)]  # every id decodes to a word
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(str(folder))
     return folder
 
 

@@ -1,0 +1,277 @@
+"""The built-in tasks on tiny models, in process: generate and loglikelihood equal the model's own
+results; add_adapter and train_adapter lower the loss and leave everything else byte-for-byte as it
+was (an nf4 base too); save_adapter writes a folder peft loads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from schemas import Cancelled, InvalidJob
+from tests.support.models import TOKENIZER_LINES, build_lora, build_model
+from worker.adapter_tasks import ADAPTER_FILES
+from worker.model_tasks import TaskContext, TaskHooks, call_task
+from worker.task_io import TokenizerCache, paths_under
+
+LIMIT = 1 << 20
+PROMPTS = ["the quick brown fox", "to be or not"]
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("builtin")
+    base = build_model("llama", root / "base")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in TOKENIZER_LINES))
+    return {"root": root, "base": base, "a": build_lora(base, root / "lora-a", seed=1),
+            "b": build_lora(base, root / "lora-b", seed=2), "data": data}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(folders: dict[str, Path]) -> PreTrainedTokenizerBase:
+    loaded: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folders["base"])
+    return loaded
+
+
+def _base(folders: dict[str, Path], **kwargs: Any) -> torch.nn.Module:
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folders["base"], **kwargs)
+    return model.eval()
+
+
+def _two_adapters(folders: dict[str, Path]) -> PeftModel:
+    model = PeftModel.from_pretrained(_base(folders), str(folders["a"]), adapter_name="a")
+    model.load_adapter(str(folders["b"]), adapter_name="b")
+    model.set_adapter("a", inference_mode=True)
+    return model.eval()
+
+
+def _ctx(model: torch.nn.Module, folders: dict[str, Path], **fields: Any) -> TaskContext:
+    hooks = TaskHooks(load_tokenizer=TokenizerCache().loader("m", folders["base"]),
+                      resolve_path=paths_under(folders["root"]), **fields.pop("hooks", {}))
+    return TaskContext(model, "m" * 16, hooks=hooks, **fields)
+
+
+def _reference(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, **options: Any) -> str:
+    encoded = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**encoded, do_sample=False, **options)
+    return str(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _snapshot(model: torch.nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, as bytes (4-bit weights included), but adapter `skip`'s."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if skip is None or f".{skip}." not in k}
+
+
+def _same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return before.keys() == after.keys() and all(
+        before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+
+
+# --- generate ---------------------------------------------------------------------------
+
+def test_greedy_generate_equals_model_generate(folders: dict[str, Path],
+                                               tokenizer: PreTrainedTokenizerBase) -> None:
+    model = _base(folders)
+    out = call_task(_ctx(model, folders), "modelq.generate", [PROMPTS], {"max_new_tokens": 12}, LIMIT)
+    assert out.value == [_reference(model, tokenizer, p, max_new_tokens=12) for p in PROMPTS]
+    assert all(len(text.split()) >= 1 for text in out.value)
+    single = call_task(_ctx(model, folders), "modelq.generate", [PROMPTS[0]], {"max_new_tokens": 12}, LIMIT)
+    assert single.value == out.value[:1]
+
+
+def test_with_two_adapters_each_generates_as_its_own_reference(folders: dict[str, Path],
+                                                              tokenizer: PreTrainedTokenizerBase) -> None:
+    model = _two_adapters(folders)
+    results = {}
+    for name in ("a", "b"):
+        out = call_task(_ctx(model, folders, adapters=(name,)), "modelq.generate", [PROMPTS],
+                        {"max_new_tokens": 10}, LIMIT)
+        reference = PeftModel.from_pretrained(_base(folders), str(folders[name])).eval()
+        assert out.value == [_reference(reference, tokenizer, p, max_new_tokens=10) for p in PROMPTS]
+        results[name] = out.value
+    base = call_task(_ctx(model, folders, adapters=()), "modelq.generate", [PROMPTS],
+                     {"max_new_tokens": 10}, LIMIT)
+    assert base.value == [_reference(_base(folders), tokenizer, p, max_new_tokens=10) for p in PROMPTS]
+    assert len({json.dumps(v) for v in (results["a"], results["b"], base.value)}) == 3
+    assert model.active_adapters == ["a"]
+
+
+def test_generate_cuts_at_the_first_stop_string(folders: dict[str, Path]) -> None:
+    model = _base(folders)
+    full = call_task(_ctx(model, folders), "modelq.generate", [PROMPTS[0]], {"max_new_tokens": 12}, LIMIT)
+    words = full.value[0].split()
+    stop = f" {words[2]}"
+    cut = call_task(_ctx(model, folders), "modelq.generate", [PROMPTS[0]],
+                    {"max_new_tokens": 12, "stop": [stop, "zzz never"]}, LIMIT)
+    assert cut.value == [full.value[0][:full.value[0].index(stop)]]
+
+
+def test_sampling_with_a_seed_repeats_and_leaves_the_global_rng_alone(folders: dict[str, Path]) -> None:
+    model = _base(folders)
+    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "seed": 7}
+    state = torch.random.get_rng_state()
+    first = call_task(_ctx(model, folders), "modelq.generate", [PROMPTS], options, LIMIT).value
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert call_task(_ctx(model, folders), "modelq.generate", [PROMPTS], options, LIMIT).value == first
+
+
+def test_generate_checks_for_cancel_between_tokens(folders: dict[str, Path]) -> None:
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise Cancelled("cancelled by the producer")
+    ctx = _ctx(_base(folders), folders, hooks={"check_cancel": check})
+    with pytest.raises(Cancelled):
+        call_task(ctx, "modelq.generate", [PROMPTS[0]], {"max_new_tokens": 30}, LIMIT)
+    assert len(calls) == 4  # once before the prompt, then after each new token
+
+
+@pytest.mark.parametrize("kwargs, message", [({"prompts": 3}, "prompts must be"),
+                                             ({"prompts": "x", "max_new_tokens": 0}, "max_new_tokens"),
+                                             ({"prompts": "x", "stop": [""]}, "stop must be")])
+def test_bad_generate_arguments_are_invalid(folders: dict[str, Path], kwargs: dict[str, Any],
+                                            message: str) -> None:
+    with pytest.raises(InvalidJob, match=message):
+        call_task(_ctx(_base(folders), folders), "modelq.generate", [], kwargs, LIMIT)
+
+
+# --- loglikelihood ------------------------------------------------------------------------
+
+def test_loglikelihood_equals_the_models_own_loss(folders: dict[str, Path],
+                                                  tokenizer: PreTrainedTokenizerBase) -> None:
+    model = _two_adapters(folders)
+    requests: list[Any] = ["the cat sat on the mat", ["to be or", "not to be"], ["hello", "world"]]
+    out = call_task(_ctx(model, folders, adapters=("b",)), "modelq.loglikelihood", [requests], {}, LIMIT)
+    model.set_adapter("b", inference_mode=True)
+    for request, result in zip(requests, out.value, strict=True):
+        if isinstance(request, str):
+            ids = tokenizer(request, return_tensors="pt")["input_ids"]
+            labels = ids.clone()
+        else:
+            context = tokenizer(request[0])["input_ids"]
+            continuation = tokenizer(request[1], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + continuation])
+            labels = torch.tensor([[-100] * len(context) + continuation])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        scored = int((labels[0, 1:] != -100).sum())
+        assert result["tokens"] == scored
+        assert result["logprob"] == pytest.approx(-float(loss) * scored, abs=1e-4)
+
+
+def test_loglikelihood_refuses_malformed_requests(folders: dict[str, Path]) -> None:
+    with pytest.raises(InvalidJob, match=r"requests\[1\] must be a string or a \[context, continuation\]"):
+        call_task(_ctx(_base(folders), folders), "modelq.loglikelihood", [["ok", ["a", "b", "c"]]], {}, LIMIT)
+
+
+# --- adapters: add, train, save -------------------------------------------------------------
+
+def _train(ctx: TaskContext, folders: dict[str, Path], adapter: str, steps: int, **kwargs: Any) -> Any:
+    return call_task(ctx, "modelq.train_adapter", [adapter, str(folders["data"]), steps],
+                     {"learning_rate": 2e-2, "batch_size": 4, **kwargs}, LIMIT).value
+
+
+def test_add_adapter_wraps_a_plain_model_and_hands_it_back(folders: dict[str, Path]) -> None:
+    plain = _base(folders)
+    ctx = _ctx(plain, folders)
+    out = call_task(ctx, "modelq.add_adapter", ["new", LORA], {}, LIMIT)
+    assert out.replaced and isinstance(out.model, PeftModel) and ctx.model is out.model
+    # r=4 on q_proj (64 -> 64) and v_proj (64 -> 32) in 2 layers: 2 * (4*64 + 64*4 + 4*64 + 32*4)
+    assert out.value == {"adapter": "new", "trainable_parameters": 1792}
+    assert not any(p.requires_grad for p in out.model.parameters()) and not out.model.training
+
+
+def test_add_adapter_on_a_peft_model_keeps_the_active_adapters(folders: dict[str, Path]) -> None:
+    model = _two_adapters(folders)
+    out = call_task(_ctx(model, folders), "modelq.add_adapter", ["c", LORA], {}, LIMIT)
+    assert not out.replaced and set(model.peft_config) == {"a", "b", "c"} and model.active_adapters == ["a"]
+    call_task(_ctx(model, folders), "modelq.add_adapter", ["d", LORA], {"activate": True}, LIMIT)
+    assert model.active_adapters == ["d"]  # asked for: a task that changes adapters keeps its change
+
+
+@pytest.mark.parametrize("name, config, message", [
+    ("a", LORA, "has an adapter named 'a' already"),
+    ("x", {"r": 4, "rank": 4}, "fields LoraConfig does not know: rank"),
+    ("x", {"r": 4, "task_type": "SEQ_CLS"}, "task_type must be CAUSAL_LM"),
+    ("x", {"target_modules": ["no_such_proj"]}, "does not fit|cannot be added"),
+    ("bad name", LORA, "adapter name 'bad name'"),
+])
+def test_add_adapter_refuses_bad_names_and_configs(folders: dict[str, Path], name: str,
+                                                    config: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidJob, match=message):
+        call_task(_ctx(_two_adapters(folders), folders), "modelq.add_adapter", [name, config], {}, LIMIT)
+
+
+def test_train_lowers_the_loss_and_changes_nothing_else(folders: dict[str, Path]) -> None:
+    model = _two_adapters(folders)
+    reported: list[Any] = []
+    ctx = _ctx(model, folders, hooks={"progress": lambda d, t, m: reported.append((d, t, m))})
+    call_task(ctx, "modelq.add_adapter", ["new", LORA], {}, LIMIT)
+    before = _snapshot(model, skip="new")
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = _train(ctx, folders, "new", 8)
+    losses = out["losses"]
+    assert out["adapter"] == "new" and out["output_dir"] is None and len(losses) == 8
+    assert losses[-1] < losses[0] - 0.05
+    assert reported == [(i + 1, 8, {"loss": loss}) for i, loss in enumerate(losses)]
+    assert _same(before, _snapshot(model, skip="new"))  # the base and adapters a, b: byte for byte
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not any(m.training for m in model.modules()) and model.active_adapters == ["a"]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_trained_adapter_saves_where_asked_and_peft_loads_it(folders: dict[str, Path],
+                                                               tokenizer: PreTrainedTokenizerBase) -> None:
+    model = _two_adapters(folders)
+    ctx = _ctx(model, folders)
+    call_task(ctx, "modelq.add_adapter", ["tuned", LORA], {}, LIMIT)
+    out_dir = folders["root"] / "trained"
+    _train(ctx, folders, "tuned", 3, output_dir=str(out_dir))
+    saved = folders["root"] / "saved"
+    value = call_task(ctx, "modelq.save_adapter", ["tuned", str(saved)], {}, LIMIT).value
+    assert value == {"adapter": "tuned", "output_dir": str(saved)}
+    expected = call_task(_ctx(model, folders, adapters=("tuned",)), "modelq.generate", [PROMPTS],
+                         {"max_new_tokens": 10}, LIMIT).value
+    for folder in (out_dir, saved):
+        assert sorted(p.name for p in folder.iterdir()) == sorted(ADAPTER_FILES)
+        loaded = PeftModel.from_pretrained(_base(folders), str(folder)).eval()
+        assert [_reference(loaded, tokenizer, p, max_new_tokens=10) for p in PROMPTS] == expected
+
+
+def test_training_refuses_what_it_cannot_use(folders: dict[str, Path], tmp_path: Path) -> None:
+    ctx = _ctx(_two_adapters(folders), folders)
+    with pytest.raises(InvalidJob, match="no adapter named 'zz'"):
+        _train(ctx, folders, "zz", 1)
+    bad = folders["root"] / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "wrong"}\n')
+    with pytest.raises(InvalidJob, match=r"bad\.jsonl line 2 must be an object with a string \"text\""):
+        call_task(ctx, "modelq.train_adapter", ["a", str(bad), 1], {}, LIMIT)
+    with pytest.raises(InvalidJob, match="steps must be a positive integer"):
+        _train(ctx, folders, "a", 0)
+    from schemas import AccessDenied
+
+    with pytest.raises(AccessDenied):
+        call_task(ctx, "modelq.train_adapter", ["a", str(tmp_path / "elsewhere.jsonl"), 1], {}, LIMIT)
+
+
+def test_train_on_an_nf4_base_leaves_the_quantized_weights_alone(folders: dict[str, Path]) -> None:
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # type: ignore[no-untyped-call]
+                                      bnb_4bit_compute_dtype=torch.float32)
+    model = _base(folders, quantization_config=quantization, device_map={"": "cpu"})
+    ctx = _ctx(model, folders)
+    call_task(ctx, "modelq.add_adapter", ["q", LORA], {}, LIMIT)
+    before = _snapshot(ctx.model, skip="q")
+    out = _train(ctx, folders, "q", 3)
+    assert len(out["losses"]) == 3 and all(loss == loss for loss in out["losses"])
+    assert _same(before, _snapshot(ctx.model, skip="q"))
+    assert any("4bit" in type(m).__name__ for m in ctx.model.modules())
