@@ -35,8 +35,12 @@ class WorkerInfo(Versioned):
     capacity_bytes: int
     free_bytes: int
     models: tuple[ResidentModel, ...] = ()
+    tasks: tuple[str, ...] = ()  # the model tasks it offers (run jobs), built-in and imported
     started_at: datetime
     heartbeat_at: datetime
 
     def holds(self, model_key: str) -> bool:
         return any(m.model_key == model_key for m in self.models)
+
+    def offers(self, task: str) -> bool:
+        return task in self.tasks

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SENTINEL_SCHEME = "sentinel"
@@ -125,8 +126,25 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     """Deliveries of one job before it fails as WorkerLost."""
 
+    max_result_bytes: int = Field(default=1 << 20, gt=0, le=64 << 20)
+    """The largest result a run job's task may return, as JSON (ResultTooLarge above it)."""
+
+    task_modules: Annotated[tuple[str, ...], NoDecode] = ()
+    """Workers: modules of model tasks imported at start (`modelq worker --tasks MODULE`),
+    as a JSON list or comma-separated."""
+
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
+
+    @field_validator("task_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -38,7 +38,7 @@ def test_a_lease_is_renewed_while_held_and_not_after(client: redis.Redis) -> Non
 
 def _guard(reports: list[tuple[Stage, float | None]], *, asked: list[bool], clock: list[float],
            opened: Opened | None = None) -> JobGuard:
-    hooks = GuardHooks(report=lambda stage, progress, message: reports.append(
+    hooks = GuardHooks(report=lambda stage, progress, message, metrics: reports.append(
                            (stage, progress.fraction if progress else None)),
                        cancel_requested=lambda: asked[0])
     return JobGuard("j1", LoadJob(model="o/m"), timeout=60, hooks=hooks, faults=Faults(),

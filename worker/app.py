@@ -37,6 +37,7 @@ from worker.gate import Gate, OpenGate, SignatureGate
 from worker.handlers import handler_table
 from worker.heartbeat import Heartbeat, WorkerState
 from worker.lease import Leases
+from worker.model_tasks import import_task_modules
 from worker.policy import TenantPolicy
 from worker.reaper import Reaper
 from worker.resident import Residents
@@ -92,7 +93,9 @@ class WorkerApp:
         artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
         admission = Admission(self.cache, options.local_device, artifacts,
                               AllocationFaults(faults.fail_alloc))
-        self.handlers = handler_table(self.residents, admission, claim=self._claim)
+        self.handlers = handler_table(self.residents, admission, claim=self._claim,
+                                      max_result_bytes=settings.max_result_bytes)
+        self.tasks = import_task_modules((*settings.task_modules, *options.task_modules))
         self.runner = Runner(
             self.store, self.handlers, self.leases, worker=(self.name, options.device),
             gate=self._gate(),
@@ -162,7 +165,7 @@ class WorkerApp:
 
         def state() -> WorkerState:
             return WorkerState(self.cache.capacity, self.cache.free,
-                               [e.resident() for e in self.cache.entries()])
+                               [e.resident() for e in self.cache.entries()], self.tasks)
 
         settings = self.settings
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,

@@ -107,7 +107,8 @@ class Recorder:
         """Run the attempt's handler under its guard and write how it ended."""
         job_id, job = attempt.job_id, attempt.job
         hooks = GuardHooks(
-            report=lambda stage, progress, note: self.report(job_id, stage, progress, note),
+            report=lambda stage, progress, note, metrics: self.report(job_id, stage, progress, note,
+                                                                      metrics),
             cancel_requested=lambda: self.cancel_requested(job_id),
             on_stuck=lambda: self._stuck(job_id, timeout))
         guard = JobGuard(job_id, job, timeout=timeout, hooks=hooks, faults=faults,
@@ -189,9 +190,10 @@ class Recorder:
             return True
         return False
 
-    def report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None) -> None:
+    def report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None,
+               metrics: dict[str, float] | None = None) -> None:
         try:  # progress is best effort: a Redis restart must not fail the load
-            self.store.report(job_id, stage, progress, message)
+            self.store.report(job_id, stage, progress, message, metrics=metrics)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("job %s: could not report %s progress: %s", job_id, stage.value, exc)
 

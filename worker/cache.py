@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import UTC, datetime
 
 import torch
@@ -44,6 +45,7 @@ class Entry:
     shared_by: set[str] = field(default_factory=set)  # tenants using a shared base (tenant '*')
     last_used: float = field(default_factory=time.time)
     request_keys: set[str] = field(default_factory=set)
+    tokenizer: Any = None  # the base's tokenizer, loaded when a task first asks for it
 
     def expired(self, now: float) -> bool:
         return not self.pinned and self.keep_alive is not None and now - self.last_used >= self.keep_alive

@@ -21,7 +21,10 @@ from tasks.cli import FAILED, INVALID, fail, local_ref, settings_of_command
 @click.option("--name", default=None, help="Worker name (default: HOST-DEVICE).")
 @click.option("--capacity", default=None, help="Bytes this worker may fill, e.g. 2GiB.")
 @click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics on this port.")
-def worker(device: str, name: str | None, capacity: str | None, metrics_port: int | None) -> None:
+@click.option("--tasks", "task_modules", multiple=True, metavar="MODULE",
+              help="Import a module of model tasks at start (repeat; also MODELQ_TASK_MODULES).")
+def worker(device: str, name: str | None, capacity: str | None, metrics_port: int | None,
+           task_modules: tuple[str, ...]) -> None:
     """Run one worker pinned to one device (foreground)."""
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     try:
@@ -37,8 +40,8 @@ def worker(device: str, name: str | None, capacity: str | None, metrics_port: in
 
         run_worker(settings_of_command(), WorkerOptions(
             device=device, name=name, capacity=size, metrics_port=metrics_port,
-            local_device=local_device))
-    except (ValueError, RuntimeError) as exc:
+            local_device=local_device, task_modules=task_modules))
+    except (ValueError, RuntimeError, ImportError) as exc:
         fail(str(exc), INVALID)
 
 

@@ -38,7 +38,7 @@ GRACE_SECONDS = 30.0
 CANCEL_POLL_SECONDS = 0.1
 """Checks closer together than this share one look at the cancel flag (a Redis round trip)."""
 
-Report = Callable[[Stage, Progress | None, str | None], None]
+Report = Callable[[Stage, Progress | None, str | None, dict[str, float] | None], None]
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,12 @@ class JobGuard:
             return True
         return False
 
-    def _emit(self, stage: Stage, progress: Progress | None, message: str | None) -> None:
+    def _emit(self, stage: Stage, progress: Progress | None, message: str | None,
+              metrics: dict[str, float] | None = None) -> None:
         self.check()
         announced, self._announced = self._announced, None
         if stage is not announced or (progress is not None and progress.fraction > 0):
-            self._report(stage, progress, message)
+            self._report(stage, progress, message, metrics)
         if stage is not self._stage:
             self._stage = stage
             self.faults.on_stage(self.job, stage, self.reporter)

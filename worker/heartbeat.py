@@ -33,6 +33,7 @@ class WorkerState:
     capacity: int
     free: int
     models: list[ResidentModel]
+    tasks: tuple[str, ...] = ()
 
 
 class WorkerNameTaken(RuntimeError):
@@ -66,7 +67,7 @@ class Heartbeat:
         return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
                           device=self.device, queue=worker_queue(self.name),
                           capacity_bytes=state.capacity, free_bytes=state.free,
-                          models=tuple(state.models), started_at=self.started_at,
+                          models=tuple(state.models), tasks=state.tasks, started_at=self.started_at,
                           heartbeat_at=datetime.now(UTC))
 
     def register(self) -> None:

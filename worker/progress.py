@@ -16,7 +16,8 @@ from tqdm.auto import tqdm as base_tqdm
 
 from schemas import Progress, Stage
 
-Emit = Callable[[Stage, Progress | None, str | None], None]
+Emit = Callable[[Stage, Progress | None, str | None, dict[str, float] | None], None]
+"""(stage, progress, message, metrics): one report of a running job."""
 
 
 class Reporter:
@@ -32,21 +33,23 @@ class Reporter:
     def stage(self, stage: Stage, message: str | None = None) -> None:
         """Enter `stage` (always sent)."""
         self.stage_now = stage
-        self._emit(stage, Progress(fraction=0.0), message)
+        self._emit(stage, Progress(fraction=0.0), message, None)
         self._last = time.monotonic()
 
-    def progress(self, done: float, total: float | None, unit: str = "bytes") -> None:
-        """Report progress in the current stage (sent when due, and at the end)."""
+    def progress(self, done: float, total: float | None, unit: str = "bytes",
+                 metrics: dict[str, float] | None = None) -> None:
+        """Report progress in the current stage (sent when due, and at the end); a report
+        with `metrics` (a training step's loss) is always sent."""
         if self.stage_now is None:
             return
         now = time.monotonic()
         finished = total is not None and done >= total
-        if not finished and now - self._last < self.interval:
+        if not finished and metrics is None and now - self._last < self.interval:
             return
         fraction = min(1.0, done / total) if total else 0.0
         self._emit(self.stage_now, Progress(fraction=fraction, done=int(done),
                                             total=None if total is None else int(total),
-                                            unit=unit), None)
+                                            unit=unit), None, metrics)
         self._last = now
 
     def cancelled(self) -> bool:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from schemas import LoadJob, ModelInfo, Stage
+from schemas import LoadJob, ModelInfo, RunResult, Stage
 from worker.admission import Admission
 from worker.cache import ModelCache
 from worker.progress import Reporter
 from worker.resident import Residents
+
+MAX_RESULT_BYTES = 1 << 20
+"""A run job's result, as JSON, is at most this many bytes (Settings.max_result_bytes)."""
 
 Claim = tuple[str, str]
 """(key, value): a routing claim a job's final record deletes while it still holds value."""
@@ -24,7 +27,7 @@ Claim = tuple[str, str]
 class Handler:
     """What one job kind does on a worker; subclasses implement `run` and override the rest."""
 
-    def run(self, job: Any, reporter: Reporter) -> ModelInfo:
+    def run(self, job: Any, reporter: Reporter) -> ModelInfo | RunResult:
         """Do the job; its result goes into the succeeded record."""
         raise NotImplementedError
 
@@ -44,22 +47,25 @@ class Handler:
         """Routing claims that this job's final record drops."""
         return []
 
-    def cached(self, job: Any) -> ModelInfo | None:
+    def cached(self, job: Any) -> ModelInfo | RunResult | None:
         """The result when the cache already serves the job as asked (one write, no run)."""
         return None
 
-    def served(self, result: ModelInfo) -> None:
+    def served(self, result: ModelInfo | RunResult) -> None:
         """A job was served from `cached`'s answer."""
 
 
-def handler_table(residents: Residents, admission: Admission,
-                  claim: Callable[[LoadJob], Claim] | None = None) -> Mapping[str, Handler]:
+def handler_table(residents: Residents, admission: Admission, *,
+                  claim: Callable[[LoadJob], Claim] | None = None,
+                  max_result_bytes: int = MAX_RESULT_BYTES) -> Mapping[str, Handler]:
     """The handlers of a worker, by job kind."""
     from worker.handlers.attach import AttachHandler, UnloadHandler
     from worker.handlers.load import LoadHandler
+    from worker.handlers.run import RunHandler
 
-    return {"load": LoadHandler(residents, admission, claim), "attach": AttachHandler(residents),
-            "unload": UnloadHandler(residents)}
+    load = LoadHandler(residents, admission, claim)
+    return {"load": load, "attach": AttachHandler(residents), "unload": UnloadHandler(residents),
+            "run": RunHandler(residents, load, max_result_bytes=max_result_bytes)}
 
 
 def local_handlers(cache: ModelCache, *, name: str = "local", device: str = "cpu") -> Mapping[str, Handler]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from schemas import AdapterSpec, Cancelled, DType, LoadJob, ModelInfo, ModelRef, Stage
+from schemas import AdapterSpec, Cancelled, DType, LoadJob, ModelInfo, ModelRef, RunResult, Stage
 from schemas.errors import ModelqError
 from schemas.tenants import SHARED_TENANT
 from tasks.registry import request_key
@@ -170,9 +170,9 @@ class LoadHandler(Handler):
             return None
         return self.residents.info(entry, True, time.monotonic() - started, measure=False)
 
-    def served(self, result: ModelInfo) -> None:
+    def served(self, result: ModelInfo | RunResult) -> None:
         entry = self.cache.get(result.model_key)
-        if entry is not None:
+        if entry is not None and isinstance(result, ModelInfo):
             entry.info = result
 
 

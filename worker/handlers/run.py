@@ -1,0 +1,141 @@
+"""The run handler: a named task runs on a resident model (loaded first when the job says how).
+
+The model is the task's alone while it runs: the worker's solo pool runs one job at a
+time, and the entry is marked busy so that nothing evicts it. The task's adapters are
+set for the call and restored after it (worker/model_tasks.py `call_task`), unless the
+task changes them on purpose; then the entry learns what the model now carries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from schemas import AccessDenied, ModelInfo, RunJob, RunResult, Stage
+from schemas.tenants import SHARED_TENANT
+from worker import adapters
+from worker.access import Access
+from worker.cache import Entry
+from worker.handlers import Claim, Handler
+from worker.handlers.load import LoadHandler, check_cancel
+from worker.model_tasks import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
+from worker.progress import Reporter
+from worker.resident import Residents
+from worker.task_io import PathResolver, load_tokenizer
+
+ADAPTER_TASKS = frozenset({"modelq.add_adapter", "modelq.train_adapter", "modelq.save_adapter"})
+"""Built-in tasks that name adapters: a tenant runs them only on its own (private) models."""
+
+
+class RunHandler(Handler):
+    """Runs run jobs: the model found (or loaded), the task called with it in hand."""
+
+    def __init__(self, residents: Residents, load: LoadHandler, *, max_result_bytes: int,
+                 registry: TaskRegistry = REGISTRY) -> None:
+        self.residents = residents
+        self.load = load
+        self.max_result_bytes = max_result_bytes
+        self.registry = registry
+
+    def opening(self, job: RunJob) -> tuple[Stage, str]:
+        if job.model.load is not None:
+            return self.load.opening(job.model.load)
+        return Stage.running_task, f"running {job.task}"
+
+    def ref(self, job: RunJob) -> str:
+        return job.model.load.model.display if job.model.load is not None else job.task
+
+    def timeout(self, job: RunJob) -> float | None:
+        return job.timeout_seconds
+
+    def claims(self, job: RunJob) -> list[Claim]:
+        return self.load.claims(job.model.load) if job.model.load is not None else []
+
+    def run(self, job: RunJob, reporter: Reporter) -> RunResult:
+        self.registry.get(job.task)  # TaskNotFound before anything is loaded
+        started = time.monotonic()
+        cache_hit = True
+        key = job.model.model_key
+        if job.model.load is not None:
+            loaded = self.load.run(job.model.load, reporter)
+            key, cache_hit = loaded.model_key, loaded.cache_hit
+        assert key is not None
+        entry = self.residents.owned(key, job.tenant)
+        self._check_shared(job, entry)
+        cache = self.residents.cache
+        cache.busy = key  # in use: never evicted meanwhile
+        try:
+            value, info = self._call(job, entry, reporter)
+        finally:
+            cache.busy = None
+        return RunResult(model_key=key, value=value, seconds=round(time.monotonic() - started, 4),
+                         cache_hit=cache_hit, model=info)
+
+    def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[object, ModelInfo]:
+        policy, tenant = self.residents.policy, job.tenant
+        reporter.stage(Stage.running_task, f"running {job.task} on {entry.key}")
+        wanted = None if job.adapters is None else tuple(policy.adapter_name(a, tenant)
+                                                        for a in job.adapters)
+        ctx = TaskContext(model=entry.model, model_key=entry.key, device=_device(entry.model),
+                          adapters=wanted, hooks=TaskHooks(
+                              progress=lambda done, total, metrics: reporter.progress(
+                                  done, total, unit="steps", metrics=metrics),
+                              check_cancel=lambda: check_cancel(reporter),
+                              resolve_path=path_resolver(policy.access(tenant)),
+                              load_tokenizer=_tokenizer(entry)))
+        outcome = call_task(ctx, job.task, job.args, job.kwargs, self.max_result_bytes,
+                            registry=self.registry)
+        changed = outcome.replaced or self.registry.get(job.task).changes_adapters
+        if outcome.replaced:
+            entry.model = outcome.model
+        if changed:
+            _learn_adapters(entry)
+        entry.info = self.residents.info(entry, True, 0.0, measure=changed)
+        return outcome.value, policy.view(entry.info, entry, tenant)
+
+    def _check_shared(self, job: RunJob, entry: Entry) -> None:
+        if entry.tenant == SHARED_TENANT and job.task in ADAPTER_TASKS:
+            raise AccessDenied(f"{job.task} adds, trains or saves adapters, which a shared base "
+                               f"({entry.base.ref}) does not allow: load a private copy (a local "
+                               "folder, or the repo without a pinned commit)", task=job.task)
+
+
+def path_resolver(access: Access) -> PathResolver:
+    """The tenant's path rule for tasks: a real path, AccessDenied outside its roots."""
+    def resolve(path: str | Path, *, for_writing: bool) -> Path:
+        real = Path(os.path.realpath(os.path.expanduser(str(path))))
+        access.check_path(str(path)[:200], real)
+        return real
+    return resolve
+
+
+def _tokenizer(entry: Entry) -> Callable[[], PreTrainedTokenizerBase]:
+    """Loads the base's tokenizer once and keeps it with the cache entry."""
+    def load() -> PreTrainedTokenizerBase:
+        if entry.tokenizer is None:
+            entry.tokenizer = load_tokenizer(entry.base.path, entry.key)
+        tokenizer: PreTrainedTokenizerBase = entry.tokenizer
+        return tokenizer
+    return load
+
+
+def _learn_adapters(entry: Entry) -> None:
+    """After a task that changes adapters: the entry lists what the model now carries (an
+    adapter made by a task has no source; its identity says so)."""
+    attached, _active = adapters.names(entry.model)
+    for name in attached:
+        entry.adapters.setdefault(name, f"task:{name}")
+    for name in [n for n in entry.adapters if n not in attached]:
+        entry.adapters.pop(name)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
