@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from schemas import AttachAdapterJob, LoadJob, UnloadJob, WorkerInfo
+from tasks.connection import text
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 
 AnyJob = LoadJob | AttachAdapterJob | UnloadJob
@@ -56,7 +57,7 @@ class Registry:
                                                                          list[bytes | None]]:
         """`read`'s result from its script's reply (names whose entry expired are dropped)."""
         values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
-        entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
+        entries = sorted((text(name), raw) for name, raw in zip(reply[::2], reply[1::2], strict=True))
         live = [self._info(raw) for _, raw in entries if raw]
         gone = [name for name, raw in entries if not raw]
         if gone:
@@ -100,8 +101,8 @@ class Registry:
             if self.redis.set(key, queue, nx=True, px=self.claim_ms):
                 return queue
             claimed = self.redis.get(key)
-            if claimed is not None and _text(claimed) in live:
-                return _text(claimed)  # an identical load is in flight there
+            if claimed is not None and text(claimed) in live:
+                return text(claimed)  # an identical load is in flight there
             self.redis.delete(key)  # its worker is gone
         return queue
 
@@ -153,8 +154,3 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return out
 """
-
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -22,6 +22,7 @@ import redis
 from schemas import TERMINAL, Event, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
 from schemas.records import JobSpec
 from tasks import record_scripts as scripts
+from tasks.connection import text
 from tasks.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ class Store:
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 try:
-                    out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
+                    out.append((text(entry_id), Event.model_validate_json(fields[_field(fields)])))
                 except (KeyError, ValueError):  # not written by modelq: readers go on past it
-                    log.warning("job %s: skipping a malformed event %s", job_id, _text(entry_id))
+                    log.warning("job %s: skipping a malformed event %s", job_id, text(entry_id))
         return out
 
     def ended(self, job_id: str, block_ms: int) -> JobRecord | None:
@@ -125,7 +126,7 @@ class Store:
                   EVENTS_MAXLEN, event_json])
         if wrote:
             self._remember(job_id, running_json, running)
-        return Started(holder=_text(holder), record=running if wrote else None,
+        return Started(holder=text(holder), record=running if wrote else None,
                        current=current or None, cancel=bool(cancel))
 
     def create(self, record: JobRecord, *, open_jobs: bool = False) -> None:
@@ -287,10 +288,6 @@ def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
     return {}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _field(fields: dict[Any, Any]) -> Any:
     return b"event" if b"event" in fields else "event"
 
@@ -310,7 +307,8 @@ def follow(store: Store, job_id: str, timeout: float | None = None,
                 return
             block = max(1, min(poll_ms, int(left * 1000)))
         batch = store.events(job_id, after=after, block_ms=block)
-        for after, event in batch:
+        for entry_id, event in batch:
+            after = entry_id  # the next read starts past it
             yield event
             if event.status in TERMINAL:
                 return
