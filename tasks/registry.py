@@ -19,6 +19,7 @@ import redis
 from schemas import AttachAdapterJob, LoadJob, UnloadJob, WorkerInfo
 from tasks.connection import text
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.scripts import script
 
 AnyJob = LoadJob | AttachAdapterJob | UnloadJob
 
@@ -37,7 +38,7 @@ class Registry:
         self.redis = client
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
-        self.read_script = client.register_script(_ENTRIES)
+        self.read_script = script(client, "registry_read")  # public: the client pipelines it
         self._parsed: dict[bytes, WorkerInfo] = {}  # frozen entries by their JSON
 
     def workers(self) -> list[WorkerInfo]:
@@ -140,17 +141,3 @@ def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:
     The worker drops it, only while it still names its queue, with the job's final record.
     """
     return keys.loading(request_key(job)), worker_queue(worker)
-
-
-# The values of KEYS[2..] ('' when missing), then every registered name with its entry
-# ('' once expired): KEYS the name set, then other keys to read; ARGV the entries' key
-# prefix. One round trip for what a router reads on each submit.
-_ENTRIES = """
-local out = {}
-for i = 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  out[#out + 1] = name
-  out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''
-end
-return out
-"""
