@@ -38,7 +38,7 @@ from tasks.keys import SHARED_QUEUE, Keys
 from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now, submitted
-from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, scoped_workers
+from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -140,7 +140,7 @@ class Client:
     def workers(self) -> list[WorkerInfo]:
         """The pool; with a tenant set, only its own models, shared bases and its own adapters."""
         workers = self.registry.workers()
-        return workers if self.settings.tenant is None else scoped_workers(workers, self.settings.tenant)
+        return workers if self.settings.tenant is None else visible_workers(workers, self.settings.tenant)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job at once; a running one stops at its next stage boundary."""

@@ -88,12 +88,12 @@ class Registry:
         """
         workers = self.workers() if workers is None else workers
         if not isinstance(job, LoadJob):
-            return route(job, workers)
+            return choose_queue(job, workers)
         wanted = request_key(job)
         holder = _serving(wanted, workers)
         if holder is not None:
             return holder.queue  # resident there already: a cache hit needs no claim
-        queue = route(job, workers, wanted)
+        queue = choose_queue(job, workers, wanted)
         if queue == SHARED_QUEUE:
             return queue
         key = self.keys.loading(wanted)
@@ -108,7 +108,7 @@ class Registry:
         return queue
 
 
-def route(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
+def choose_queue(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
     """The holder's queue for attach/unload and resident loads; a new load to the most free bytes.
 
     `wanted` is the load's request key, when the caller has it already.

@@ -197,7 +197,7 @@ def check_submit_quota(client: redis.Redis, keys: Keys, tenant: str,
                             used=unfinished, limit=limits.max_concurrent_jobs)
 
 
-def scoped_workers(workers: list[WorkerInfo], tenant: str) -> list[WorkerInfo]:
+def visible_workers(workers: list[WorkerInfo], tenant: str) -> list[WorkerInfo]:
     """The pool as `tenant` may see it: its own models and shared bases, its own adapters."""
     out = []
     for worker in workers:
