@@ -28,6 +28,7 @@ import redis
 
 from schemas.errors import AccessDenied
 from schemas.tenants import Signature
+from tasks.connection import text
 from tasks.keys import Keys
 from tasks.tenants import Tenants
 
@@ -90,11 +91,7 @@ def verify(payload: Any, tenants: Tenants, client: redis.Redis, keys: Keys, *,
     key = keys.nonce(auth.tenant, auth.nonce)
     if not client.set(key, job_id, nx=True, ex=max(1, int(left) + 1)):
         used_for = client.get(key)
-        if used_for is not None and _text(used_for) != job_id:
+        if used_for is not None and text(used_for) != job_id:
             raise AccessDenied("the job's nonce was already used by another job: this is a "
                                "replayed message; submit a new job instead", tenant=auth.tenant)
     return auth.tenant
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -344,11 +344,11 @@ def gateway(host: str, port: int) -> None:
     """The HTTP API (OpenAPI at /docs) for platforms that don't speak Celery."""
     import uvicorn
 
-    from tasks.gateway import create_app
+    from tasks.gateway import create_gateway
     from tasks.tenants import load_tenants
 
     settings = settings_of_command()
-    uvicorn.run(create_app(settings, tenants=load_tenants(settings.tenants_file)), host=host,
+    uvicorn.run(create_gateway(settings, tenants=load_tenants(settings.tenants_file)), host=host,
                 port=port, log_config=None)
 
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import NoScriptError
-from redis.sentinel import Sentinel
 
 from schemas import (
     AccessDenied,
@@ -34,19 +33,14 @@ from schemas import (
     WorkerInfo,
     parse_job,
 )
+from schemas.tenants import TenantLimits
 from tasks.auth import sign
+from tasks.connection import connect as connect  # worker/main.py imports it from here still
 from tasks.keys import SHARED_QUEUE, Keys
 from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.store import Store, follow, now, submitted
-from tasks.tenants import (
-    DEFAULT_TENANT,
-    TenantLimits,
-    check_submit_quota,
-    parse_limits,
-    pick_queue,
-    scoped_workers,
-)
+from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -54,26 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AnyJob = LoadJob | AttachAdapterJob | UnloadJob
-
-
-def connect(settings: Settings) -> redis.Redis:
-    """A Redis client that fails within the connect timeout instead of hanging.
-
-    With a sentinel:// URL it is the master's client: each new connection asks the
-    sentinels where the master is, so after a failover the next command reaches the
-    promoted replica (a command in flight at that moment may fail with ConnectionError).
-    """
-    options: dict[str, Any] = dict(
-        socket_connect_timeout=settings.connect_timeout_seconds,
-        socket_timeout=settings.connect_timeout_seconds + 60,
-        health_check_interval=30,
-    )
-    target = settings.sentinel
-    if target is None:
-        return redis.Redis.from_url(settings.redis_url, **options)
-    sentinels = Sentinel(list(target.nodes), sentinel_kwargs=settings.sentinel_kwargs())
-    return sentinels.master_for(target.master, db=target.db, username=target.username,
-                                password=target.password, **options)
 
 
 class Client:
@@ -170,7 +144,7 @@ class Client:
     def workers(self) -> list[WorkerInfo]:
         """The pool; with a tenant set, only its own models, shared bases and its own adapters."""
         workers = self.registry.workers()
-        return workers if self.settings.tenant is None else scoped_workers(workers, self.settings.tenant)
+        return workers if self.settings.tenant is None else visible_workers(workers, self.settings.tenant)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job at once; a running one stops at its next stage boundary."""

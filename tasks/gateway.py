@@ -37,7 +37,7 @@ from schemas import (
 from tasks.client import Client, not_resident
 from tasks.settings import Settings
 from tasks.store import not_found
-from tasks.tenants import Tenants, scoped_workers
+from tasks.tenants import Tenants, visible_workers
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ STATUS: dict[type[ModelqError], int] = {
 KEEPALIVE_MS = 15_000
 
 
-def single_tenant(api_key: str | None) -> str:
-    """The default: everyone is tenant 'default' and no key is needed."""
+def as_default_tenant(api_key: str | None) -> str:
+    """The default `Authenticate`: every caller is tenant 'default' and no key is needed
+    (the gateway's side of single-tenant mode, whose Tenants is tasks.tenants.single_tenant)."""
     return "default"
 
 
@@ -93,7 +94,7 @@ Tenant = Annotated[str, Depends(_tenant)]
 JobBody = Annotated[dict[str, Any], Body(description="A job as the schemas define it (`modelq schema`)")]
 
 
-def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
+def create_gateway(settings: Settings, authenticate: Authenticate = as_default_tenant,
                client: Client | None = None, tenants: Tenants | None = None) -> FastAPI:
     """The gateway app on `settings`' Redis; pass `authenticate` to check API keys.
 
@@ -201,7 +202,7 @@ def create_app(settings: Settings, authenticate: Authenticate = single_tenant,
     def list_workers(who: Tenant) -> list[WorkerInfo]:
         """Live workers and, of their resident models, the caller's (and shared bases, with only
         the caller's adapters)."""
-        return scoped_workers(modelq.workers(), who)
+        return visible_workers(modelq.workers(), who)
 
     @app.get("/healthz", tags=["pool"])
     def health() -> dict[str, str]:

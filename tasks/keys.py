@@ -20,6 +20,11 @@ class Keys:
         """String: the JobRecord as JSON."""
         return f"{self.prefix}:job:{job_id}"
 
+    def revision(self, job_id: str) -> str:
+        """String: the record's revision, an integer each write of the record increments
+        (1: as submitted). Record scripts compare it instead of the record's bytes."""
+        return f"{self.prefix}:job:{job_id}:revision"
+
     def events(self, job_id: str) -> str:
         """Stream: the job's Events, field 'event' holding JSON."""
         return f"{self.prefix}:job:{job_id}:events"

@@ -17,7 +17,9 @@ from typing import Any
 import redis
 
 from schemas import AttachAdapterJob, LoadJob, UnloadJob, WorkerInfo
+from tasks.connection import text
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.scripts import script
 
 AnyJob = LoadJob | AttachAdapterJob | UnloadJob
 
@@ -36,7 +38,7 @@ class Registry:
         self.redis = client
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
-        self.read_script = client.register_script(_ENTRIES)
+        self.read_script = script(client, "registry_read")  # public: the client pipelines it
         self._parsed: dict[bytes, WorkerInfo] = {}  # frozen entries by their JSON
 
     def workers(self) -> list[WorkerInfo]:
@@ -56,7 +58,7 @@ class Registry:
                                                                          list[bytes | None]]:
         """`read`'s result from its script's reply (names whose entry expired are dropped)."""
         values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
-        entries = sorted((_text(name), raw) for name, raw in zip(reply[::2], reply[1::2]))
+        entries = sorted((text(name), raw) for name, raw in zip(reply[::2], reply[1::2], strict=True))
         live = [self._info(raw) for _, raw in entries if raw]
         gone = [name for name, raw in entries if not raw]
         if gone:
@@ -86,12 +88,12 @@ class Registry:
         """
         workers = self.workers() if workers is None else workers
         if not isinstance(job, LoadJob):
-            return route(job, workers)
+            return choose_queue(job, workers)
         wanted = request_key(job)
         holder = _serving(wanted, workers)
         if holder is not None:
             return holder.queue  # resident there already: a cache hit needs no claim
-        queue = route(job, workers, wanted)
+        queue = choose_queue(job, workers, wanted)
         if queue == SHARED_QUEUE:
             return queue
         key = self.keys.loading(wanted)
@@ -100,13 +102,13 @@ class Registry:
             if self.redis.set(key, queue, nx=True, px=self.claim_ms):
                 return queue
             claimed = self.redis.get(key)
-            if claimed is not None and _text(claimed) in live:
-                return _text(claimed)  # an identical load is in flight there
+            if claimed is not None and text(claimed) in live:
+                return text(claimed)  # an identical load is in flight there
             self.redis.delete(key)  # its worker is gone
         return queue
 
 
-def route(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
+def choose_queue(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
     """The holder's queue for attach/unload and resident loads; a new load to the most free bytes.
 
     `wanted` is the load's request key, when the caller has it already.
@@ -139,22 +141,3 @@ def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:
     The worker drops it, only while it still names its queue, with the job's final record.
     """
     return keys.loading(request_key(job)), worker_queue(worker)
-
-
-# The values of KEYS[2..] ('' when missing), then every registered name with its entry
-# ('' once expired): KEYS the name set, then other keys to read; ARGV the entries' key
-# prefix. One round trip for what a router reads on each submit.
-_ENTRIES = """
-local out = {}
-for i = 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  out[#out + 1] = name
-  out[#out + 1] = redis.call('GET', ARGV[1] .. name) or ''
-end
-return out
-"""
-
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,31 +1,71 @@
 """Job records and event streams in Redis: the one place a job's status changes (no torch).
 
-Each change is one mapping (status, its timestamp, worker, result or error) written
-with its event atomically, so a cancel and a worker's update never overwrite each
-other: a compare-and-set script against the value this store last saw (one round
-trip, the worker's usual case), else MULTI/EXEC under WATCH. A terminal record
-never changes again. A worker's first attempt starts with its lease taken in the
-same script (`start`), and a cache hit goes from queued to succeeded in one
-(`run_through`); the Lua lives in tasks/record_scripts.py.
+The record protocol
+-------------------
+A job's keys (tasks/keys.py): `job` (the JobRecord JSON), `revision` (an integer that every
+write of the record increments; 1 is the record as submitted), `events` (a stream of Event
+JSON), `done` (a one-entry stream written with the final record, which waiters block on)
+and `cancel` (a flag). A worker also holds the job's `lease`, and a load its routing
+claim (`loading`); both go with the job's final record.
+
+Who writes which status:
+
+- the client (tasks/client.py): `queued` on submit (`create`); `cancelled` for a job that
+  has not started (`transition(..., only_from={queued, retrying})`); for a started job only
+  the cancel flag (`request_cancel`), which the running worker polls between stages.
+- the worker (worker/runner.py): `running` (`start` on a first attempt, `transition` on a
+  later one), its stages and progress (`report`: still `running`), and the final record,
+  `succeeded`, `failed` or `cancelled` (`transition`, with `release` dropping its lease and
+  claim in the same write). A cache hit goes from `queued` to `succeeded` (`run_through`).
+
+A final record never changes again: `_next` refuses any change to one, and every write is
+a compare-and-set on the revision, so no write lands on a record its writer did not read.
+
+Which script does which transition (tasks/lua/, loaded by tasks/scripts.py):
+
+- record_create.lua, `create`: the record at revision 1 (SET NX), its first event and its
+  tenant index entries.
+- record_write.lua, `transition`/`report`: any later change: written, with its event, only
+  while the revision is the one read, which it increments; a final record also ends the
+  event stream's life, drops the cancel flag, writes `done` and releases the given keys.
+- record_start.lua, `start`: takes the lease and, when it is the caller's and the revision
+  is 1, writes `running`.
+- record_run_through.lua, `run_through`: `queued` to `succeeded` with both events, when the
+  revision is 1 and no one holds the lease.
+- release.lua, `release`: compare-and-delete of (key, value) pairs.
+
+Fast paths, one round trip each: `start` (a first attempt: lease and `running` together),
+`run_through` (a cache hit), and `transition` when this store wrote or read the record last
+(it remembers the revision). Otherwise `transition` reads record and revision (one MGET)
+and runs the same compare-and-set again, until it applies or `_next` refuses the change:
+the rules for a final record live in Lua only. The scripts compare revisions, never the
+record's bytes, so a producer and a worker that render JSON differently (another pydantic,
+keys in another order) keep the fast paths. A record older than revisions reads as 0.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from schemas import TERMINAL, Event, Job, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
-from tasks import record_scripts as scripts
+from tasks.connection import text
 from tasks.keys import Keys
+from tasks.scripts import script
 
 log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 10_000
+SUBMITTED = 1
+"""The revision `create` writes: a record at it is still as submitted."""
+
+_Streams = list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]  # an XREAD reply
 
 
 def now() -> datetime:
@@ -46,6 +86,7 @@ class Started:
     record: JobRecord | None  # the running record, when the stored one was still as submitted
     current: bytes | None  # otherwise the record as stored (None: there is none)
     cancel: bool  # a cancel was asked for (a running attempt's flag outlives it)
+    revision: int = 0  # the stored record's revision after the script (0: none)
 
 
 def not_found(job_id: str) -> JobNotFound:
@@ -61,47 +102,64 @@ class Store:
         self.redis = client
         self.keys = keys
         self.record_ttl = record_ttl
-        self._seen: dict[str, tuple[bytes | str, JobRecord]] = {}  # job id -> last read/written
-        self._cas_script = client.register_script(scripts.CAS)
-        self.create_script = client.register_script(scripts.CREATE)
-        self._release_script = client.register_script(scripts.RELEASE)
-        self._start_script = client.register_script(scripts.START)
-        self._run_through_script = client.register_script(scripts.RUN_THROUGH)
+        self._seen: dict[str, tuple[int, JobRecord]] = {}  # job id -> revision, record last seen
+        self._offered: tuple[str, bytes, int] | None = None  # start's record, for `adopt`
+        self.create_script = script(client, "record_create")  # public: the client pipelines it
+        self._write_script = script(client, "record_write")
+        self._start_script = script(client, "record_start")
+        self._run_through_script = script(client, "record_run_through")
+        self._release_script = script(client, "release")
 
     # --- reading -------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord:
-        raw = self.redis.get(self.keys.job(job_id))
+        return self._read(job_id)[1]
+
+    def _read(self, job_id: str) -> tuple[int, JobRecord]:
+        """The record and its revision (one round trip); JobNotFound if there is none."""
+        raw, revision = self.redis.mget([self.keys.job(job_id), self.keys.revision(job_id)])
         if raw is None:
             raise not_found(job_id)
-        return self.adopt(job_id, raw)
+        record = self.adopt(job_id, raw, int(revision or 0))
+        return int(revision or 0), record
 
-    def adopt(self, job_id: str, raw: bytes | str) -> JobRecord:
-        """The record from `raw`, read by another path (a lease taken in the same round trip)."""
+    def adopt(self, job_id: str, raw: bytes | str, revision: int | None = None) -> JobRecord:
+        """The record from `raw`, read by another path (`Started.current`: a lease taken in
+        the same round trip), remembered with its `revision` (known for what `start` returned)
+        so that the next `transition` is one round trip."""
         record = JobRecord.model_validate_json(raw)
-        self._remember(job_id, raw, record)
+        offered, self._offered = self._offered, None
+        if revision is None and offered is not None and offered[:2] == (job_id, raw):
+            revision = offered[2]
+        if revision is None:
+            self._seen.pop(job_id, None)
+        else:
+            self._remember(job_id, revision, record)
         return record
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None,
                count: int = 200) -> list[tuple[str, Event]]:
         """Events after stream id `after`, waiting up to `block_ms` for the first."""
-        reply = self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
+        reply = cast(_Streams, self.redis.xread({self.keys.events(job_id): after}, count=count,
+                                                block=block_ms))
         out: list[tuple[str, Event]] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                try:
-                    out.append((_text(entry_id), Event.model_validate_json(fields[_field(fields)])))
+                try:  # the field is b"event" or "event" (a client that decodes replies)
+                    raw = fields[b"event"] if b"event" in fields else fields["event"]
+                    out.append((text(entry_id), Event.model_validate_json(raw)))
                 except (KeyError, ValueError):  # not written by modelq: readers go on past it
-                    log.warning("job %s: skipping a malformed event %s", job_id, _text(entry_id))
+                    log.warning("job %s: skipping a malformed event %s", job_id, text(entry_id))
         return out
 
     def ended(self, job_id: str, block_ms: int) -> JobRecord | None:
         """The terminal record once the job ends, waiting up to `block_ms`; None meanwhile."""
-        reply = self.redis.xread({self.keys.done(job_id): "0-0"}, count=1, block=block_ms)
+        reply = cast(_Streams, self.redis.xread({self.keys.done(job_id): "0-0"}, count=1,
+                                                block=block_ms))
         for _stream, entries in reply or []:
             for _entry_id, fields in entries:
-                raw = fields.get(b"record", fields.get("record"))
-                return JobRecord.model_validate_json(raw)
+                return JobRecord.model_validate_json(fields[b"record"] if b"record" in fields
+                                                     else fields["record"])
         return None
 
     # --- writing -------------------------------------------------------------------
@@ -109,29 +167,33 @@ class Store:
     def start(self, record: JobRecord, lease: tuple[str, str, int], *, message: str | None,
               **changes: Any) -> Started:
         """Take the job's lease (key, token, ttl ms: SET NX) and, if the lease is the caller's
-        and the stored record is still `record` (as submitted), mark it running with `changes`:
-        one round trip for a first attempt. Anything else is left to the caller, who reads
-        `Started.current` and uses `transition`.
+        and the stored record is still as submitted (revision 1; `record` is what the client
+        wrote, rendered by the caller), mark it running with `changes`: one round trip for a
+        first attempt. Anything else is left to the caller, who reads `Started.current`
+        (`adopt`) and uses `transition`.
         """
         job_id = record.job_id
         outcome = self._next(job_id, record, JobStatus.running, message, None, changes)
         assert outcome is not None, "start() takes a record as submitted (queued)"
         running, running_json, event_json = outcome
         key, token, ttl_ms = lease
-        holder, wrote, current, cancel = self._start_script(
-            keys=[key, self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id)],
-            args=[token, ttl_ms, record.model_dump_json(), running_json, self.record_ttl,
-                  EVENTS_MAXLEN, event_json])
+        holder, wrote, current, cancel, revision = self._start_script(
+            keys=[key, self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id),
+                  self.keys.cancel(job_id)],
+            args=[token, ttl_ms, SUBMITTED, running_json, self.record_ttl, EVENTS_MAXLEN,
+                  event_json])
         if wrote:
-            self._remember(job_id, running_json, running)
-        return Started(holder=_text(holder), record=running if wrote else None,
-                       current=current or None, cancel=bool(cancel))
+            self._remember(job_id, int(revision), running)
+        elif current:
+            self._offered = (job_id, current, int(revision))
+        return Started(holder=text(holder), record=running if wrote else None,
+                       current=current or None, cancel=bool(cancel), revision=int(revision))
 
     def create(self, record: JobRecord, *, open_jobs: bool = False) -> None:
         """Write a new record with its first event; refuses to overwrite an existing job.
 
-        One round trip: the record, its event and its place in the tenant's job index
-        (and, with `open_jobs`, in the tenant's open jobs that quotas count).
+        One round trip: the record (revision 1), its event and its place in the tenant's job
+        index (and, with `open_jobs`, in the tenant's open jobs that quotas count).
         """
         keys, args = self.create_call(record, open_jobs=open_jobs)
         self.created(record, self.create_script(keys=keys, args=args))
@@ -140,9 +202,10 @@ class Store:
         """`create`'s script arguments (keys, args), for a caller that pipelines it."""
         event = _event(record, "submitted").model_dump_json()
         index = [self.keys.jobs(record.tenant)] + ([self.keys.open_jobs(record.tenant)] if open_jobs else [])
-        return ([self.keys.job(record.job_id), self.keys.events(record.job_id), *index],
+        job_id = record.job_id
+        return ([self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id), *index],
                 [record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
-                 record.created_at.timestamp(), record.job_id])
+                 record.created_at.timestamp(), job_id])
 
     @staticmethod
     def created(record: JobRecord, reply: Any) -> None:
@@ -153,8 +216,8 @@ class Store:
     def delete(self, job_id: str, tenant: str) -> None:
         """Remove a record that was never enqueued (the send failed), and its index entry."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
-                    self.keys.done(job_id))
+        pipe.delete(self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id),
+                    self.keys.cancel(job_id), self.keys.done(job_id))
         pipe.zrem(self.keys.jobs(tenant), job_id)
         pipe.execute()
 
@@ -163,46 +226,21 @@ class Store:
                    release: Sequence[tuple[str, str]] = (), **changes: Any) -> JobRecord | None:
         """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`.
 
-        When this store wrote or read the job last, the write is one compare-and-set
-        round trip against that value; if anyone changed the record since (a cancel),
-        it falls back to reading it under WATCH. `release` holds (key, value) pairs
-        deleted along with a write that happens, each only while it still holds its value
-        (a job's lease and routing claim, dropped with its final record).
+        A compare-and-set on the record's revision: one round trip when this store wrote or
+        read the job last; else, or when anyone changed it since (a cancel), the record is
+        read again and the change retried on what it is now. `release` holds (key, value)
+        pairs deleted along with a write that happens, each only while it still holds its
+        value (a job's lease and routing claim, dropped with its final record).
         """
         seen = self._seen.get(job_id)
-        if seen is not None:
-            outcome = self._next(job_id, seen[1], status, message, only_from, changes)
-            if outcome is not None and self._cas(job_id, seen[0], *outcome, release=release):
+        revision, current = seen if seen is not None else self._read(job_id)
+        while True:
+            outcome = self._next(job_id, current, status, message, only_from, changes)
+            if outcome is None:
+                return None
+            if self._write(job_id, revision, *outcome, release=release):
                 return outcome[0]
-        key = self.keys.job(job_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise JobNotFound(f"no job {job_id!r}", job_id=job_id)
-                    current = JobRecord.model_validate_json(raw)
-                    outcome = self._next(job_id, current, status, message, only_from, changes)
-                    if outcome is None:
-                        pipe.unwatch()
-                        return None
-                    record, record_json, event_json = outcome
-                    pipe.multi()
-                    pipe.set(key, record_json, ex=self.record_ttl)
-                    pipe.xadd(self.keys.events(job_id), {"event": event_json},
-                              maxlen=EVENTS_MAXLEN, approximate=True)
-                    if status in TERMINAL:
-                        pipe.expire(self.keys.events(job_id), self.record_ttl)
-                        pipe.delete(self.keys.cancel(job_id))
-                        pipe.xadd(self.keys.done(job_id), {"record": record_json})
-                        pipe.expire(self.keys.done(job_id), self.record_ttl)
-                    pipe.execute()
-                    self._remember(job_id, record_json, record)
-                    self.release(release)
-                    return record
-                except redis.WatchError:
-                    continue
+            revision, current = self._read(job_id)
 
     def _next(self, job_id: str, current: JobRecord, status: JobStatus, message: str | None,
               only_from: frozenset[JobStatus] | None,
@@ -219,17 +257,17 @@ class Store:
                     release: Sequence[tuple[str, str]] = ()) -> JobRecord | None:
         """Start a job as submitted and end it succeeded in one write, with both events
         (`started` and `ended`: message and fields of each); None, writing nothing, when the
-        stored record is no longer `record` or someone holds the job's `lease` key."""
+        stored record is no longer as submitted (revision 1) or someone holds the job's
+        `lease` key."""
         job_id = record.job_id
         begun = self._next(job_id, record, JobStatus.running, started[0], None, started[1])
         assert begun is not None, "run_through() takes a record as submitted (queued)"
         final = self._next(job_id, begun[0], JobStatus.succeeded, ended[0], None, ended[1])
         assert final is not None
         written = self._run_through_script(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
-                  self.keys.done(job_id), lease, *(key for key, _ in release)],
-            args=[record.model_dump_json(), final[1], self.record_ttl, EVENTS_MAXLEN, begun[2],
-                  final[2], *(value for _, value in release)])
+            keys=[*self._record_keys(job_id), lease, *(key for key, _ in release)],
+            args=[SUBMITTED, final[1], self.record_ttl, EVENTS_MAXLEN, begun[2], final[2],
+                  *(value for _, value in release)])
         return final[0] if written else None
 
     def release(self, pairs: Sequence[tuple[str, str]]) -> None:
@@ -237,27 +275,30 @@ class Store:
         if pairs:
             self._release_script(keys=[key for key, _ in pairs], args=[value for _, value in pairs])
 
-    def _cas(self, job_id: str, seen: bytes | str, record: JobRecord, record_json: str,
-             event_json: str, release: Sequence[tuple[str, str]] = ()) -> bool:
-        """Write `record` if the stored value is still `seen` (one round trip)."""
-        terminal = record.status in TERMINAL
-        written = self._cas_script(
-            keys=[self.keys.job(job_id), self.keys.events(job_id), self.keys.cancel(job_id),
-                  self.keys.done(job_id), *(key for key, _ in release)],
-            args=[seen, record_json, self.record_ttl, EVENTS_MAXLEN, event_json, int(terminal),
-                  *(value for _, value in release)])
+    def _write(self, job_id: str, revision: int, record: JobRecord, record_json: str,
+               event_json: str, release: Sequence[tuple[str, str]] = ()) -> bool:
+        """Write `record` if the stored revision is still `revision` (one round trip)."""
+        written = self._write_script(
+            keys=[*self._record_keys(job_id), *(key for key, _ in release)],
+            args=[revision, record_json, self.record_ttl, EVENTS_MAXLEN, event_json,
+                  int(record.status in TERMINAL), *(value for _, value in release)])
         if written:
-            self._remember(job_id, record_json, record)
+            self._remember(job_id, revision + 1, record)
         else:
             self._seen.pop(job_id, None)
         return bool(written)
 
-    def _remember(self, job_id: str, raw: bytes | str, record: JobRecord) -> None:
+    def _record_keys(self, job_id: str) -> list[str]:
+        """KEYS 1-5 of the record scripts that write a record: job, revision, events, cancel, done."""
+        return [self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id),
+                self.keys.cancel(job_id), self.keys.done(job_id)]
+
+    def _remember(self, job_id: str, revision: int, record: JobRecord) -> None:
         if record.status in TERMINAL:
             self._seen.pop(job_id, None)
         else:
             self._seen.clear()  # one job at a time is all a worker needs
-            self._seen[job_id] = (raw, record)
+            self._seen[job_id] = (revision, record)
 
     def report(self, job_id: str, stage: Stage, progress: Progress | None = None,
                message: str | None = None) -> JobRecord | None:
@@ -286,19 +327,9 @@ def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
     return {}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _field(fields: dict[Any, Any]) -> Any:
-    return b"event" if b"event" in fields else "event"
-
-
 def follow(store: Store, job_id: str, timeout: float | None = None,
            poll_ms: int = 1000) -> Iterator[Event]:
     """Yield a job's events from the start until a terminal one (or `timeout` passes)."""
-    import time
-
     deadline = None if timeout is None else time.monotonic() + timeout
     after = "0-0"
     while True:
@@ -309,7 +340,8 @@ def follow(store: Store, job_id: str, timeout: float | None = None,
                 return
             block = max(1, min(poll_ms, int(left * 1000)))
         batch = store.events(job_id, after=after, block_ms=block)
-        for after, event in batch:
+        for entry_id, event in batch:
+            after = entry_id  # the next read starts past it
             yield event
             if event.status in TERMINAL:
                 return

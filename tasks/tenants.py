@@ -27,7 +27,7 @@ import json
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
@@ -36,6 +36,7 @@ from schemas import TERMINAL, JobStatus, WorkerInfo
 from schemas.errors import AccessDenied, QuotaExceeded
 from schemas.jobs import check_tenant, describe
 from schemas.tenants import Tenant, TenantLimits
+from tasks.connection import text
 from tasks.keys import SHARED_QUEUE, Keys, tenant_queues
 
 DEFAULT_TENANT = "default"
@@ -176,9 +177,9 @@ def check_submit_quota(client: redis.Redis, keys: Keys, tenant: str,
     """
     if limits.max_queued_jobs is None and limits.max_concurrent_jobs is None:
         return
-    ids = [_text(i) for i in client.zrange(keys.open_jobs(tenant), 0, -1)]
+    ids = [text(i) for i in cast(list[bytes], client.zrange(keys.open_jobs(tenant), 0, -1))]
     raws = client.mget([keys.job(i) for i in ids]) if ids else []
-    statuses = {i: json.loads(raw)["status"] for i, raw in zip(ids, raws) if raw is not None}
+    statuses = {i: json.loads(raw)["status"] for i, raw in zip(ids, raws, strict=True) if raw is not None}
     done = [i for i in ids if statuses.get(i) in (None, *(s.value for s in TERMINAL))]
     if done:
         client.zrem(keys.open_jobs(tenant), *done)
@@ -196,23 +197,25 @@ def check_submit_quota(client: redis.Redis, keys: Keys, tenant: str,
                             used=unfinished, limit=limits.max_concurrent_jobs)
 
 
-def scoped_workers(workers: list[WorkerInfo], tenant: str) -> list[WorkerInfo]:
+def visible_workers(workers: list[WorkerInfo], tenant: str) -> list[WorkerInfo]:
     """The pool as `tenant` may see it: its own models and shared bases, its own adapters."""
-    suffix = f"@{tenant}"
     out = []
     for worker in workers:
         models = []
         for model in worker.models:
             if model.tenant not in (tenant, "*"):  # '*': a shared base, public by definition
                 continue
-            def own(names: tuple[str, ...]) -> tuple[str, ...]:
-                return tuple(n.removesuffix(suffix) for n in names
-                             if n.endswith(suffix) or (model.tenant == tenant and "@" not in n))
-            models.append(model.model_copy(update={"adapters": own(model.adapters),
-                                                   "active_adapters": own(model.active_adapters)}))
+            mine = model.tenant == tenant
+            models.append(model.model_copy(update={
+                "adapters": _own_adapters(model.adapters, tenant, mine),
+                "active_adapters": _own_adapters(model.active_adapters, tenant, mine)}))
         out.append(worker.model_copy(update={"models": tuple(models)}))
     return out
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _own_adapters(names: tuple[str, ...], tenant: str, own_model: bool) -> tuple[str, ...]:
+    """The adapter names `tenant` sees: its own ('NAME@tenant', shown as NAME), and on its own
+    model the names without a tenant suffix."""
+    suffix = f"@{tenant}"
+    return tuple(n.removesuffix(suffix) for n in names
+                 if n.endswith(suffix) or (own_model and "@" not in n))

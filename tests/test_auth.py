@@ -10,7 +10,7 @@ import pytest
 from schemas import AccessDenied, LoadJob, ModelRef
 from schemas.jobs import Envelope, decode_envelope
 from tasks.auth import canonical, sign, verify
-from tasks.client import connect
+from tasks.connection import connect
 from tasks.keys import Keys
 from tasks.settings import Settings
 from tasks.tenants import TenantsFileError, authenticate, load_tenants, parse_tenants

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from schemas import AccessDenied, InvalidJob, parse_job
-from tasks.gateway import create_app
+from tasks.gateway import create_gateway
 from tasks.settings import Settings
 from tests.support.workers import WorkerPool
 
@@ -46,7 +46,7 @@ def serve(app: FastAPI) -> Iterator[str]:
 
 @pytest.fixture
 def gateway(settings: Settings) -> Iterator[httpx.Client]:
-    for url in serve(create_app(settings)):
+    for url in serve(create_gateway(settings)):
         with httpx.Client(base_url=url, timeout=30) as http:
             yield http
 
@@ -140,7 +140,7 @@ def test_api_keys_pick_the_tenant_and_hide_other_tenants_jobs(settings: Settings
             raise AccessDenied("unknown or missing API key: send `Authorization: Bearer <key>`")
         return keys[api_key]
 
-    http = TestClient(create_app(settings, authenticate))
+    http = TestClient(create_gateway(settings, authenticate))
     load = {"model": {"path": str(models["llama"])}}
     assert error_of(http.post("/v1/jobs/load", json=load), 401)["type"] == "AccessDenied"
     assert http.post("/v1/jobs/load", json=load, headers={"X-API-Key": "wrong"}).status_code == 401
@@ -156,7 +156,7 @@ def test_api_keys_pick_the_tenant_and_hide_other_tenants_jobs(settings: Settings
 def test_redis_down_is_503(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0",
                         connect_timeout_seconds=1)
-    http = TestClient(create_app(settings))
+    http = TestClient(create_gateway(settings))
     for response in (http.post("/v1/jobs/load", json={"model": {"repo_id": "org/model"}}),
                      http.get("/v1/jobs/abc"), http.get("/v1/workers"), http.get("/healthz")):
         error = error_of(response, 503)

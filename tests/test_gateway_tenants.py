@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tasks.client import Client
-from tasks.gateway import create_app
+from tasks.gateway import create_gateway
 from tasks.keys import Keys, tenant_queues
 from tasks.settings import Settings
 from tasks.tenants import load_tenants
@@ -37,7 +37,7 @@ def gateway(settings: Settings, tenants_file: Path) -> Iterator[dict[str, httpx.
     The gateway's own environment names a tenant (MODELQ_TENANT=bob): with a tenants file
     it must act for each caller's tenant regardless."""
     settings = settings.model_copy(update={"tenants_file": tenants_file, "tenant": "bob"})
-    app = create_app(settings, tenants=load_tenants(settings.tenants_file))
+    app = create_gateway(settings, tenants=load_tenants(settings.tenants_file))
     seen: list[str] = []
 
     def keep(response: httpx.Response) -> None:

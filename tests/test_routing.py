@@ -8,7 +8,7 @@ import redis
 
 from schemas import AttachAdapterJob, LoadJob, ModelRef, ResidentModel, WorkerInfo
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
-from tasks.registry import Registry, claim, request_key, route
+from tasks.registry import Registry, choose_queue, claim, request_key
 from tasks.store import Store
 
 NOW = datetime.now(UTC)
@@ -26,10 +26,11 @@ def test_route_prefers_the_holder_then_the_most_free_bytes() -> None:
     held = ResidentModel(model_key=KEY, base="/m", tenant="default", bytes=10, last_used=NOW,
                          request_keys=(request_key(job),))
     pool = [_worker("a", 10, (held,)), _worker("b", 90), _worker("c", 50)]
-    assert route(job, pool) == worker_queue("a")
-    assert route(LoadJob(model=ModelRef(path="/other")), pool) == worker_queue("b")
-    assert route(AttachAdapterJob(model_key=KEY, adapter=ModelRef(path="/l")), pool) == worker_queue("a")
-    assert route(LoadJob(model=ModelRef(path="/x")), [_worker("full", 0)]) == SHARED_QUEUE
+    assert choose_queue(job, pool) == worker_queue("a")
+    assert choose_queue(LoadJob(model=ModelRef(path="/other")), pool) == worker_queue("b")
+    attach = AttachAdapterJob(model_key=KEY, adapter=ModelRef(path="/l"))
+    assert choose_queue(attach, pool) == worker_queue("a")
+    assert choose_queue(LoadJob(model=ModelRef(path="/x")), [_worker("full", 0)]) == SHARED_QUEUE
 
 
 def test_identical_loads_follow_the_claim_until_it_is_released(redis_url: str) -> None:

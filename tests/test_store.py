@@ -3,8 +3,10 @@ conflicts, event order and follow()."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
@@ -260,3 +262,67 @@ def test_run_through_starts_and_ends_a_submitted_job_in_one_write(store: Store) 
     store.redis.set("lease2", "w2:1")
     assert store.run_through(other, lease="lease2", started=("x", {}), ended=("x", {})) is None
     assert store.get("j2").status is JobStatus.queued
+
+
+def _commands(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The commands `store` sends from now on (each one round trip)."""
+    sent: list[str] = []
+    original: Callable[..., Any] = store.redis.execute_command
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return original(*args, **options)
+
+    monkeypatch.setattr(store.redis, "execute_command", execute_command)
+    return sent
+
+
+def test_start_compares_revisions_not_bytes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record the producer rendered differently (another pydantic: keys in another order,
+    whitespace) is still as submitted: the worker starts it in one script."""
+    record = _new(store)
+    key = store.keys.job("j1")
+    stored = json.loads(store.redis.get(key) or b"")
+    store.redis.set(key, json.dumps(dict(reversed(stored.items())), indent=2), keepttl=True)
+    assert store.redis.get(key) != record.model_dump_json().encode()
+    sent = _commands(store, monkeypatch)
+    started = store.start(record, ("lease", "w1:7", 5000), message="started", worker="w1", attempt=1)
+    assert sent == ["EVALSHA"] and started.record is not None and started.current is None
+    assert started.record == store.get("j1") and started.record.status is JobStatus.running
+    assert started.revision == 2
+    sent.clear()
+    assert store.report("j1", Stage.loading) is not None and sent == ["EVALSHA"]
+
+
+def test_a_later_attempt_adopts_the_record_start_returned(store: Store,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _new(store)
+    store.transition("j1", JobStatus.retrying)
+    worker = Store(store.redis, store.keys, 60)
+    started = worker.start(record, ("lease", "w1:7", 5000), message="started", worker="w1")
+    assert started.record is None and started.current is not None and started.revision == 2
+    assert worker.adopt("j1", started.current).status is JobStatus.retrying
+    sent = _commands(worker, monkeypatch)
+    running = worker.transition("j1", JobStatus.running, only_from=frozenset({JobStatus.retrying}))
+    assert running is not None and sent == ["EVALSHA"]  # the revision came with the record
+
+
+def test_a_record_older_than_revisions_still_changes(store: Store) -> None:
+    record = _new(store)
+    store.redis.delete(store.keys.revision("j1"))  # written before revisions existed
+    assert store.get("j1") == record  # remembered at revision 0
+    other = Store(store.redis, store.keys, 60)
+    assert other.start(record, ("lease", "w1:7", 5000), message="started").record is None
+    running = other.transition("j1", JobStatus.running, worker="w1")
+    assert running is not None and store.redis.get(store.keys.revision("j1")) == b"1"
+    assert store.transition("j1", JobStatus.succeeded) is not None  # stale view: read, then set
+    assert store.get("j1").status is JobStatus.succeeded
+
+
+def test_a_deleted_record_is_not_written_back(store: Store) -> None:
+    _new(store)
+    store.transition("j1", JobStatus.running)
+    store.delete("j1", "t1")
+    with pytest.raises(JobNotFound):
+        store.transition("j1", JobStatus.failed)
+    assert store.redis.get(store.keys.job("j1")) is None

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from schemas import LoadJob
-from tasks.client import connect  # MERGE: tasks.connection
+from tasks.connection import connect
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.logs import JobContext, set_worker
 from tasks.registry import claim

@@ -20,12 +20,10 @@ import threading
 import redis
 
 from tasks.keys import Keys
+from tasks.scripts import script
 
 log = logging.getLogger(__name__)
 
-# Compare-and-set scripts: only the holder may renew or drop its lease.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class Leases:
@@ -37,6 +35,8 @@ class Leases:
         self.token = f"{worker}:{os.getpid()}"
         self.ttl_ms = max(1000, int(ttl * 1000))
         self._held: set[str] = set()
+        self._renew = script(client, "lease_renew")  # only the holder renews or drops its lease
+        self._release = script(client, "release")
         self._lock = threading.Lock()
 
     def lease(self, job_id: str) -> tuple[str, str, int]:
@@ -61,7 +61,7 @@ class Leases:
     def release(self, job_id: str) -> None:
         self.forget(job_id)
         try:
-            self.redis.eval(_RELEASE, 1, self.keys.lease(job_id), self.token)
+            self._release(keys=[self.keys.lease(job_id)], args=[self.token])
         except redis.RedisError as exc:  # it lapses by itself within the TTL
             log.warning("job %s: could not release its lease: %s", job_id, exc)
 
@@ -73,7 +73,7 @@ class Leases:
         """Extend every held lease (called by the heartbeat thread)."""
         for job_id in self.held():
             try:
-                if not self.redis.eval(_RENEW, 1, self.keys.lease(job_id), self.token, self.ttl_ms):
+                if not self._renew(keys=[self.keys.lease(job_id)], args=[self.token, self.ttl_ms]):
                     # Lapsed (Redis restarted, or a stall longer than the TTL): take it back
                     # unless another worker took over the job meanwhile.
                     if not self.redis.set(self.keys.lease(job_id), self.token, nx=True, px=self.ttl_ms):

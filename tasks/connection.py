@@ -1,0 +1,50 @@
+"""Connecting to Redis, for producers and workers alike (no torch, no key names here).
+
+`connect(settings)` is the one place a client is built: a plain redis:// URL or the
+master that Redis Sentinel names. Key names live in tasks/keys.py, scripts in
+tasks/scripts.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from tasks.settings import Settings
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client that fails within the connect timeout instead of hanging.
+
+    With a redis:// URL a refused connection fails at once (no retry: `submit` against a
+    dead Redis reports BrokerUnavailable right away; the worker retries its own writes).
+    With a sentinel:// URL it is the master's client: each new connection asks the
+    sentinels where the master is, so after a failover the next command reaches the
+    promoted replica. A command refused by the old master is retried twice on a new
+    connection (a connect timeout is not retried, so timing stays that of one connect).
+    """
+    options: dict[str, Any] = dict(
+        socket_connect_timeout=settings.connect_timeout_seconds,
+        socket_timeout=settings.connect_timeout_seconds + 60,
+        health_check_interval=30,
+    )
+    target = settings.sentinel
+    if target is None:
+        return redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **options)
+    failover = Retry(ExponentialBackoff(cap=1.0, base=0.1), 2,
+                     supported_errors=(redis.ConnectionError,))
+    sentinels = Sentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+                         sentinel_kwargs=settings.sentinel_kwargs())
+    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        target.master, db=target.db, username=target.username, password=target.password,
+        retry=failover, **options)
+    return master
+
+
+def text(value: bytes | str) -> str:
+    """A reply as str: clients without decode_responses answer bytes."""
+    return value.decode() if isinstance(value, bytes) else value
