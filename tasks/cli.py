@@ -32,7 +32,6 @@ from schemas import (
     ModelqError,
     QuotaExceeded,
     TimedOut,
-    parse_bytes,
     parse_job,
 )
 from schemas.jobs import describe

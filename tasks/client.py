@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -18,36 +18,32 @@ from redis.exceptions import NoScriptError
 
 from schemas import (
     AccessDenied,
-    AttachAdapterJob,
     BrokerUnavailable,
     Envelope,
     Event,
-    InvalidJob,
+    Job,
     JobRecord,
     JobStatus,
     LoadJob,
-    ModelNotFound,
     RunJob,
     TimedOut,
-    UnloadJob,
     WorkerInfo,
     parse_job,
 )
 from schemas.tenants import TenantLimits
 from tasks.auth import sign
-from tasks.connection import connect as connect  # worker/main.py imports it from here still
-from tasks.keys import SHARED_QUEUE, Keys
-from tasks.registry import Registry
+from tasks.connection import connect
+from tasks.events import follow
+from tasks.keys import Keys
+from tasks.registry import Registry, check_model_owner
 from tasks.settings import Settings
-from tasks.store import Store, follow, now, submitted
+from tasks.store import Store, now, submitted
 from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
 
 if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
-
-AnyJob = LoadJob | AttachAdapterJob | UnloadJob
 
 
 class Client:
@@ -69,13 +65,9 @@ class Client:
             self._app = create_app(self.settings)
         return self._app
 
-    def submit(self, job: AnyJob | RunJob | dict[str, Any]) -> JobHandle:
+    def submit(self, job: Job | dict[str, Any]) -> JobHandle:
         """Record and enqueue `job`; InvalidJob if it does not validate, nothing written."""
-        parsed = parse_job(job) if isinstance(job, dict) else job
-        if isinstance(parsed, RunJob):  # its worker handler, routing and Client.run come next
-            raise InvalidJob("run jobs are not served by this version yet: submit load, attach or "
-                             "unload jobs")
-        job = self._as_tenant(parsed)
+        job = self._as_tenant(parse_job(job) if isinstance(job, dict) else job)
         job_id = uuid.uuid4().hex
         record = submitted(job_id, job, now())
         try:
@@ -85,10 +77,8 @@ class Client:
         try:  # anything refused from here on takes the record back: nothing half-enqueued
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
-                _check_model_owner(job, workers)
-            queue = self.registry.route(job, workers)
-            if isinstance(job, (AttachAdapterJob, UnloadJob)) and queue == SHARED_QUEUE:
-                raise not_resident(job.model_key)
+                check_model_owner(job, workers)
+            queue = self.registry.route(job, workers)  # ModelNotFound, TaskNotFound: refused
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=queue)
                 self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
@@ -130,6 +120,27 @@ class Client:
         self.store.created(record, replies[1])
         return workers, parse_limits(raw_limits)
 
+    def run(self, task: str, *, model: str | LoadJob | dict[str, Any],
+            adapters: str | list[str] | tuple[str, ...] | None = None, args: Sequence[Any] = (),
+            kwargs: dict[str, Any] | None = None, timeout_seconds: float | None = None) -> JobHandle:
+        """Run the model task `task` on `model`: a resident model's key, or a load job (or its
+        dict) to load first. `adapters`: the adapters active for the call (None: as the model
+        stands; []: the base alone). The record's result is a RunResult."""
+        target: dict[str, Any] = ({"model_key": model} if isinstance(model, str)
+                                  else {"load": model})
+        return self.submit(RunJob.model_validate({
+            "task": task, "model": target, "adapters": adapters, "args": list(args),
+            "kwargs": kwargs or {}, "timeout_seconds": timeout_seconds,
+            "tenant": self.settings.tenant or DEFAULT_TENANT}))
+
+    def tasks(self) -> dict[str, list[str]]:
+        """The model tasks the live pool offers, each with the workers that offer it."""
+        offered: dict[str, list[str]] = {}
+        for worker in self.registry.workers():
+            for task in worker.tasks:
+                offered.setdefault(task, []).append(worker.name)
+        return dict(sorted(offered.items()))
+
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
@@ -158,7 +169,7 @@ class Client:
             return current
         return record
 
-    def _as_tenant(self, job: AnyJob) -> AnyJob:
+    def _as_tenant(self, job: Job) -> Job:
         """The job for this client's tenant; AccessDenied if it names another tenant."""
         tenant = self.settings.tenant
         if tenant is None or job.tenant == tenant:
@@ -166,6 +177,10 @@ class Client:
         if job.tenant != DEFAULT_TENANT:
             raise AccessDenied(f"this client acts for tenant {tenant!r} and cannot submit jobs for "
                                f"{job.tenant!r}: set MODELQ_TENANT", tenant=job.tenant)
+        if isinstance(job, RunJob) and job.model.load is not None:  # its load is the tenant's too
+            load = job.model.load.model_copy(update={"tenant": tenant})
+            return job.model_copy(update={"tenant": tenant,
+                                          "model": job.model.model_copy(update={"load": load})})
         return job.model_copy(update={"tenant": tenant})
 
     def _signed(self, envelope: Envelope) -> dict[str, Any]:
@@ -232,20 +247,3 @@ class JobHandle:
 
     def cancel(self) -> JobRecord:
         return self.client.cancel(self.job_id)
-
-
-def not_resident(model_key: str) -> ModelNotFound:
-    """The error for an attach/unload of a model no live worker holds."""
-    return ModelNotFound(f"model {model_key} is not resident on any live worker; load it first "
-                         "(`modelq ls` lists resident models)", model_key=model_key)
-
-
-def _check_model_owner(job: AnyJob, workers: list[WorkerInfo]) -> None:
-    """AccessDenied before sending an attach/unload for another tenant's model (workers check too)."""
-    if not isinstance(job, (AttachAdapterJob, UnloadJob)):
-        return
-    for worker in workers:
-        for model in worker.models:
-            if model.model_key == job.model_key and model.tenant not in (job.tenant, "*"):
-                raise AccessDenied(f"model {job.model_key} belongs to another tenant: load your "
-                                   "own copy", model_key=job.model_key)

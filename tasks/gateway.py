@@ -34,7 +34,8 @@ from schemas import (
     WorkerInfo,
     parse_job,
 )
-from tasks.client import Client, not_resident
+from tasks.client import Client
+from tasks.registry import not_resident
 from tasks.settings import Settings
 from tasks.store import not_found
 from tasks.tenants import Tenants, visible_workers

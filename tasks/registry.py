@@ -4,7 +4,9 @@ Workers write their entries (worker/heartbeat.py); producers read them here.
 Routing: a job for a resident model goes to its holder's own queue; a new load
 goes to the live worker with the most free bytes, and a claim on its request
 key (`Keys.loading`) sends identical loads submitted meanwhile to the same worker,
-whose solo pool then serves them from its cache: one load per key.
+whose solo pool then serves them from its cache: one load per key. A run job is
+routed the same way among the workers that offer its task: to the holder of its
+model, or (with a load spec) as its load would be.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from typing import Any
 
 import redis
 
-from schemas import AttachAdapterJob, LoadJob, UnloadJob, WorkerInfo
+from schemas import (
+    AccessDenied,
+    AttachAdapterJob,
+    Job,
+    LoadJob,
+    ModelNotFound,
+    RunJob,
+    TaskNotFound,
+    UnloadJob,
+    WorkerInfo,
+)
+from schemas.tenants import SHARED_TENANT
 from tasks.connection import text
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.scripts import script
-
-AnyJob = LoadJob | AttachAdapterJob | UnloadJob
 
 
 def request_key(job: LoadJob) -> str:
@@ -81,14 +92,26 @@ class Registry:
                 return worker
         return None
 
-    def route(self, job: AnyJob, workers: list[WorkerInfo] | None = None) -> str:
+    def route(self, job: Job, workers: list[WorkerInfo] | None = None) -> str:
         """The queue for `job`; a load sent to a worker claims its request key there.
 
         `workers` is the registry as the caller just read it (else it is read here).
+        ModelNotFound for a job on a model no live worker holds; TaskNotFound for a run
+        job whose task no live worker offers (with none registered, it waits in the queue).
         """
         workers = self.workers() if workers is None else workers
+        if isinstance(job, RunJob):
+            workers = offering(job.task, workers)
+            if job.model.load is not None:
+                return self._route_load(job.model.load, workers)
         if not isinstance(job, LoadJob):
-            return choose_queue(job, workers)
+            queue = choose_queue(job, workers)
+            if queue == SHARED_QUEUE:
+                raise not_resident(target_key(job) or "")
+            return queue
+        return self._route_load(job, workers)
+
+    def _route_load(self, job: LoadJob, workers: list[WorkerInfo]) -> str:
         wanted = request_key(job)
         holder = _serving(wanted, workers)
         if holder is not None:
@@ -108,14 +131,17 @@ class Registry:
         return queue
 
 
-def choose_queue(job: AnyJob, workers: list[WorkerInfo], wanted: str | None = None) -> str:
-    """The holder's queue for attach/unload and resident loads; a new load to the most free bytes.
+def choose_queue(job: Job, workers: list[WorkerInfo], wanted: str | None = None) -> str:
+    """The holder's queue for jobs on a resident model and resident loads; a new load to the
+    most free bytes; the shared queue when no worker fits.
 
     `wanted` is the load's request key, when the caller has it already.
     """
-    if isinstance(job, (AttachAdapterJob, UnloadJob)):
+    if isinstance(job, RunJob) and job.model.load is not None:
+        job = job.model.load
+    if not isinstance(job, LoadJob):
         for worker in workers:
-            if worker.holds(job.model_key):
+            if worker.holds(target_key(job) or ""):
                 return worker.queue
         return SHARED_QUEUE
     holder = _serving(wanted or request_key(job), workers)
@@ -133,6 +159,42 @@ def _serving(wanted: str, workers: list[WorkerInfo]) -> WorkerInfo | None:
         if any(wanted in m.request_keys for m in worker.models):
             return worker
     return None
+
+
+def target_key(job: Job) -> str | None:
+    """The resident model a job is about (attach, unload, a run on a model key); None for loads."""
+    if isinstance(job, RunJob):
+        return job.model.model_key
+    return job.model_key if isinstance(job, (AttachAdapterJob, UnloadJob)) else None
+
+
+def offering(task: str, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """The workers that offer `task`; TaskNotFound when workers are registered and none does."""
+    capable = [w for w in workers if w.offers(task)]
+    if workers and not capable:
+        offered = sorted({t for w in workers for t in w.tasks})
+        raise TaskNotFound(f"no live worker offers task {task!r} (they offer "
+                           f"{', '.join(offered[:20]) or 'none'}): start a worker with --tasks "
+                           "MODULE for the module that registers it", task=task)
+    return capable
+
+
+def not_resident(model_key: str) -> ModelNotFound:
+    """The error for a job on a model no live worker holds."""
+    return ModelNotFound(f"model {model_key} is not resident on any live worker; load it first "
+                         "(`modelq ls` lists resident models)", model_key=model_key)
+
+
+def check_model_owner(job: Job, workers: list[WorkerInfo]) -> None:
+    """AccessDenied before sending a job on another tenant's resident model (workers check too)."""
+    key = target_key(job)
+    if key is None:
+        return
+    for worker in workers:
+        for model in worker.models:
+            if model.model_key == key and model.tenant not in (job.tenant, SHARED_TENANT):
+                raise AccessDenied(f"model {key} belongs to another tenant: load your own copy",
+                                   model_key=key)
 
 
 def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:

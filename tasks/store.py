@@ -46,8 +46,7 @@ keys in another order) keep the fast paths. A record older than revisions reads 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -223,19 +222,21 @@ class Store:
 
     def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,
                    only_from: frozenset[JobStatus] | None = None,
-                   release: Sequence[tuple[str, str]] = (), **changes: Any) -> JobRecord | None:
+                   release: Sequence[tuple[str, str]] = (), metrics: dict[str, float] | None = None,
+                   **changes: Any) -> JobRecord | None:
         """Move a job to `status` with `changes`; None if it is terminal or not in `only_from`.
 
         A compare-and-set on the record's revision: one round trip when this store wrote or
         read the job last; else, or when anyone changed it since (a cancel), the record is
         read again and the change retried on what it is now. `release` holds (key, value)
         pairs deleted along with a write that happens, each only while it still holds its
-        value (a job's lease and routing claim, dropped with its final record).
+        value (a job's lease and routing claim, dropped with its final record). `metrics` go
+        on the change's event only (a training step's loss).
         """
         seen = self._seen.get(job_id)
         revision, current = seen if seen is not None else self._read(job_id)
         while True:
-            outcome = self._next(job_id, current, status, message, only_from, changes)
+            outcome = self._next(job_id, current, status, message, only_from, changes, metrics)
             if outcome is None:
                 return None
             if self._write(job_id, revision, *outcome, release=release):
@@ -244,13 +245,14 @@ class Store:
 
     def _next(self, job_id: str, current: JobRecord, status: JobStatus, message: str | None,
               only_from: frozenset[JobStatus] | None,
-              changes: dict[str, Any]) -> tuple[JobRecord, str, str] | None:
+              changes: dict[str, Any],
+              metrics: dict[str, float] | None = None) -> tuple[JobRecord, str, str] | None:
         """The record after the change, as JSON with its event; None if it may not change."""
         if current.status in TERMINAL or (only_from and current.status not in only_from):
             self._seen.pop(job_id, None)
             return None
         record = current.model_copy(update={"status": status, **_stamps(current, status), **changes})
-        return record, record.model_dump_json(), _event(record, message).model_dump_json()
+        return record, record.model_dump_json(), _event(record, message, metrics).model_dump_json()
 
     def run_through(self, record: JobRecord, *, lease: str, started: tuple[str, dict[str, Any]],
                     ended: tuple[str, dict[str, Any]],
@@ -301,10 +303,12 @@ class Store:
             self._seen[job_id] = (revision, record)
 
     def report(self, job_id: str, stage: Stage, progress: Progress | None = None,
-               message: str | None = None) -> JobRecord | None:
-        """A running job's stage and progress; ignored once the job left `running`."""
+               message: str | None = None, *,
+               metrics: dict[str, float] | None = None) -> JobRecord | None:
+        """A running job's stage and progress (and a step's metrics, on its event); ignored
+        once the job left `running`."""
         return self.transition(job_id, JobStatus.running, message=message,
-                               only_from=frozenset({JobStatus.running}),
+                               only_from=frozenset({JobStatus.running}), metrics=metrics,
                                stage=stage, progress=progress)
 
     def request_cancel(self, job_id: str) -> None:
@@ -314,9 +318,10 @@ class Store:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
 
-def _event(record: JobRecord, message: str | None) -> Event:
+def _event(record: JobRecord, message: str | None,
+           metrics: dict[str, float] | None = None) -> Event:
     return Event(job_id=record.job_id, at=now(), status=record.status, stage=record.stage,
-                 progress=record.progress, message=message, worker=record.worker)
+                 progress=record.progress, message=message, worker=record.worker, metrics=metrics)
 
 
 def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
@@ -325,25 +330,3 @@ def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
     if status in TERMINAL:
         return {"finished_at": now()}
     return {}
-
-
-def follow(store: Store, job_id: str, timeout: float | None = None,
-           poll_ms: int = 1000) -> Iterator[Event]:
-    """Yield a job's events from the start until a terminal one (or `timeout` passes)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    after = "0-0"
-    while True:
-        block = poll_ms
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            block = max(1, min(poll_ms, int(left * 1000)))
-        batch = store.events(job_id, after=after, block_ms=block)
-        for entry_id, event in batch:
-            after = entry_id  # the next read starts past it
-            yield event
-            if event.status in TERMINAL:
-                return
-        if not batch and store.get(job_id).terminal:
-            return

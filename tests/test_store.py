@@ -14,9 +14,10 @@ import pytest
 import redis
 
 from schemas import JobNotFound, JobRecord, JobStatus, LoadJob, Progress, Stage
+from tasks.events import follow
 from tasks.keys import Keys
 from tasks.settings import Settings
-from tasks.store import Store, follow, now
+from tasks.store import Store, now
 
 
 @pytest.fixture
