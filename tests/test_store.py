@@ -1,5 +1,5 @@
-"""tasks/store.py against the real redis-server: transitions, terminal records, WATCH
-conflicts, event order and follow()."""
+"""tasks/store.py against the real redis-server: transitions, terminal records, write
+conflicts, revisions, event order and follow()."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def test_a_conflicting_write_is_never_overwritten(store: Store, settings: Settin
     """A worker's update races a cancel from another client: the cancel wins, nothing is lost.
 
     'after_our_last_write' goes through the one-round-trip compare-and-set (the store
-    remembers what it wrote); 'between_watch_and_exec' through the WATCH fallback.
+    remembers what it wrote); 'between_watch_and_exec' through the fallback that reads the
+    record and retries the compare-and-set (the other write lands between read and write).
     """
     _new(store)
     store.transition("j1", JobStatus.running, worker="w1")
