@@ -30,6 +30,7 @@ from schemas import (
     ModelNotFound,
     ModelqError,
     QuotaExceeded,
+    TaskNotFound,
     TimedOut,
     WorkerInfo,
     parse_job,
@@ -46,7 +47,8 @@ Authenticate = Callable[[str | None], str]
 """Maps an API key (None when the request has none) to a tenant; raises AccessDenied to refuse."""
 
 STATUS: dict[type[ModelqError], int] = {
-    InvalidJob: 422, ModelNotFound: 404, JobNotFound: 404, AccessDenied: 403, QuotaExceeded: 429,
+    InvalidJob: 422, ModelNotFound: 404, JobNotFound: 404, TaskNotFound: 404, AccessDenied: 403,
+    QuotaExceeded: 429,
     BrokerUnavailable: 503, TimedOut: 504,
 }
 KEEPALIVE_MS = 15_000
@@ -96,22 +98,29 @@ JobBody = Annotated[dict[str, Any], Body(description="A job as the schemas defin
 
 
 def create_gateway(settings: Settings, authenticate: Authenticate = as_default_tenant,
-               client: Client | None = None, tenants: Tenants | None = None) -> FastAPI:
+                   client: Client | None = None, tenants: Tenants | None = None) -> FastAPI:
     """The gateway app on `settings`' Redis; pass `authenticate` to check API keys.
 
     With `tenants` (a tenants file), API keys are the tenants' keys and each tenant's
     jobs are signed with its key (tasks/tenants.py, tasks/auth.py).
     """
-    signing: dict[str, Client] = {}
     if tenants is not None and tenants.multi:
         authenticate = lambda api_key: tenants.authenticate(api_key or "").name  # noqa: E731
         # The gateway acts for each caller's tenant, never for one of its own environment.
         settings = settings.model_copy(update={"tenant": None, "tenant_key": None})
     app = FastAPI(title="modelq gateway", version="1",
-                  description="Submit load, attach and unload jobs; read records; follow events.")
-    modelq = client or Client(settings)
+                  description="Submit load, attach, unload and run jobs; read records; follow "
+                              "events.")
     app.state.authenticate = authenticate
+    jobs = _Jobs(settings, client or Client(settings), tenants)
+    _install_errors(app, settings)
+    _job_routes(app, jobs)
+    _pool_routes(app, jobs.modelq)
+    return app
 
+
+def _install_errors(app: FastAPI, settings: Settings) -> None:
+    """Every error in the one shape: {"error": {type, message, retryable}}."""
     @app.exception_handler(ModelqError)
     def _modelq_error(_request: Request, exc: ModelqError) -> JSONResponse:
         return _error(_status_of(exc), exc)
@@ -130,13 +139,23 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
     def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, InvalidJob("; ".join(str(e.get("msg")) for e in exc.errors())))
 
-    def own_record(job_id: str, who: str) -> JobRecord:
-        record = modelq.status(job_id)
+
+class _Jobs:
+    """Submitting and reading jobs for a caller's tenant (signed with its key when multi-tenant)."""
+
+    def __init__(self, settings: Settings, modelq: Client, tenants: Tenants | None) -> None:
+        self.settings = settings
+        self.modelq = modelq
+        self.tenants = tenants
+        self._signing: dict[str, Client] = {}
+
+    def own_record(self, job_id: str, who: str) -> JobRecord:
+        record = self.modelq.status(job_id)
         if record.tenant != who:  # another tenant's job does not exist for this caller
             raise not_found(job_id)  # word for word what a missing id gets
         return record
 
-    def submit(body: dict[str, Any], who: str, kind: str | None) -> JSONResponse:
+    def submit(self, body: dict[str, Any], who: str, kind: str | None) -> JSONResponse:
         if kind is not None:
             if body.get("kind", kind) != kind:
                 raise InvalidJob(f"this endpoint takes {kind} jobs; the body says kind={body['kind']!r}")
@@ -145,11 +164,8 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
         if body["tenant"] != who:
             raise AccessDenied(f"you are tenant {who!r}: submit jobs as that tenant", tenant=who)
         job = parse_job(body)
-        if tenants is not None and tenants.multi and who not in signing:
-            signing[who] = Client(settings.model_copy(update={
-                "tenant": who, "tenant_key": SecretStr(tenants[who].key)}))
         try:
-            handle = signing.get(who, modelq).submit(job)
+            handle = self._client(who).submit(job)
         except AccessDenied as exc:
             if "model_key" in exc.details:  # another tenant's model does not exist for this caller
                 raise not_resident(exc.details["model_key"]) from None
@@ -158,60 +174,79 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
         return JSONResponse(status_code=202, content=record.model_dump(mode="json"),
                             headers={"Location": f"/v1/jobs/{handle.job_id}"})
 
+    def _client(self, who: str) -> Client:
+        tenants = self.tenants
+        if tenants is None or not tenants.multi:
+            return self.modelq
+        if who not in self._signing:
+            self._signing[who] = Client(self.settings.model_copy(update={
+                "tenant": who, "tenant_key": SecretStr(tenants[who].key)}))
+        return self._signing[who]
+
+
+def _job_routes(app: FastAPI, jobs: _Jobs) -> None:
+    for kind, summary in _KINDS.items():
+        app.add_api_route(f"/v1/jobs/{kind}", _submitter(jobs, kind), methods=["POST"],
+                          status_code=202, response_model=JobRecord, tags=["jobs"],
+                          summary=summary, name=f"submit_{kind}")
+
     @app.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"])
     def submit_job(body: JobBody, who: Tenant) -> JSONResponse:
-        """Submit a job of any kind (`kind`: load, attach or unload)."""
-        return submit(body, who, None)
-
-    @app.post("/v1/jobs/load", status_code=202, response_model=JobRecord, tags=["jobs"])
-    def submit_load(body: JobBody, who: Tenant) -> JSONResponse:
-        """Load a model (and adapters) on a worker that can fit it."""
-        return submit(body, who, "load")
-
-    @app.post("/v1/jobs/attach", status_code=202, response_model=JobRecord, tags=["jobs"])
-    def submit_attach(body: JobBody, who: Tenant) -> JSONResponse:
-        """Attach an adapter to a resident model."""
-        return submit(body, who, "attach")
-
-    @app.post("/v1/jobs/unload", status_code=202, response_model=JobRecord, tags=["jobs"])
-    def submit_unload(body: JobBody, who: Tenant) -> JSONResponse:
-        """Free a resident model."""
-        return submit(body, who, "unload")
+        """Submit a job of any kind (`kind`: load, attach, unload or run)."""
+        return jobs.submit(body, who, None)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobRecord, tags=["jobs"])
     def read_job(job_id: str, who: Tenant) -> JobRecord:
         """A job's record: status, stage, progress, result or error."""
-        return own_record(job_id, who)
+        return jobs.own_record(job_id, who)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobRecord, tags=["jobs"])
     def cancel_job(job_id: str, who: Tenant) -> JobRecord:
         """Cancel a queued job now, a running one at its next stage."""
-        own_record(job_id, who)
-        return modelq.cancel(job_id)
+        jobs.own_record(job_id, who)
+        return jobs.modelq.cancel(job_id)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
              responses={200: {"content": {"text/event-stream": {}}}})
     def job_events(job_id: str, who: Tenant,
                    last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
         """The job's events as server-sent events, from the first (or after Last-Event-ID) to the end."""
-        own_record(job_id, who)
-        return StreamingResponse(_sse(modelq, job_id, last_event_id or "0-0"),
+        jobs.own_record(job_id, who)
+        return StreamingResponse(_sse(jobs.modelq, job_id, last_event_id or "0-0"),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+_KINDS = {"load": "Load a model (and adapters) on a worker that can fit it.",
+          "attach": "Attach an adapter to a resident model.",
+          "unload": "Free a resident model.",
+          "run": "Run a model task on a resident model (loaded first for a load spec)."}
+
+
+def _submitter(jobs: _Jobs, kind: str) -> Callable[..., JSONResponse]:
+    def submit(body: JobBody, who: Tenant) -> JSONResponse:
+        return jobs.submit(body, who, kind)
+    submit.__doc__ = _KINDS[kind]
+    return submit
+
+
+def _pool_routes(app: FastAPI, modelq: Client) -> None:
     @app.get("/v1/workers", response_model=list[WorkerInfo], tags=["pool"])
     def list_workers(who: Tenant) -> list[WorkerInfo]:
         """Live workers and, of their resident models, the caller's (and shared bases, with only
         the caller's adapters)."""
         return visible_workers(modelq.workers(), who)
 
+    @app.get("/v1/tasks", response_model=dict[str, list[str]], tags=["pool"])
+    def list_tasks(who: Tenant) -> dict[str, list[str]]:
+        """The model tasks the live workers offer, each with the workers that offer it."""
+        return modelq.tasks()
+
     @app.get("/healthz", tags=["pool"])
     def health() -> dict[str, str]:
         """200 when Redis answers, 503 when it does not."""
         modelq.redis.ping()
         return {"redis": "ok"}
-
-    return app
 
 
 def _sse(client: Client, job_id: str, after: str) -> Iterator[str]:

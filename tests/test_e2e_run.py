@@ -197,3 +197,30 @@ def test_cli_run_and_generate(pool: WorkerPool, models: dict[str, Path], redis_u
                  "--wait", "--json")
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["result"]["value"][0]["tokens"] == 3
+
+
+def test_a_tenant_runs_only_on_its_own_models_and_reads_only_under_its_roots(
+        pool: WorkerPool, settings: Any, models: dict[str, Path], tmp_path: Path) -> None:
+    from schemas import AccessDenied
+    from tests.support.tenancy import copy_into, tenant_client, write_tenants
+
+    keys = {t: f"KEY-{t}-0123456789abcdef" for t in ("alice", "bob")}
+    tenants = write_tenants(tmp_path / "tenants.toml", {
+        t: {"key": keys[t], "roots": [str(tmp_path / t)]} for t in keys})
+    pool.start("tenants", env={"MODELQ_TENANTS_FILE": str(tenants)})
+    alice, bob = (tenant_client(settings, t, keys[t]) for t in ("alice", "bob"))
+    mine = copy_into(models["llama"], tmp_path / "alice" / "llama")
+    key = alice.submit(LoadJob(model=str(mine))).wait(timeout=120).result.model_key  # type: ignore[union-attr]
+    assert _value(alice.run("modelq.generate", model=key,
+                            kwargs={"prompts": PROMPT, "max_new_tokens": 3}).wait(timeout=60))
+    with pytest.raises(AccessDenied):  # refused at submit: another tenant's model
+        bob.run("modelq.generate", model=key, kwargs={"prompts": PROMPT})
+    outside = tmp_path / "bob" / "data.jsonl"
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    outside.write_text(json.dumps({"text": "the lazy dog"}) + "\n")
+    alice.run("modelq.add_adapter", model=key, kwargs={
+        "name": "x", "config": {"r": 2, "target_modules": ["q_proj"]}}).wait(timeout=60)
+    record = alice.run("modelq.train_adapter", model=key, kwargs={
+        "adapter": "x", "dataset": str(outside), "steps": 1}).wait(timeout=60)
+    assert record.status is JobStatus.failed and record.error is not None
+    assert record.error.type == "AccessDenied" and "alice" in record.error.message

@@ -13,7 +13,7 @@ import sys
 import click
 
 from schemas import ModelqError, parse_bytes
-from tasks.cli import FAILED, INVALID, fail, local_ref, settings_of_command
+from tasks.cli_common import FAILED, INVALID, fail, local_ref, settings_of_command
 
 
 @click.command()
