@@ -22,4 +22,4 @@ class Contract(BaseModel):
 class Versioned(Contract):
     """A top-level document that is stored or sent on its own."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -100,7 +100,7 @@ def check_device(device: str) -> str:
     return device
 
 
-DeviceMap = Union[str, dict[str, str | int]]
+DeviceMap = str | dict[str, str | int]
 
 
 class PlacementSpec(Contract):

@@ -173,7 +173,8 @@ def gateway(host: str, port: int) -> None:
 
 def _read(job_id: str, client: Any = None) -> JobRecord:
     try:
-        return (client or client_of_command()).status(job_id)
+        record: JobRecord = (client or client_of_command()).status(job_id)
+        return record
     except JobNotFound as exc:
         fail(exc.message, INVALID)
     except ModelqError as exc:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -25,11 +26,12 @@ from schemas import (
 from tasks import render
 from tasks.settings import Settings
 
+F = TypeVar("F", bound=Callable[..., Any])
 OK, FAILED, INVALID, TIMED_OUT, UNREACHABLE = 0, 1, 2, 3, 4
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
-def tenant_option() -> Any:
+def tenant_option() -> Callable[[F], F]:
     """--tenant, defaulting to MODELQ_TENANT, else the default tenant."""
     return click.option("--tenant", default=lambda: os.environ.get("MODELQ_TENANT", "default"),
                         help="Tenant the job is for (default: MODELQ_TENANT, else 'default').")

@@ -103,7 +103,7 @@ def generate(model: str, prompt: str, adapters: tuple[str, ...], max_new_tokens:
         fail(exc.message, TIMED_OUT)
     if as_json or record.status is not JobStatus.succeeded:
         show(record, as_json)
-    elif isinstance(record.result, RunResult):
+    elif isinstance(record.result, RunResult) and isinstance(record.result.value, list):
         click.echo(record.result.value[0])
     sys.exit(exit_for(record))
 

@@ -24,4 +24,5 @@ def follow_with_bar(client: Any, job_id: str, timeout: float | None) -> JobRecor
             if event.message:
                 bar.console.print(render.event_line(event))
         bar.update(task, completed=1.0)
-    return client.status(job_id)
+    record: JobRecord = client.status(job_id)
+    return record

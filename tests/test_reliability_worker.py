@@ -25,8 +25,8 @@ from tests.support.faults import (
     wait_stage,
 )
 from tests.support.workers import WorkerPool, WorkerProcess
-from worker.faults import CUDA_MARKER, KILL_MARKER
 from worker.app import EXIT_POISONED
+from worker.faults import CUDA_MARKER, KILL_MARKER
 
 pytestmark = pytest.mark.e2e
 

@@ -173,9 +173,10 @@ def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("transformers_version",)})
     with torch.device("meta"):
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(cfg)
+            model: Any = AutoModelForCausalLM.from_config(cfg)
         model.init_weights()
-    return model
+    built: torch.nn.Module = model
+    return built
 
 
 def _not_converted(model: torch.nn.Module, spec: QuantizationSpec) -> list[str]:
@@ -183,8 +184,8 @@ def _not_converted(model: torch.nn.Module, spec: QuantizationSpec) -> list[str]:
     from transformers.quantizers.base import HfQuantizer
 
     skip = list(spec.skip_modules) or None
-    return list(HfQuantizer.get_modules_to_not_convert(
-        model, skip, getattr(model, "_keep_in_fp32_modules", None)))
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    return list(HfQuantizer.get_modules_to_not_convert(model, skip, keep))  # type: ignore[arg-type]
 
 
 def _should_convert(name: str, patterns: list[str]) -> bool:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 
@@ -23,7 +24,7 @@ from tasks.keys import Keys, worker_queue
 log = logging.getLogger(__name__)
 
 
-_TIMES = {"heartbeat_at": True, "models": {"__all__": {"last_used"}}}
+_TIMES: Any = {"heartbeat_at": True, "models": {"__all__": {"last_used"}}}
 
 
 @dataclass(frozen=True)

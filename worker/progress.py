@@ -65,7 +65,7 @@ class Reporter:
                 kwargs["disable"] = True
                 self._unit = kwargs.get("unit") or "it"
                 super().__init__(*args, **kwargs)
-                self.n = 0
+                self.n: float = 0
 
             def update(self, n: float | None = 1) -> bool | None:
                 self.n += 1 if n is None else n

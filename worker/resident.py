@@ -60,7 +60,7 @@ class Residents:
         """Remove adapters from a resident model; the names are dropped even if peft fails."""
         for name in names:
             try:
-                entry.model.delete_adapter(name)
+                entry.model.delete_adapter(name)  # type: ignore[operator]
             except Exception:  # the model stays usable; the name is dropped regardless
                 log.exception("could not remove adapter %s from %s", name, entry.key)
             entry.adapters.pop(name, None)

@@ -83,7 +83,8 @@ def fetch(ref: ModelRef, *, access: Access = OPEN, tqdm_class: TqdmFactory | Non
     patterns = HUB_PATTERNS + (["*.py"] if allow_code else []) + (["*.bin"] if access.allow_pickle else [])
     try:
         folder = snapshot_download(ref.repo_id, revision=ref.revision, token=access.token,
-                                   allow_patterns=patterns, tqdm_class=tqdm_class)
+                                   allow_patterns=patterns,
+                                   tqdm_class=tqdm_class)  # type: ignore[arg-type]
     except Exception as exc:
         raise translate(exc, ref=ref.display) from exc
     path = Path(folder)
@@ -157,7 +158,7 @@ def _check_model(source: Source, trust_remote_code: bool, allow_pickle: bool) ->
 
 
 def check_architecture(ref: str, config: dict[str, Any], trust_remote_code: bool) -> None:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # type: ignore[attr-defined]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     auto_map = config.get("auto_map") or {}

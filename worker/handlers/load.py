@@ -128,7 +128,7 @@ class LoadHandler(Handler):
         """Attach the job's adapters (the ref's own first); undone whole if one fails."""
         wanted = list(job.adapters)
         if resolved.adapter is not None:
-            wanted.insert(0, AdapterSpec(ref=ref_of(resolved.adapter),
+            wanted.insert(0, AdapterSpec(ref=ModelRef.model_validate(ref_of(resolved.adapter)),
                                          name=self.policy.adapter_name("default", job.tenant)))
         attached: list[str] = []
         try:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import JsonValue
 from transformers import PreTrainedTokenizerBase
 
 from schemas import AccessDenied, ModelInfo, RunJob, RunResult, Stage
@@ -76,7 +77,7 @@ class RunHandler(Handler):
         return RunResult(model_key=key, value=value, seconds=round(time.monotonic() - started, 4),
                          cache_hit=cache_hit, model=info)
 
-    def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[object, ModelInfo]:
+    def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[JsonValue, ModelInfo]:
         policy, tenant = self.residents.policy, job.tenant
         reporter.stage(Stage.running_task, f"running {job.task} on {entry.key}")
         wanted = None if job.adapters is None else tuple(policy.adapter_name(a, tenant)
