@@ -47,7 +47,8 @@ def test_submit_writes_the_record_then_sends_the_envelope(client: Client) -> Non
 
 def test_invalid_job_is_refused_and_nothing_is_written(client: Client) -> None:
     with pytest.raises(InvalidJob, match="quantization"):
-        client.submit({"kind": "load", "model": "o/m", "quantization": {"method": "int8", "double_quant": True}})
+        client.submit({"kind": "load", "model": "o/m",
+                       "quantization": {"method": "int8", "double_quant": True}})
     with pytest.raises(InvalidJob, match="kind"):
         client.submit({"kind": "nope"})
     assert client.redis.dbsize() == 0

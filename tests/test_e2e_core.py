@@ -101,7 +101,8 @@ def test_plain_loads(client: Client, models: dict[str, Path], kind: str, model_c
 
 
 def test_quantized_loads_hold_bnb_layers_and_are_smaller(client: Client, models: dict[str, Path]) -> None:
-    handles = {method: client.submit(LoadJob(model=str(models["llama"]), dtype="bfloat16", quantization=method))
+    handles = {method: client.submit(LoadJob(model=str(models["llama"]), dtype="bfloat16",
+                                             quantization=method))
                for method in ("none", "int8", "nf4", "fp4")}
     infos = {m: succeeded(h.wait(timeout=WAIT)).result for m, h in handles.items()}
     plain = infos.pop("none")
@@ -178,7 +179,8 @@ def test_every_refusal_fails_its_job_and_the_worker_serves_on(client: Client, mo
     cases: list[tuple[str, str, dict[str, object]]] = [
         ("ModelNotFound", "does not exist", {"model": str(tmp_path / "absent")}),
         ("ModelNotFound", "org/absent", {"model": "org/absent"}),
-        ("ModelNotFound", "org/tiny-llama@nope", {"model": {"repo_id": "org/tiny-llama", "revision": "nope"}}),
+        ("ModelNotFound", "org/tiny-llama@nope",
+         {"model": {"repo_id": "org/tiny-llama", "revision": "nope"}}),
         ("ModelNotFound", "no weights", {"model": str(bad["no_weights"])}),
         ("UnsafeWeights", "safetensors", {"model": str(bad["pickle"])}),
         ("UnsupportedModel", "not_a_real_arch", {"model": str(bad["unknown"])}),
@@ -192,7 +194,7 @@ def test_every_refusal_fails_its_job_and_the_worker_serves_on(client: Client, mo
     attach = client.submit(AttachAdapterJob(model_key=resident.model_key, adapter=qwen_lora, name="q"))
     after = succeeded(load(client, str(models["mistral"]), dtype="float32"))  # still serving
 
-    for (error_type, says, _), handle in zip(cases, handles):
+    for (error_type, says, _), handle in zip(cases, handles, strict=True):
         record = handle.wait(timeout=WAIT)
         assert record.status is JobStatus.failed and record.error is not None, record
         assert (record.error.type, record.error.retryable) == (error_type, False), record.error
@@ -243,7 +245,8 @@ def test_cancel_while_the_worker_is_busy(client: Client, models: dict[str, Path]
     assert cancelled.attempt == 0 and cancelled.worker is None and cancelled.started_at is None
 
 
-def test_cli_watch_follows_a_job_to_its_end(client: Client, server: RedisServer, models: dict[str, Path]) -> None:
+def test_cli_watch_follows_a_job_to_its_end(client: Client, server: RedisServer,
+                                            models: dict[str, Path]) -> None:
     handle = client.submit(LoadJob(model=str(models["mistral"]), dtype="float16"))
     done = cli(server, "watch", handle.job_id)
     assert done.returncode == 0, done.stderr

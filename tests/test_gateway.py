@@ -127,7 +127,8 @@ def test_jobs_through_http(gateway: httpx.Client, pool: WorkerPool, models: dict
                                  headers={"content-type": "application/json"}), 422)["type"] == "InvalidJob"
     assert error_of(gateway.get("/v1/jobs/nope"), 404)["type"] == "JobNotFound"
     assert error_of(gateway.post("/v1/jobs/nope/cancel"), 404)["type"] == "JobNotFound"
-    gone = error_of(gateway.post("/v1/jobs/attach", json={"model_key": key, "adapter": str(models["lora"])}), 404)
+    gone = error_of(gateway.post("/v1/jobs/attach",
+                                 json={"model_key": key, "adapter": str(models["lora"])}), 404)
     assert gone["type"] == "ModelNotFound" and "load it first" in gone["message"]
 
 

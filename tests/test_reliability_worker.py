@@ -61,15 +61,17 @@ def test_kill_9_mid_load_redelivers_and_completes_once(client: Client, pool: Wor
         starts = started_events(client, handle.job_id)
         assert len(starts) == 2 and f"worker {victim.name} was lost during attempt 1" in starts[1]
         assert record.result is not None
-        wait_for(lambda: resident_copies(client, record.result.model_key) == 1, 30,  # type: ignore[union-attr]
-                 "one resident copy")
+        key = record.result.model_key
+        wait_for(lambda: resident_copies(client, key) == 1, 30, "one resident copy")  # noqa: B023
 
 
 def test_crash_loop_stops_as_worker_lost_and_the_queue_drains(client: Client, pool: WorkerPool,
-                                                              models: dict[str, Path], tmp_path: Path) -> None:
+                                                              models: dict[str, Path],
+                                                              tmp_path: Path) -> None:
     env = fault_env(MODELQ_MAX_ATTEMPTS="2")
     live = start_all(pool, ["w1", "w2"], env)
-    bad = client.submit(LoadJob(model=ModelRef(path=str(marked_model(models["llama"], tmp_path, KILL_MARKER)))))
+    marked = marked_model(models["llama"], tmp_path, KILL_MARKER)
+    bad = client.submit(LoadJob(model=ModelRef(path=str(marked))))
     good = [client.submit(LoadJob(model=ModelRef(path=str(models[m])))) for m in ("qwen2", "mistral")]
 
     deaths, n = 0, 3

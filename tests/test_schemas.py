@@ -194,7 +194,7 @@ def test_attach_and_unload_job_rules() -> None:
 
 def test_parse_job_dispatches_by_kind_and_raises_invalid_job() -> None:
     assert isinstance(parse_job({"kind": "load", "model": "o/m"}), LoadJob)
-    assert isinstance(parse_job('{"kind": "attach", "model_key": "%s", "adapter": "/a"}' % KEY),
+    assert isinstance(parse_job(f'{{"kind": "attach", "model_key": "{KEY}", "adapter": "/a"}}'),
                       AttachAdapterJob)
     assert isinstance(parse_job({"kind": "unload", "model_key": KEY}), UnloadJob)
     for bad, says in (({"kind": "train", "model": "o/m"}, "kind"), ({"model": "o/m"}, "kind"),
@@ -260,7 +260,8 @@ def test_errors_pickle_across_processes_with_their_fields() -> None:
     assert isinstance(back, FileNotFoundError) and back.type == "ModelNotFound"
     for cls in ERROR_TYPES.values():
         again = pickle.loads(pickle.dumps(cls("msg", a=1)))
-        assert (type(again), again.message, again.details, again.retryable) == (cls, "msg", {"a": 1}, cls.retryable)
+        assert (type(again), again.message, again.details, again.retryable) == \
+            (cls, "msg", {"a": 1}, cls.retryable)
 
 
 def test_error_classes_mix_in_builtins_and_retryable() -> None:

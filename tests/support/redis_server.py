@@ -177,7 +177,8 @@ class RedisServer:
                 proc.kill()
                 proc.wait(timeout=5)
                 raise RedisServerError(
-                    f"redis-server on port {self.port} ignored SIGTERM for {timeout}s; killed\n{self.log_tail()}"
+                    f"redis-server on port {self.port} ignored SIGTERM for {timeout}s; killed\n"
+                    f"{self.log_tail()}"
                 ) from None
         self._forget_process()
 
@@ -271,7 +272,8 @@ class RedisServer:
                     pass
                 if time.monotonic() > deadline:
                     raise RedisServerError(
-                        f"redis-server did not answer PING on port {self.port} within {self.startup_timeout}s\n"
+                        f"redis-server did not answer PING on port {self.port} within "
+                        f"{self.startup_timeout}s\n"
                         f"log tail:\n{self.log_tail()}"
                     )
                 time.sleep(0.01)

@@ -87,7 +87,8 @@ class WorkerPool:
         while time.monotonic() < deadline:
             if not worker.alive():
                 raise RuntimeError(f"worker {worker.name} exited:\n{worker.log_text()[-3000:]}")
-            if client.exists(self.keys.worker(worker.name)) and f"worker {worker.name} ready" in worker.log_text():
+            ready = f"worker {worker.name} ready" in worker.log_text()
+            if ready and client.exists(self.keys.worker(worker.name)):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker {worker.name} did not register:\n{worker.log_text()[-3000:]}")
