@@ -77,6 +77,11 @@ class Keys:
         (created, or found on a queue by the sweep); the sweep prunes the ones that started."""
         return f"{self.prefix}:unstarted"
 
+    def dead_letters(self) -> str:
+        """List: queue messages a worker could not decode, as JSON {queue, reason, message, at},
+        newest first (worker/quarantine.py)."""
+        return f"{self.prefix}:dead-letters"
+
     def reaper_turn(self) -> str:
         """String with a TTL: the worker whose heartbeat reaps this period (one per pool)."""
         return f"{self.prefix}:reaper:turn"
