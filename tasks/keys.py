@@ -72,6 +72,20 @@ class Keys:
         """String with a TTL until the envelope expires: the job id a signed nonce was used for."""
         return f"{self.prefix}:tenant:{tenant}:nonce:{nonce}"
 
+    def unstarted(self) -> str:
+        """Sorted set: ids of jobs written `queued`, scored by when they were last seen waiting
+        (created, or found on a queue by the sweep); the sweep prunes the ones that started."""
+        return f"{self.prefix}:unstarted"
+
+    def dead_letters(self) -> str:
+        """List: queue messages a worker could not decode, as JSON {queue, reason, message, at},
+        newest first (worker/quarantine.py)."""
+        return f"{self.prefix}:dead-letters"
+
+    def reaper_turn(self) -> str:
+        """String with a TTL: the worker whose heartbeat reaps this period (one per pool)."""
+        return f"{self.prefix}:reaper:turn"
+
 
 WORKER_QUEUE_PREFIX = "modelq.worker."
 
@@ -101,6 +115,21 @@ def orphan_destination(queue: str) -> tuple[str, str] | None:
 def queue_list(queue: str) -> str:
     """List: kombu's Redis list holding `queue`'s waiting messages (its LLEN is the queue depth)."""
     return queue
+
+
+def queue_pattern() -> str:
+    """SCAN pattern of every queue list: the shared one, workers' own, tenant shares."""
+    return f"{SHARED_QUEUE}*"
+
+
+UNACKED_HASH = "unacked"
+"""Hash (kombu's Redis transport, no key prefix): delivery tag -> JSON [message, exchange,
+routing key] of every message a consumer took and has not acked."""
+
+UNACKED_INDEX = "unacked_index"
+"""Sorted set (kombu's): delivery tag -> when it was taken (epoch seconds)."""
+
+
 def tenant_queues(tenant: str, priority: int = 1, base: str = SHARED_QUEUE) -> list[str]:
     """A tenant's share of queue `base` (the shared one or a worker's): one queue per unit
     of priority, so kombu's round-robin between queues weights the tenant's turns by it."""

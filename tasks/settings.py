@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     keep_alive_check_seconds: float = Field(default=1.0, gt=0)
     """How often a worker unloads models whose keep-alive has passed."""
 
+    lost_job_grace_seconds: float = Field(default=30.0, gt=0)
+    """A `queued` job with no message anywhere this long after it was written (or a message
+    its worker took this long ago without starting it) is sent again by the reaper's sweep."""
+
     max_attempts: int = Field(default=3, ge=1)
     """Deliveries of one job before it fails as WorkerLost."""
 

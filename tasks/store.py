@@ -200,7 +200,8 @@ class Store:
     def create_call(self, record: JobRecord, *, open_jobs: bool = False) -> tuple[list[str], list[Any]]:
         """`create`'s script arguments (keys, args), for a caller that pipelines it."""
         event = _event(record, "submitted").model_dump_json()
-        index = [self.keys.jobs(record.tenant)] + ([self.keys.open_jobs(record.tenant)] if open_jobs else [])
+        index = [self.keys.jobs(record.tenant), self.keys.unstarted(),
+                 *([self.keys.open_jobs(record.tenant)] if open_jobs else [])]
         job_id = record.job_id
         return ([self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id), *index],
                 [record.model_dump_json(), self.record_ttl, EVENTS_MAXLEN, event,
@@ -218,6 +219,7 @@ class Store:
         pipe.delete(self.keys.job(job_id), self.keys.revision(job_id), self.keys.events(job_id),
                     self.keys.cancel(job_id), self.keys.done(job_id))
         pipe.zrem(self.keys.jobs(tenant), job_id)
+        pipe.zrem(self.keys.unstarted(), job_id)
         pipe.execute()
 
     def transition(self, job_id: str, status: JobStatus, *, message: str | None = None,

@@ -40,6 +40,7 @@ from worker.lease import Leases
 from worker.model_tasks import import_task_modules
 from worker.policy import TenantPolicy
 from worker.reaper import Reaper
+from worker.rescue import Redelivery, Resend, celery_send
 from worker.resident import Residents
 from worker.runner import Runner, RunOptions
 
@@ -83,7 +84,8 @@ class WorkerApp:
         self.cache = ModelCache(devices.capacity(options.local_device, options.capacity),
                                 on_evict=self.metrics.evicted if self.metrics else None)
         self.leases = Leases(self.redis, self.keys, worker=self.name, ttl=settings.worker_ttl_seconds)
-        self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds)
+        self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds,
+                             worker=self.name, sweeps=self._sweeps())
         self.heartbeat = self._heartbeat()
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)
@@ -171,6 +173,13 @@ class WorkerApp:
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
                          timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
                          on_beat=on_beat, on_reconnect=lambda: self.on_reconnect())
+
+    def _sweeps(self) -> list[Callable[[], int]]:
+        """What the reaper's turn runs besides moving orphaned queues (worker/rescue.py)."""
+        settings, grace = self.settings, self.settings.lost_job_grace_seconds
+        return [Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
+                           grace=grace).run,
+                Resend(self.redis, self.keys, celery_send(settings, self.tenants), grace=grace).run]
 
     def _gate(self) -> Gate:
         return SignatureGate(self.tenants, self.store) if self.tenants.multi else OpenGate()

@@ -25,6 +25,7 @@ from tasks.app import TASK_RUN, create_app
 from tasks.settings import Settings
 from worker.app import EXIT_POISONED, WorkerApp, WorkerOptions
 from worker.attempt import Outcome
+from worker.quarantine import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
 def bind(app: WorkerApp) -> Any:
     """A Celery worker that runs `app`'s jobs from its queues (started by the caller)."""
     celery = create_app(app.settings)
+    celery.conf.broker_transport = transport_for(app.settings)  # undecodable messages moved aside
     countdown = app.settings.worker_ttl_seconds
 
     # Any args are accepted so that a malformed message is refused by the runner (InvalidJob),

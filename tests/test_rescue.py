@@ -1,0 +1,99 @@
+"""worker/rescue.py against a real Redis, on a fake clock: which lost jobs go back, and where."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+
+from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelRef
+from tasks.keys import UNACKED_HASH, UNACKED_INDEX, Keys
+from tasks.store import Store, now
+from worker.rescue import Redelivery, Resend
+
+KEYS = Keys()
+JOB = LoadJob(model=ModelRef(path="/models/tiny"))
+
+
+def record(job_id: str, status: JobStatus = JobStatus.queued, worker: str | None = None,
+           attempt: int = 0) -> JobRecord:
+    return JobRecord(job_id=job_id, kind=JobKind.load, tenant=JOB.tenant, status=status,
+                     created_at=now(), job=JOB, worker=worker, attempt=attempt)
+
+
+def message(job_id: str) -> dict[str, object]:
+    return {"body": "e30=", "headers": {"id": job_id, "task": "modelq.run"},
+            "properties": {"delivery_info": {"exchange": "", "routing_key": "x"},
+                           "body_encoding": "base64"}}
+
+
+def taken(client: redis.Redis, job_id: str, queue: str, at: float) -> str:
+    """An unacked entry as kombu writes it when a consumer takes a message off `queue`."""
+    tag = uuid.uuid4().hex
+    client.hset(UNACKED_HASH, tag, json.dumps([message(job_id), queue, queue]))
+    client.zadd(UNACKED_INDEX, {tag: at})
+    return tag
+
+
+def test_a_dead_workers_running_job_goes_back_once(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    store = Store(client, KEYS, 3600)
+    lost, leased, young = (uuid.uuid4().hex for _ in range(3))
+    for job_id in (lost, leased, young):
+        store.create(record(job_id))
+        client.set(KEYS.job(job_id), record(job_id, JobStatus.running, "gone", 1).model_dump_json())
+    client.set(KEYS.lease(leased), "alive:1")
+    start = time.time()
+    taken(client, lost, "modelq.worker.gone", start - 60)
+    taken(client, leased, "modelq", start - 60)
+    taken(client, young, "modelq", start - 1)
+    rescue = Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start)
+
+    assert rescue.run() == 1
+    waiting = [json.loads(m) for m in client.lrange("modelq", 0, -1)]
+    assert [m["headers"]["id"] for m in waiting] == [lost]  # the dead worker's queue -> shared
+    assert waiting[0]["headers"]["redelivered"] is True
+    assert client.hlen(UNACKED_HASH) == 2 and client.zcard(UNACKED_INDEX) == 2
+    assert rescue.run() == 0  # the leased one runs; the young one's taker may be starting it
+
+    client.set(KEYS.worker("gone"), "{}")  # a worker still registered is not dead
+    client.delete(KEYS.lease(leased))
+    client.set(KEYS.job(leased), record(leased, JobStatus.running, "gone", 1).model_dump_json())
+    assert rescue.run() == 0
+
+
+def test_a_queued_job_taken_and_never_started_goes_back_after_the_grace(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    job_id = uuid.uuid4().hex
+    Store(client, KEYS, 3600).create(record(job_id))
+    start = time.time()
+    taken(client, job_id, "modelq", start - 20)
+    assert Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start).run() == 0
+    assert Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start + 11).run() == 1
+    assert client.llen("modelq") == 1
+
+
+def test_a_queued_job_with_no_message_is_sent_again_once(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    store = Store(client, KEYS, 3600)
+    lost, waiting, running = (uuid.uuid4().hex for _ in range(3))
+    for job_id in (lost, waiting, running):
+        store.create(record(job_id))
+    client.set(KEYS.job(running), record(running, JobStatus.running, "w1", 1).model_dump_json())
+    client.lpush("modelq", json.dumps(message(waiting)))
+    sent: list[JobRecord] = []
+
+    def send(rec: JobRecord) -> str:
+        sent.append(rec)
+        return "modelq"
+
+    clock = [time.time()]
+    resend = Resend(client, KEYS, send, grace=30, clock=lambda: clock[0])
+    assert resend.run() == 0  # younger than the grace: its submit may be sending it now
+    clock[0] += 31
+    assert resend.run() == 1
+    assert [r.job_id for r in sent] == [lost] and sent[0].job == JOB  # the record's own job
+    assert client.zscore(KEYS.unstarted(), running) is None  # started: pruned
+    assert resend.run() == 0  # seen just now: looked at again after another grace
