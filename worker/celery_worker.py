@@ -46,7 +46,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     import_model_stack()
     log.info("model stack imported in %.1fs", time.monotonic() - started)
     app = WorkerApp(settings, options, tenants=tenants)
-    celery_worker = bind(app)
+    celery_worker = bind(app, events=options.events or settings.worker_events)
     app.start()
     try:
         celery_worker.start()
@@ -54,9 +54,13 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         app.stop()
 
 
-def bind(app: WorkerApp) -> Any:
-    """A Celery worker that runs `app`'s jobs from its queues (started by the caller)."""
+def bind(app: WorkerApp, *, events: bool = False) -> Any:
+    """A Celery worker that runs `app`'s jobs from its queues (started by the caller).
+
+    `events`: send task events from the start (Celery's `-E`), for `celery events` and Flower.
+    """
     celery = create_app(app.settings)
+    control = app.settings.remote_control
     countdown = app.settings.worker_ttl_seconds
 
     # Any args are accepted so that a malformed message is refused by the runner (InvalidJob),
@@ -73,10 +77,17 @@ def bind(app: WorkerApp) -> Any:
             app.leave(EXIT_POISONED)
 
     _quiet_celery(app.name)
+    # Mingle (a second's wait at start for other workers' replies) and gossip (every worker
+    # consuming every other's events, N² as the pool grows) stay off: modelq's registry does
+    # their work. Heartbeat events stay on with remote control: Flower and `celery events`
+    # show a worker online by them, and `enable_events` needs their dispatcher.
     worker = celery.Worker(hostname=f"{app.name}@{socket.gethostname()}", pool="solo",
                            concurrency=1, queues=app.queues, loglevel="WARNING",
-                           without_mingle=True, without_gossip=True, without_heartbeat=True,
+                           without_mingle=True, without_gossip=True,
+                           without_heartbeat=not (control or events), task_events=events,
                            optimization="fair", quiet=True)
+    log.info("worker %s: remote control %s, task events %s", app.name,
+             "on" if control else "off", "on" if events else "off (Flower turns them on)")
     app.on_reconnect = lambda: reconnect_consumer(worker)
     return worker
 
