@@ -77,6 +77,7 @@ def bind(app: WorkerApp, *, events: bool = False) -> Any:
             app.leave(EXIT_POISONED)
 
     _quiet_celery(app.name)
+    _scrub_stats()
     # Mingle (a second's wait at start for other workers' replies) and gossip (every worker
     # consuming every other's events, N² as the pool grows) stay off: modelq's registry does
     # their work. Heartbeat events stay on with remote control: Flower and `celery events`
@@ -107,6 +108,28 @@ def _quiet_celery(name: str) -> None:
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: object) -> None:
         log.info("worker %s ready", name)
+
+
+def _scrub_stats() -> None:
+    """`celery inspect stats` (and Flower's worker page) without the sentinels' password.
+
+    Celery drops the broker's password from a worker's stats but sends its transport
+    options as they are, `sentinel_kwargs` and its password included.
+    """
+    from celery.worker.control import inspect_command
+
+    @inspect_command(name="stats")  # type: ignore[untyped-decorator]
+    def stats(state: Any, **_: Any) -> Any:
+        """Request worker statistics/information."""
+        return scrub_passwords(state.consumer.controller.stats())
+
+
+def scrub_passwords(value: Any) -> Any:
+    """`value` with every mapping's password-named entries masked, at any depth."""
+    if isinstance(value, dict):
+        return {key: "********" if "password" in str(key).lower() else scrub_passwords(item)
+                for key, item in value.items()}
+    return value
 
 
 def reconnect_consumer(worker: Any) -> None:
