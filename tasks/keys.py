@@ -82,7 +82,7 @@ class Keys:
         From it kombu keeps the set `_kombu.binding.PREFIX.pidbox` (each worker's mailbox,
         refreshed while it runs), broadcasts on the pub/sub channel `/DB.PREFIX.pidbox`
         (no key), and gets replies on the list `ID.reply.PREFIX.pidbox`, bound in
-        `_kombu.binding.reply.PREFIX.pidbox` and expiring 10 s after last use.
+        `_kombu.binding.reply.PREFIX.pidbox` while the caller waits (both expire after it).
         """
         return self.prefix
 
