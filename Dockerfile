@@ -12,7 +12,7 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install ".[worker,gateway]"
+RUN pip install ".[worker,gateway,flower]"
 
 RUN useradd --create-home --uid 1000 modelq && mkdir -p /cache/huggingface && chown -R modelq /cache
 USER modelq

@@ -2,14 +2,21 @@
 
 Producers send tasks by name (`TASK_RUN`); the worker registers the body under
 that name in `worker/`, so a producer never imports worker code.
+
+`app` is the same app for Celery's own tools (`celery -A tasks.app:app inspect ping`,
+`events`, `flower`): built from `Settings()` (the MODELQ_* environment) on first use,
+so importing this module reads nothing and connects nowhere.
 """
 
 from __future__ import annotations
 
+import functools
+
 from celery import Celery
+from celery.local import Proxy
 from kombu import Queue
 
-from tasks.keys import SHARED_QUEUE
+from tasks.keys import SHARED_QUEUE, Keys
 from tasks.settings import Settings
 
 TASK_RUN = "modelq.run"
@@ -20,6 +27,7 @@ def create_app(settings: Settings) -> Celery:
     """A Celery app on `settings.redis_url`, set up for long, memory-heavy, at-least-once jobs."""
     sentinel = settings.sentinel
     broker = sentinel.broker_url() if sentinel is not None else settings.redis_url
+    keys = Keys(settings.key_prefix)
     app = Celery("modelq", broker=broker, set_as_current=False)
     app.conf.update(
         # JSON only on the wire: a pickled message is refused, never executed.
@@ -34,8 +42,13 @@ def create_app(settings: Settings) -> Celery:
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=False,
+        # Celery's monitoring (`celery inspect`, `celery events`, Flower), under names of ours.
+        # Remote control costs each worker a pub/sub subscription; events, a publish per change.
+        worker_enable_remote_control=settings.remote_control,
+        worker_send_task_events=settings.worker_events,
+        control_exchange=keys.control_exchange(),
+        event_exchange=keys.event_exchange(),
+        event_queue_prefix=keys.event_exchange(),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
@@ -54,3 +67,13 @@ def create_app(settings: Settings) -> Celery:
         task_create_missing_queues=True,
     )
     return app
+
+
+@functools.cache
+def default_app() -> Celery:
+    """The app of this process's environment (`Settings()`), built once, on first use."""
+    return create_app(Settings())
+
+
+app: Celery = Proxy(default_app)
+"""`celery -A tasks.app:app ...`: the app of MODELQ_REDIS_URL (redis://, rediss:// or sentinel://)."""

@@ -86,6 +86,29 @@ class Keys:
         """String with a TTL: the worker whose heartbeat reaps this period (one per pool)."""
         return f"{self.prefix}:reaper:turn"
 
+    # Celery's monitoring names. kombu builds its keys from them as `_kombu.binding.NAME`
+    # (its own prefix, fixed: kombu's `global_keyprefix` would rename the task queues too),
+    # so naming them after the prefix is as far under it as Celery allows.
+
+    def control_exchange(self) -> str:
+        """Celery's `control_exchange` (`celery inspect`, `celery control`, Flower).
+
+        From it kombu keeps the set `_kombu.binding.PREFIX.pidbox` (each worker's mailbox,
+        refreshed while it runs), broadcasts on the pub/sub channel `/DB.PREFIX.pidbox`
+        (no key), and gets replies on the list `ID.reply.PREFIX.pidbox`, bound in
+        `_kombu.binding.reply.PREFIX.pidbox` while the caller waits (both expire after it).
+        """
+        return self.prefix
+
+    def event_exchange(self) -> str:
+        """Celery's `event_exchange` and `event_queue_prefix` (`celery events`, Flower).
+
+        Workers publish task and heartbeat events to it; each listener gets its own list
+        `PREFIX.celeryev.ID` (bound in `_kombu.binding.PREFIX.celeryev`; Celery sets it to
+        expire 60 s after its listener leaves). With no listener, an event is dropped.
+        """
+        return f"{self.prefix}.celeryev"
+
 
 WORKER_QUEUE_PREFIX = "modelq.worker."
 

@@ -137,6 +137,14 @@ class Settings(BaseSettings):
     """Workers: modules of model tasks imported at start (`modelq worker --tasks MODULE`),
     as a JSON list or comma-separated."""
 
+    remote_control: bool = True
+    """Workers answer Celery's remote control (`celery inspect ping`, Flower), and send
+    heartbeat events so that `celery control enable_events` and Flower can turn task events on."""
+
+    worker_events: bool = False
+    """Workers send task events from the start (`modelq worker -E`; Celery's `-E`) for
+    `celery events` and Flower; off, Flower turns them on by remote control once it runs."""
+
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
 

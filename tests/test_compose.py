@@ -70,5 +70,35 @@ def test_gateway_and_optional_profiles(compose: dict[str, Any]) -> None:
 def test_the_dockerfile_builds_what_compose_runs(compose: dict[str, Any]) -> None:
     assert all(s.get("build") == "." for s in workers(compose).values())
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["modelq"]' in dockerfile and '".[worker,gateway]"' in dockerfile
+    assert 'ENTRYPOINT ["modelq"]' in dockerfile and '".[worker,gateway,flower]"' in dockerfile
     assert "USER modelq" in dockerfile
+
+
+def test_flower_runs_modelqs_app_behind_auth_with_no_secret_on_its_command_line(
+        compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["profiles"] == ["flower"] and flower["image"] == "modelq:latest"
+    shell, flag, script = flower["entrypoint"]
+    assert (shell, flag) == ("sh", "-c") and "command" not in flower
+    # Refuses to start without users; then Flower runs modelq's app, which reads MODELQ_REDIS_URL.
+    assert script.startswith(': "$${FLOWER_BASIC_AUTH:?')
+    assert script.split("; ", 1)[1].startswith("exec celery -A tasks.app:app flower ")
+    assert "redis" not in script and "PASSWORD" not in script and "--broker" not in script
+    env = flower["environment"]
+    assert env["MODELQ_REDIS_URL"].startswith("redis://:${MODELQ_REDIS_PASSWORD")
+    assert env["FLOWER_BASIC_AUTH"] == "${FLOWER_BASIC_AUTH:-}"  # no error in other profiles
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])  # Flower serves it without auth
+
+
+def test_no_service_but_redis_has_a_secret_on_its_command_line(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name != "redis":  # redis-server replaces its process title with its address
+            line = " ".join(service.get("entrypoint", []) + service.get("command", []))
+            assert "PASSWORD" not in line and "redis://" not in line, name
+
+
+def test_workers_can_send_task_events_from_the_start(compose: dict[str, Any]) -> None:
+    for service in workers(compose).values():
+        assert service["environment"]["MODELQ_WORKER_EVENTS"] == "${MODELQ_WORKER_EVENTS:-0}"

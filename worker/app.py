@@ -62,6 +62,7 @@ class WorkerOptions:
     metrics_port: int | None = None
     local_device: str = "cpu"  # as torch sees the device after pinning
     task_modules: tuple[str, ...] = field(default=())
+    events: bool = False  # send task events from the start (`-E`), else as Settings.worker_events
 
 
 class WorkerApp:

@@ -47,7 +47,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
     import_model_stack()
     log.info("model stack imported in %.1fs", time.monotonic() - started)
     app = WorkerApp(settings, options, tenants=tenants)
-    celery_worker = bind(app)
+    celery_worker = bind(app, events=options.events or settings.worker_events)
     app.start()
     try:
         celery_worker.start()
@@ -55,10 +55,14 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         app.stop()
 
 
-def bind(app: WorkerApp) -> Any:
-    """A Celery worker that runs `app`'s jobs from its queues (started by the caller)."""
+def bind(app: WorkerApp, *, events: bool = False) -> Any:
+    """A Celery worker that runs `app`'s jobs from its queues (started by the caller).
+
+    `events`: send task events from the start (Celery's `-E`), for `celery events` and Flower.
+    """
     celery = create_app(app.settings)
     celery.conf.broker_transport = transport_for(app.settings)  # undecodable messages moved aside
+    control = app.settings.remote_control
     countdown = app.settings.worker_ttl_seconds
 
     # Any args are accepted so that a malformed message is refused by the runner (InvalidJob),
@@ -75,10 +79,18 @@ def bind(app: WorkerApp) -> Any:
             app.leave(EXIT_POISONED)
 
     _quiet_celery(app.name)
+    _scrub_stats()
+    # Mingle (a second's wait at start for other workers' replies) and gossip (every worker
+    # consuming every other's events, N² as the pool grows) stay off: modelq's registry does
+    # their work. Heartbeat events stay on with remote control: Flower and `celery events`
+    # show a worker online by them, and `enable_events` needs their dispatcher.
     worker = celery.Worker(hostname=f"{app.name}@{socket.gethostname()}", pool="solo",
                            concurrency=1, queues=app.queues, loglevel="WARNING",
-                           without_mingle=True, without_gossip=True, without_heartbeat=True,
+                           without_mingle=True, without_gossip=True,
+                           without_heartbeat=not (control or events), task_events=events,
                            optimization="fair", quiet=True)
+    log.info("worker %s: remote control %s, task events %s", app.name,
+             "on" if control else "off", "on" if events else "off (Flower turns them on)")
     app.on_reconnect = lambda: reconnect_consumer(worker)
     return worker
 
@@ -98,6 +110,28 @@ def _quiet_celery(name: str) -> None:
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: object) -> None:
         log.info("worker %s ready", name)
+
+
+def _scrub_stats() -> None:
+    """`celery inspect stats` (and Flower's worker page) without the sentinels' password.
+
+    Celery drops the broker's password from a worker's stats but sends its transport
+    options as they are, `sentinel_kwargs` and its password included.
+    """
+    from celery.worker.control import inspect_command
+
+    @inspect_command(name="stats")  # type: ignore[untyped-decorator]
+    def stats(state: Any, **_: Any) -> Any:
+        """Request worker statistics/information."""
+        return scrub_passwords(state.consumer.controller.stats())
+
+
+def scrub_passwords(value: Any) -> Any:
+    """`value` with every mapping's password-named entries masked, at any depth."""
+    if isinstance(value, dict):
+        return {key: "********" if "password" in str(key).lower() else scrub_passwords(item)
+                for key, item in value.items()}
+    return value
 
 
 def reconnect_consumer(worker: Any) -> None:

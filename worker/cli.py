@@ -23,8 +23,10 @@ from tasks.cli_common import FAILED, INVALID, fail, local_ref, settings_of_comma
 @click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--tasks", "task_modules", multiple=True, metavar="MODULE",
               help="Import a module of model tasks at start (repeat; also MODELQ_TASK_MODULES).")
+@click.option("-E", "--events", is_flag=True, default=False,
+              help="Send task events for `celery events` and Flower (also MODELQ_WORKER_EVENTS=1).")
 def worker(device: str, name: str | None, capacity: str | None, metrics_port: int | None,
-           task_modules: tuple[str, ...]) -> None:
+           task_modules: tuple[str, ...], events: bool) -> None:
     """Run one worker pinned to one device (foreground)."""
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     try:
@@ -40,7 +42,7 @@ def worker(device: str, name: str | None, capacity: str | None, metrics_port: in
 
         run_worker(settings_of_command(), WorkerOptions(
             device=device, name=name, capacity=size, metrics_port=metrics_port,
-            local_device=local_device, task_modules=task_modules))
+            local_device=local_device, task_modules=task_modules, events=events))
     except (ValueError, RuntimeError, ImportError) as exc:
         fail(str(exc), INVALID)
 
