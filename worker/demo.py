@@ -264,6 +264,20 @@ def fresh_name(held: tuple[str, ...]) -> str:
                 if n not in held and f"{n}-trained" not in held)
 
 
+def name_base(adapter_dir: Path, model: str) -> None:
+    """Point a saved adapter at the model folder it was trained on.
+
+    A worker that loaded the base from its quantized artifact saves the artifact's
+    folder as `base_model_name_or_path`, and attaching the adapter to the model
+    loaded from `model` is then refused (AdapterIncompatible).
+    """
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("base_model_name_or_path") != model:
+        config["base_model_name_or_path"] = model
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _steps(steps: _Steps, demo: DemoFolder, model: str, adapter: str | None, quant: str) -> JobRecord:
     quantization = QuantizationSpec(method=QuantMethod(quant))
     _, info = steps.follow(LoadJob(model=ModelRef(path=model), quantization=quantization),
@@ -279,6 +293,7 @@ def _steps(steps: _Steps, demo: DemoFolder, model: str, adapter: str | None, qua
     if with_adapter:
         steps.generate(key, with_adapter, f"with adapter {DEMO_ADAPTER}:")
     name = steps.train(key, info.adapters, demo)
+    name_base(demo.trained, model)
     record, _ = steps.follow(AttachAdapterJob(model_key=key, adapter=ModelRef(path=str(demo.trained)),
                                            name=f"{name}-trained"), f"attach {demo.trained}")
     steps.generate(key, [f"{name}-trained"], f"with {name}-trained:")
