@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,41 @@ def test_gpus_are_counted_without_torch(monkeypatch: pytest.MonkeyPatch) -> None
     assert visible_gpus() == 0
 
 
+# --- the demo's folder and what it shows ------------------------------------------------------
+
+
+def check_demo_steps(out: str, home: Path) -> None:
+    """Generation with and without the adapter shown, the loss going down, the saved adapter attached."""
+    generated = dict(re.findall(r"^  (base alone|with adapter demo|with fresh-trained): +(.+)$", out, re.M))
+    assert set(generated) == {"base alone", "with adapter demo", "with fresh-trained"}, out
+    assert all(text.startswith("the worker") for text in generated.values()), generated
+    first, last = (float(x) for x in re.findall(r"^  loss ([\d.]+) -> ([\d.]+) \(went down\)", out, re.M)[0])
+    assert last < first, out
+    trained = home / "demo" / "trained"
+    assert (trained / "adapter_config.json").is_file() and (trained / "adapter_model.safetensors").is_file()
+    assert f"attaching {trained} as 'fresh-trained'" in out, out
+
+
+def test_demo_model_has_a_tokenizer_that_fits_it_and_old_folders_are_rebuilt(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from worker.demo import DEMO_LINES, build_demo
+
+    root = tmp_path / "demo"
+    (root / "model").mkdir(parents=True)
+    (root / ".built").touch()  # a v1 folder: no tokenizer
+    demo = build_demo(root)
+    tokenizer = AutoTokenizer.from_pretrained(demo.model)
+    assert len(tokenizer) <= AutoConfig.from_pretrained(demo.model).vocab_size
+    ids = tokenizer(DEMO_LINES[0])["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == DEMO_LINES[0]
+    assert len(demo.dataset.read_text().splitlines()) == len(DEMO_LINES)
+    assert (demo.adapter / "adapter_config.json").is_file()
+    before = (demo.model / "model.safetensors").stat().st_mtime_ns
+    assert build_demo(root) == demo and (demo.model / "model.safetensors").stat().st_mtime_ns == before
+
+
 # --- up, then demo and ls on it, then Ctrl-C ---------------------------------------------------
 
 
@@ -127,8 +163,10 @@ def test_up_serves_other_commands_and_stops_cleanly_on_ctrl_c(home: Path,
     demo = modelq("demo", env=env)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "starting modelq up" not in demo.stdout  # it used the running pool
-    for row in ("status        succeeded", "quantization  nf4", "adapters      demo", "model_key"):
+    for row in ("status        succeeded", "quantization  nf4", "adapters      demo, fresh, fresh-trained",
+                "model_key"):
         assert row in demo.stdout, demo.stdout
+    check_demo_steps(demo.stdout, home)
 
     state = read_state(home)
     assert state is not None
