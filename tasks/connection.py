@@ -46,14 +46,16 @@ def connect(settings: Settings) -> redis.Redis:
     return master
 
 
-def connect_async(settings: Settings) -> redis.asyncio.Redis:
+def connect_async(settings: Settings, max_connections: int = 100) -> redis.asyncio.Redis:
     """The asyncio client on the same Redis (the gateway's event streams: no thread per follower).
 
-    The same timeouts as `connect`; under Sentinel, the master's client as there.
+    The same timeouts as `connect`; under Sentinel, the master's client as there. A blocking
+    read holds a connection, so `max_connections` bounds how many can wait at once.
     """
     options: dict[str, Any] = dict(
         socket_connect_timeout=settings.connect_timeout_seconds,
         socket_timeout=settings.connect_timeout_seconds + 60,
+        max_connections=max_connections,
     )
     target = settings.sentinel
     if target is None:

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from schemas import AccessDenied, InvalidJob, JobRecord, WorkerInfo, parse_job
 from tasks.client import Client
 from tasks.connection import connect_async
-from tasks.gateway_events import EventStreams
+from tasks.gateway_events import MAX_FOLLOWERS, EventStreams
 from tasks.gateway_http import Unauthenticated, install_errors, read_json_body, responses
 from tasks.gateway_openapi import install_openapi, job_body
 from tasks.keys import Keys
@@ -87,7 +87,7 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
     app.state.authenticate = authenticate
     app.state.max_body_bytes = settings.max_body_bytes
     jobs = _Jobs(settings, client or Client(settings), tenants)
-    streams = EventStreams(lambda: connect_async(settings), Keys(settings.key_prefix))
+    streams = EventStreams(lambda: connect_async(settings, MAX_FOLLOWERS + 16), Keys(settings.key_prefix))
     install_errors(app, settings)
     install_openapi(app)
     _job_routes(app, jobs)

@@ -24,6 +24,9 @@ from tasks.store import not_found
 
 log = logging.getLogger(__name__)
 
+MAX_FOLLOWERS = 4096
+"""Event streams one gateway follows at once: each blocking read holds a Redis connection
+(Redis takes 10,000 clients by default). One more is answered 503, retryable."""
 KEEPALIVE_MS = 15_000
 """A comment line this often on a quiet stream, so proxies and clients see it is alive."""
 

@@ -189,6 +189,9 @@ def install_errors(app: FastAPI, settings: Settings) -> None:
 
 
 def unreachable(settings: Settings, exc: Exception) -> BrokerUnavailable:
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        return BrokerUnavailable("the gateway has all its Redis connections in use (each event-stream "
+                                 "follower holds one): retry later, or spread followers over gateways")
     where = settings.redis_url.rsplit("@", 1)[-1]  # never show a password
     return BrokerUnavailable(f"Redis at {where} is unreachable ({type(exc).__name__}); "
                              "try again when it is back")

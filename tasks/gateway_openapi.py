@@ -19,7 +19,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from schemas import AttachAdapterJob, LoadJob, RunJob, UnloadJob
 
-JOB_MODELS: dict[str, type[BaseModel]] = {"load": LoadJob, "attach": AttachAdapterJob, "unload": UnloadJob, "run": RunJob}
+JOB_MODELS: dict[str, type[BaseModel]] = {"load": LoadJob, "attach": AttachAdapterJob,
+                                          "unload": UnloadJob, "run": RunJob}
 _REF = "#/components/schemas/"
 _MARK = "__modelq_input__"
 
