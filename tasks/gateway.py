@@ -22,7 +22,7 @@ from tasks.client import Client
 from tasks.connection import connect_async
 from tasks.gateway_events import MAX_FOLLOWERS, EventStreams
 from tasks.gateway_http import Unauthenticated, install_errors, read_json_body, responses
-from tasks.gateway_openapi import install_openapi, job_body
+from tasks.gateway_openapi import Documented, install_openapi, job_body
 from tasks.keys import Keys
 from tasks.registry import not_resident
 from tasks.settings import Settings
@@ -86,7 +86,7 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
                               "events. Every error is `{\"error\": {type, message, retryable}}`.")
     app.state.authenticate = authenticate
     app.state.max_body_bytes = settings.max_body_bytes
-    jobs = _Jobs(settings, client or Client(settings), tenants)
+    jobs = _Jobs(settings, client or Client(settings), tenants, Documented(app))
     streams = EventStreams(lambda: connect_async(settings, MAX_FOLLOWERS + 16), Keys(settings.key_prefix))
     install_errors(app, settings)
     install_openapi(app)
@@ -99,8 +99,10 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
 class _Jobs:
     """Submitting and reading jobs for a caller's tenant (signed with its key when multi-tenant)."""
 
-    def __init__(self, settings: Settings, modelq: Client, tenants: Tenants | None) -> None:
+    def __init__(self, settings: Settings, modelq: Client, tenants: Tenants | None,
+                 documented: Documented) -> None:
         self.settings = settings
+        self.documented = documented
         self.modelq = modelq
         self.tenants = tenants
         self._signing: dict[str, Client] = {}
@@ -119,7 +121,8 @@ class _Jobs:
         body = {"tenant": who, **body}
         if body["tenant"] != who:
             raise AccessDenied(f"you are tenant {who!r}: submit jobs as that tenant", tenant=who)
-        job = parse_job(body)
+        job = parse_job(body)  # modelq's own errors first; then the document's stricter JSON types
+        self.documented.check(body, job.kind)
         try:
             handle = self._client(who).submit(job)
         except AccessDenied as exc:

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from schemas import AttachAdapterJob, LoadJob, RunJob, UnloadJob
+from schemas import AttachAdapterJob, InvalidJob, LoadJob, RunJob, UnloadJob
 
 JOB_MODELS: dict[str, type[BaseModel]] = {"load": LoadJob, "attach": AttachAdapterJob,
                                           "unload": UnloadJob, "run": RunJob}
@@ -35,6 +35,39 @@ def job_body(kind: str | None) -> dict[str, Any]:
                   "oneOf": [{"$ref": ref} for ref in refs.values()],
                   "discriminator": {"propertyName": "kind", "mapping": refs}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+class Documented:
+    """Holds a job body to the JSON types the OpenAPI documents for it, after `parse_job` took it.
+
+    parse_job is lenient where pydantic is (`"pin": 0` reads as false); the gateway's published
+    contract is not, so a body that the document refuses is refused (422) in the document's words.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self._validators: dict[str, Any] = {}
+
+    def check(self, body: dict[str, Any], kind: str) -> None:
+        error = next(iter(self._validator(kind).iter_errors(body)), None)
+        if error is not None:
+            where = ".".join(str(p) for p in error.absolute_path) or "body"
+            raise InvalidJob(f"{where}: {error.message} (the gateway takes the JSON types its OpenAPI "
+                             "documents: see /docs)")
+
+    def _validator(self, kind: str) -> Any:
+        if kind not in self._validators:
+            from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+
+            components = self.app.openapi()["components"]
+            schema = {**job_body(kind)["requestBody"]["content"]["application/json"]["schema"],
+                      "components": components}
+            self._validators[kind] = Draft202012Validator(_render(schema, _renamed(components["schemas"])))
+        return self._validators[kind]
+
+
+def _renamed(components: dict[str, Any]) -> set[str]:
+    return {name.removesuffix("-Input") for name in components if name.endswith("-Input")}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -66,6 +99,7 @@ def with_job_schemas(doc: dict[str, Any]) -> dict[str, Any]:
         renamed |= clash
     for name, schema in rendered.items():
         components[name + "-Input" if name in renamed else name] = schema
+    _with_shortcuts(components, renamed)
     resolved: dict[str, Any] = _render(doc, renamed)
     return _one_error_shape(resolved)
 
@@ -83,6 +117,25 @@ def _one_error_shape(doc: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         doc["components"]["schemas"].pop(name, None)
     return doc
+
+
+SHORTCUTS = ("ModelRef", "AdapterSpec", "ModelTarget")
+"""Contracts that also take a plain string (a ref, an adapter ref, a model key): their `before`
+validators accept it, which the schemas' generated JSON Schema does not say."""
+
+
+def _with_shortcuts(components: dict[str, Any], renamed: set[str]) -> None:
+    """Document the string forms that parse_job accepts besides the objects."""
+    for name in SHORTCUTS:
+        key = name + "-Input" if name in renamed else name
+        if key in components:
+            whole = dict(components[key])
+            components[key] = {"title": whole.pop("title", name), "description": whole.get("description", ""),
+                               "anyOf": [{"type": "string", "minLength": 1}, whole]}
+    run = components.get("RunJob-Input" if "RunJob" in renamed else "RunJob", {})
+    adapters = run.get("properties", {}).get("adapters", {})
+    if "anyOf" in adapters:  # one adapter's name stands for a list of one
+        adapters["anyOf"].insert(0, {"type": "string"})
 
 
 def _render(value: Any, renamed: set[str]) -> Any:

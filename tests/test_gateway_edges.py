@@ -86,3 +86,13 @@ def test_events_stream_asynchronously_and_resume(http: TestClient) -> None:
     resumed = http.get(f"/v1/jobs/{job['job_id']}/events", headers={"Last-Event-ID": ids[0]})
     assert resumed.text.count("\ndata: ") == 1 and f"id: {ids[1]}" in resumed.text
     assert error_of(http.get("/v1/jobs/nope/events"), 404)["type"] == "JobNotFound"
+
+
+def test_bodies_are_held_to_the_documented_json_types(http: TestClient) -> None:
+    lenient = error_of(http.post("/v1/jobs/load", json={**LOAD, "pin": 0}), 422)
+    assert lenient["type"] == "InvalidJob"
+    assert lenient["message"].startswith("pin: 0 is not of type 'boolean'")
+    assert http.post("/v1/jobs/load", json={"model": "org/model", "adapters": ["org/adapter"]}).status_code \
+        == 202  # the documented string forms
+    gone = error_of(http.post("/v1/jobs/attach", json={"model_key": "a" * 32, "adapter": "/tmp/lora"}), 404)
+    assert gone["type"] == "ModelNotFound"
