@@ -157,9 +157,12 @@ def up(devices: tuple[str, ...], capacity: str | None, metrics_port: int | None)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback it needs tenant keys (MODELQ_TENANTS_FILE).")
 @click.option("--port", default=8000, show_default=True, type=int)
-def gateway(host: str, port: int) -> None:
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Listen beyond loopback with no API keys: anyone who reaches the port submits jobs.")
+def gateway(host: str, port: int, allow_unauthenticated: bool) -> None:
     """The HTTP API (OpenAPI at /docs) for platforms that don't speak Celery."""
     import uvicorn
 
@@ -167,8 +170,33 @@ def gateway(host: str, port: int) -> None:
     from tasks.tenants import load_tenants
 
     settings = settings_of_command()
-    uvicorn.run(create_gateway(settings, tenants=load_tenants(settings.tenants_file)), host=host,
-                port=port, log_config=None)
+    try:
+        tenants = load_tenants(settings.tenants_file)
+    except ModelqError as exc:
+        fail(exc.message, INVALID)
+    if not tenants.multi and not _loopback(host) and not allow_unauthenticated:
+        fail(f"refusing to listen on {host} without API keys: anyone who reaches it could load "
+             "models and run jobs. Set MODELQ_TENANTS_FILE (each tenant's key is its API key), "
+             "listen on 127.0.0.1, or pass --allow-unauthenticated if the network is yours alone",
+             INVALID)
+    where = f"[{host}]" if ":" in host else host
+    click.echo(f"modelq gateway on http://{where}:{port} (OpenAPI at /docs)"
+               + ("" if tenants.multi else "; no API keys (single tenant)"))
+    # Event streams end only with their job: give followers 5 s to go, then stop anyway.
+    uvicorn.run(create_gateway(settings, tenants=tenants), host=host, port=port, log_config=None,
+                timeout_graceful_shutdown=5)
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve beyond this machine
 
 
 def _read(job_id: str, client: Any = None) -> JobRecord:

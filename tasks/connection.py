@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+import redis.asyncio
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -42,6 +43,29 @@ def connect(settings: Settings) -> redis.Redis:
     master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
         target.master, db=target.db, username=target.username, password=target.password,
         retry=failover, **options)
+    return master
+
+
+def connect_async(settings: Settings, max_connections: int = 100) -> redis.asyncio.Redis:
+    """The asyncio client on the same Redis (the gateway's event streams: no thread per follower).
+
+    The same timeouts as `connect`; under Sentinel, the master's client as there. A blocking
+    read holds a connection, so `max_connections` bounds how many can wait at once.
+    """
+    options: dict[str, Any] = dict(
+        socket_connect_timeout=settings.connect_timeout_seconds,
+        socket_timeout=settings.connect_timeout_seconds + 60,
+        max_connections=max_connections,
+    )
+    target = settings.sentinel
+    if target is None:
+        return redis.asyncio.Redis.from_url(settings.redis_url, **options)
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    sentinels = AsyncSentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+                              sentinel_kwargs=settings.sentinel_kwargs())
+    master: redis.asyncio.Redis = sentinels.master_for(
+        target.master, db=target.db, username=target.username, password=target.password, **options)
     return master
 
 

@@ -9,33 +9,21 @@ a tenant sees only its own jobs and models. No torch here.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any
 
-import redis
-from fastapi import Body, Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
-from schemas import (
-    TERMINAL,
-    AccessDenied,
-    BrokerUnavailable,
-    InvalidJob,
-    JobNotFound,
-    JobRecord,
-    ModelNotFound,
-    ModelqError,
-    QuotaExceeded,
-    TaskNotFound,
-    TimedOut,
-    WorkerInfo,
-    parse_job,
-)
+from schemas import AccessDenied, InvalidJob, JobRecord, WorkerInfo, parse_job
 from tasks.client import Client
+from tasks.connection import connect_async
+from tasks.gateway_events import MAX_FOLLOWERS, EventStreams
+from tasks.gateway_http import Unauthenticated, install_errors, read_json_body, responses
+from tasks.gateway_openapi import Documented, install_openapi, job_body
+from tasks.keys import Keys
 from tasks.registry import not_resident
 from tasks.settings import Settings
 from tasks.store import not_found
@@ -46,12 +34,8 @@ log = logging.getLogger(__name__)
 Authenticate = Callable[[str | None], str]
 """Maps an API key (None when the request has none) to a tenant; raises AccessDenied to refuse."""
 
-STATUS: dict[type[ModelqError], int] = {
-    InvalidJob: 422, ModelNotFound: 404, JobNotFound: 404, TaskNotFound: 404, AccessDenied: 403,
-    QuotaExceeded: 429,
-    BrokerUnavailable: 503, TimedOut: 504,
-}
-KEEPALIVE_MS = 15_000
+EVENT_ID = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
+"""A Redis stream id, as the event stream sends them and Last-Event-ID gives them back."""
 
 
 def as_default_tenant(api_key: str | None) -> str:
@@ -60,29 +44,10 @@ def as_default_tenant(api_key: str | None) -> str:
     return "default"
 
 
-class _Unauthenticated(Exception):
-    """`authenticate` refused the caller: 401, not 403."""
-
-    def __init__(self, error: ModelqError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-def _status_of(exc: ModelqError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
-
-
-def _error(status: int, exc: ModelqError, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"type": exc.type, "message": exc.message, "retryable": exc.retryable}
-    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
-
-
-def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
-            x_api_key: Annotated[str | None, Header()] = None) -> str:
-    """The caller's tenant, from `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+async def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
+                  x_api_key: Annotated[str | None, Header()] = None) -> str:
+    """The caller's tenant, from `Authorization: Bearer KEY` or `X-API-Key: KEY` (a key check
+    is CPU only: it runs on the event loop, never waiting on a thread)."""
     key = x_api_key
     if authorization and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
@@ -90,11 +55,19 @@ def _tenant(request: Request, authorization: Annotated[str | None, Header()] = N
     try:
         return authenticate(key or None)
     except AccessDenied as exc:
-        raise _Unauthenticated(exc) from exc
+        raise Unauthenticated(exc) from exc
+
+
+async def _job(request: Request) -> dict[str, Any]:
+    """The job body, read by the gateway: bounded, and validated by `parse_job` later."""
+    limit: int = request.app.state.max_body_bytes
+    return await read_json_body(request, limit)
 
 
 Tenant = Annotated[str, Depends(_tenant)]
-JobBody = Annotated[dict[str, Any], Body(description="A job as the schemas define it (`modelq schema`)")]
+JobBody = Annotated[dict[str, Any], Depends(_job)]
+READ = responses(401, 403, 404, 500, 503)
+SUBMIT = responses(400, 401, 403, 404, 413, 422, 429, 500, 503)
 
 
 def create_gateway(settings: Settings, authenticate: Authenticate = as_default_tenant,
@@ -110,41 +83,26 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
         settings = settings.model_copy(update={"tenant": None, "tenant_key": None})
     app = FastAPI(title="modelq gateway", version="1",
                   description="Submit load, attach, unload and run jobs; read records; follow "
-                              "events.")
+                              "events. Every error is `{\"error\": {type, message, retryable}}`.")
     app.state.authenticate = authenticate
-    jobs = _Jobs(settings, client or Client(settings), tenants)
-    _install_errors(app, settings)
+    app.state.max_body_bytes = settings.max_body_bytes
+    jobs = _Jobs(settings, client or Client(settings), tenants, Documented(app))
+    streams = EventStreams(lambda: connect_async(settings, MAX_FOLLOWERS + 16), Keys(settings.key_prefix))
+    install_errors(app, settings)
+    install_openapi(app)
     _job_routes(app, jobs)
-    _pool_routes(app, jobs.modelq)
+    _event_routes(app, streams)
+    _pool_routes(app, jobs.modelq, streams)
     return app
-
-
-def _install_errors(app: FastAPI, settings: Settings) -> None:
-    """Every error in the one shape: {"error": {type, message, retryable}}."""
-    @app.exception_handler(ModelqError)
-    def _modelq_error(_request: Request, exc: ModelqError) -> JSONResponse:
-        return _error(_status_of(exc), exc)
-
-    @app.exception_handler(_Unauthenticated)
-    def _unauthenticated(_request: Request, exc: _Unauthenticated) -> JSONResponse:
-        return _error(401, exc.error, {"WWW-Authenticate": "Bearer"})
-
-    @app.exception_handler(redis.RedisError)
-    def _redis_down(_request: Request, exc: redis.RedisError) -> JSONResponse:
-        where = settings.redis_url.rsplit("@", 1)[-1]  # never show a password
-        return _error(503, BrokerUnavailable(f"Redis at {where} is unreachable ({type(exc).__name__}); "
-                                             "try again when it is back"))
-
-    @app.exception_handler(RequestValidationError)
-    def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, InvalidJob("; ".join(str(e.get("msg")) for e in exc.errors())))
 
 
 class _Jobs:
     """Submitting and reading jobs for a caller's tenant (signed with its key when multi-tenant)."""
 
-    def __init__(self, settings: Settings, modelq: Client, tenants: Tenants | None) -> None:
+    def __init__(self, settings: Settings, modelq: Client, tenants: Tenants | None,
+                 documented: Documented) -> None:
         self.settings = settings
+        self.documented = documented
         self.modelq = modelq
         self.tenants = tenants
         self._signing: dict[str, Client] = {}
@@ -163,7 +121,8 @@ class _Jobs:
         body = {"tenant": who, **body}
         if body["tenant"] != who:
             raise AccessDenied(f"you are tenant {who!r}: submit jobs as that tenant", tenant=who)
-        job = parse_job(body)
+        job = parse_job(body)  # modelq's own errors first; then the document's stricter JSON types
+        self.documented.check(body, job.kind)
         try:
             handle = self._client(who).submit(job)
         except AccessDenied as exc:
@@ -188,31 +147,39 @@ def _job_routes(app: FastAPI, jobs: _Jobs) -> None:
     for kind, summary in _KINDS.items():
         app.add_api_route(f"/v1/jobs/{kind}", _submitter(jobs, kind), methods=["POST"],
                           status_code=202, response_model=JobRecord, tags=["jobs"],
-                          summary=summary, name=f"submit_{kind}")
+                          summary=summary, name=f"submit_{kind}", responses=SUBMIT,
+                          openapi_extra=job_body(kind))
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"])
+    @app.post("/v1/jobs", status_code=202, response_model=JobRecord, tags=["jobs"], responses=SUBMIT,
+              openapi_extra=job_body(None))
     def submit_job(body: JobBody, who: Tenant) -> JSONResponse:
         """Submit a job of any kind (`kind`: load, attach, unload or run)."""
         return jobs.submit(body, who, None)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobRecord, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}", response_model=JobRecord, tags=["jobs"], responses=READ)
     def read_job(job_id: str, who: Tenant) -> JobRecord:
         """A job's record: status, stage, progress, result or error."""
         return jobs.own_record(job_id, who)
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobRecord, tags=["jobs"])
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobRecord, tags=["jobs"], responses=READ)
     def cancel_job(job_id: str, who: Tenant) -> JobRecord:
         """Cancel a queued job now, a running one at its next stage."""
         jobs.own_record(job_id, who)
         return jobs.modelq.cancel(job_id)
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
-             responses={200: {"content": {"text/event-stream": {}}}})
-    def job_events(job_id: str, who: Tenant,
-                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
-        """The job's events as server-sent events, from the first (or after Last-Event-ID) to the end."""
-        jobs.own_record(job_id, who)
-        return StreamingResponse(_sse(jobs.modelq, job_id, last_event_id or "0-0"),
+
+def _event_routes(app: FastAPI, streams: EventStreams) -> None:
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                              "description": "SSE: `id` (resume with Last-Event-ID), `event` (the "
+                                             "status), `data` (an Event as JSON)"},
+                        **responses(401, 403, 404, 422, 500, 503)})
+    async def job_events(job_id: str, who: Tenant, last_event_id: Annotated[
+            str | None, Header(pattern=EVENT_ID)] = None) -> StreamingResponse:
+        """The job's events as server-sent events, from the first (or after Last-Event-ID) to the
+        end. Served on the event loop: a follower holds a socket, not a thread."""
+        await streams.own_record(job_id, who)
+        return StreamingResponse(streams.sse(job_id, last_event_id or "0-0"),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -224,45 +191,28 @@ _KINDS = {"load": "Load a model (and adapters) on a worker that can fit it.",
 
 
 def _submitter(jobs: _Jobs, kind: str) -> Callable[..., JSONResponse]:
+    # sync: FastAPI runs it on its thread pool, as the Client's Redis calls block
     def submit(body: JobBody, who: Tenant) -> JSONResponse:
         return jobs.submit(body, who, kind)
     submit.__doc__ = _KINDS[kind]
     return submit
 
 
-def _pool_routes(app: FastAPI, modelq: Client) -> None:
-    @app.get("/v1/workers", response_model=list[WorkerInfo], tags=["pool"])
+def _pool_routes(app: FastAPI, modelq: Client, streams: EventStreams) -> None:
+    @app.get("/v1/workers", response_model=list[WorkerInfo], tags=["pool"], responses=READ)
     def list_workers(who: Tenant) -> list[WorkerInfo]:
         """Live workers and, of their resident models, the caller's (and shared bases, with only
         the caller's adapters)."""
         return visible_workers(modelq.workers(), who)
 
-    @app.get("/v1/tasks", response_model=dict[str, list[str]], tags=["pool"])
+    @app.get("/v1/tasks", response_model=dict[str, list[str]], tags=["pool"], responses=READ)
     def list_tasks(who: Tenant) -> dict[str, list[str]]:
         """The model tasks the live workers offer, each with the workers that offer it."""
         return modelq.tasks()
 
-    @app.get("/healthz", tags=["pool"])
-    def health() -> dict[str, str]:
-        """200 when Redis answers, 503 when it does not."""
-        modelq.redis.ping()
+    @app.get("/healthz", tags=["pool"], responses=responses(500, 503))
+    async def health() -> dict[str, str]:
+        """200 when Redis answers, 503 when it does not (on the event loop: it answers however
+        busy the thread pool is)."""
+        await streams.ping()
         return {"redis": "ok"}
-
-
-def _sse(client: Client, job_id: str, after: str) -> Iterator[str]:
-    """Stream ids become SSE ids, so a client that reconnects resumes with Last-Event-ID."""
-    while True:
-        try:
-            batch = client.store.events(job_id, after=after, block_ms=KEEPALIVE_MS)
-        except redis.RedisError as exc:
-            yield f"event: error\ndata: {json.dumps({'type': 'BrokerUnavailable', 'message': str(exc)})}\n\n"
-            return
-        for after, event in batch:
-            yield f"id: {after}\nevent: {event.status.value}\ndata: {event.model_dump_json()}\n\n"
-            if event.status in TERMINAL:
-                return
-        if not batch:
-            if client.status(job_id).terminal:
-                return
-            yield ": keepalive\n\n"
-

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
 
+    max_body_bytes: int = Field(default=(1 << 20) + (64 << 10), gt=0)
+    """The gateway's largest request body: 413 above it, before it is parsed (a run job's args
+    and kwargs may take 1 MiB as JSON; the rest of a job fits in the 64 KiB over that)."""
+
     @field_validator("task_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:

@@ -55,7 +55,7 @@ def test_one_worker_per_gpu_sharing_the_hub_cache(compose: dict[str, Any]) -> No
 def test_gateway_and_optional_profiles(compose: dict[str, Any]) -> None:
     services = compose["services"]
     gateway = services["gateway"]
-    assert gateway["command"][0] == "gateway" and "8000:8000" in gateway["ports"]
+    assert gateway["command"][0] == "gateway" and "127.0.0.1:8000:8000" in gateway["ports"]
     assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
     assert services["flower"]["profiles"] == ["flower"]
     assert services["prometheus"]["profiles"] == ["monitoring"]

@@ -124,7 +124,7 @@ def test_jobs_through_http(gateway: httpx.Client, pool: WorkerPool, models: dict
         "type": "InvalidJob", "message": cli_error.value.message, "retryable": False}
     assert error_of(gateway.post("/v1/jobs/unload", json={"kind": "load"}), 422)["type"] == "InvalidJob"
     assert error_of(gateway.post("/v1/jobs/load", content=b"not json",
-                                 headers={"content-type": "application/json"}), 422)["type"] == "InvalidJob"
+                                 headers={"content-type": "application/json"}), 400)["type"] == "InvalidJob"
     assert error_of(gateway.get("/v1/jobs/nope"), 404)["type"] == "JobNotFound"
     assert error_of(gateway.post("/v1/jobs/nope/cancel"), 404)["type"] == "JobNotFound"
     gone = error_of(gateway.post("/v1/jobs/attach",
