@@ -9,6 +9,7 @@ not be used on its own afterwards). Training is in worker/train_task.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ def add_adapter(ctx: TaskContext, name: str, config: dict[str, Any],
     active adapters stay as they were unless `activate`. Its parameters stay frozen
     until `modelq.train_adapter` trains them.
     """
-    _check_name(name)
+    plain, name = _check_name(name), ctx.adapter_name(name)  # the name on the model (tenants)
     lora = lora_config(config)
     model = ctx.model
     was_training = model.training
@@ -57,7 +58,7 @@ def add_adapter(ctx: TaskContext, name: str, config: dict[str, Any],
     model.train(was_training)  # new LoRA modules start in train mode (dropout on): match the model
     if activate:
         ctx.adapters = set_active(model, (name,))
-    return {"adapter": name, "trainable_parameters": sum(p.numel() for p in params)}
+    return {"adapter": plain, "trainable_parameters": sum(p.numel() for p in params)}
 
 
 def _check_name(name: Any) -> str:
@@ -91,9 +92,9 @@ def lora_config(config: Any) -> LoraConfig:
 @model_task("modelq.save_adapter")
 def save_adapter(ctx: TaskContext, adapter: str, output_dir: str) -> dict[str, Any]:
     """Write adapter `adapter` to `output_dir` (adapter_config.json, adapter_model.safetensors)."""
-    require_adapter(ctx.model, adapter)
+    require_adapter(ctx.model, ctx.adapter_name(adapter))
     folder = ctx.resolve_path(output_dir, for_writing=True)
-    write_adapter(ctx.model, adapter, folder)
+    write_adapter(ctx.model, ctx.adapter_name(adapter), folder, base_model=ctx.base_model)
     return {"adapter": adapter, "output_dir": str(folder)}
 
 
@@ -106,11 +107,15 @@ def require_adapter(model: torch.nn.Module, adapter: str) -> PeftModel:
     return model
 
 
-def write_adapter(model: torch.nn.Module, adapter: str, folder: Path) -> None:
+def write_adapter(model: torch.nn.Module, adapter: str, folder: Path, *,
+                  base_model: str | None = None) -> None:
     """Save one adapter in peft's layout, its files directly in `folder` (whatever its name).
 
     peft puts an adapter not named 'default' in a subfolder of that name; the files
     are saved in a scratch folder beside them and moved up, each replaced atomically.
+    `base_model`: the base as its user names it (a repo id or the folder the job named),
+    written as `base_model_name_or_path` instead of the folder the weights were read
+    from (a quantized artifact, a hub snapshot), so the adapter attaches to that base.
     """
     model = require_adapter(model, adapter)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,5 +123,10 @@ def write_adapter(model: torch.nn.Module, adapter: str, folder: Path) -> None:
         # "auto" would look the base up on the hub to compare vocab sizes (a network call)
         model.save_pretrained(scratch, selected_adapters=[adapter], save_embedding_layers=False)
         source = Path(scratch) if adapter == "default" else Path(scratch) / adapter
+        if base_model is not None:
+            config_file = source / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config["base_model_name_or_path"] = base_model
+            config_file.write_text(json.dumps(config, indent=2))
         for name in ADAPTER_FILES:
             os.replace(source / name, folder / name)

@@ -97,7 +97,7 @@ def build_tokenizer(folder: Path) -> int:
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                            special_tokens=[("<s>", 1)])
     backend.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     tokenizer.save_pretrained(str(folder))
     return int(backend.get_vocab_size())
@@ -115,7 +115,7 @@ def build_demo(root: Path) -> DemoFolder:
     from transformers.utils import logging as hf_logging
 
     print(f"building a demo model, tokenizer and LoRA adapter in {root} ...", flush=True)
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # peft calling deprecated transformers API
     torch.manual_seed(DEMO_SEED)
     vocab = build_tokenizer(demo.model)

@@ -159,6 +159,7 @@ class TaskHooks:
     check_cancel: Callable[[], None] = _never_cancelled
     resolve_path: PathResolver = no_paths
     load_tokenizer: TokenizerLoader | None = None
+    adapter_name: Callable[[str], str] = str  # a job's adapter name as it is on the model (tenants)
 
 
 @dataclass
@@ -176,6 +177,8 @@ class TaskContext:
     """Asked for: None keeps the model's active adapters, () runs the base alone.
     While the task runs: the names active."""
     hooks: TaskHooks = field(default_factory=TaskHooks)
+    base_model: str | None = None
+    """The base as its user names it (repo id or folder): what a saved adapter names."""
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False)
 
     @property
@@ -195,6 +198,11 @@ class TaskContext:
     def check_cancel(self) -> None:
         """Raise Cancelled or TimedOut if the job was cancelled or ran out of time; call it often."""
         self.hooks.check_cancel()
+
+    def adapter_name(self, name: str) -> str:
+        """The adapter `name` of the job as it is named on the model (namespaced per tenant in a
+        multi-tenant pool); tasks that take adapter names look them up through this."""
+        return self.hooks.adapter_name(name)
 
     def resolve_path(self, path: str | Path, *, for_writing: bool = False) -> Path:
         """`path` as the worker may use it; AccessDenied outside the tenant's roots."""

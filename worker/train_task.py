@@ -36,6 +36,7 @@ def train_adapter(ctx: TaskContext, adapter: str, dataset: str, steps: int, batc
                    gradient_accumulation_steps=gradient_accumulation_steps)
     if not learning_rate > 0:
         raise InvalidJob(f"learning_rate must be positive, not {learning_rate!r}")
+    plain, adapter = adapter, ctx.adapter_name(adapter)  # the name on the model (tenants)
     model = require_adapter(ctx.model, adapter)
     texts = read_texts(ctx.resolve_path(dataset, for_writing=False))
     folder = None if output_dir is None else ctx.resolve_path(output_dir, for_writing=True)
@@ -58,8 +59,8 @@ def train_adapter(ctx: TaskContext, adapter: str, dataset: str, steps: int, batc
             ctx.progress(step, steps, {"loss": loss})
         optimizer.zero_grad(set_to_none=True)
     if folder is not None:
-        write_adapter(model, adapter, folder)
-    return {"adapter": adapter, "losses": losses, "output_dir": None if folder is None else str(folder)}
+        write_adapter(model, adapter, folder, base_model=ctx.base_model)
+    return {"adapter": plain, "losses": losses, "output_dir": None if folder is None else str(folder)}
 
 
 def _check_numbers(**numbers: Any) -> None:

@@ -88,7 +88,9 @@ class RunHandler(Handler):
                                   done, total, unit="steps", metrics=metrics),
                               check_cancel=lambda: check_cancel(reporter),
                               resolve_path=path_resolver(policy.access(tenant)),
-                              load_tokenizer=_tokenizer(entry)))
+                              load_tokenizer=_tokenizer(entry),
+                              adapter_name=lambda name: policy.adapter_name(name, tenant)),
+                          base_model=entry.base.ref)
         outcome = call_task(ctx, job.task, job.args, job.kwargs, self.max_result_bytes,
                             registry=self.registry)
         changed = outcome.replaced or self.registry.get(job.task).changes_adapters
