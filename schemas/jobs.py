@@ -20,7 +20,8 @@ from pydantic import (
 
 from schemas.base import Contract, Versioned
 from schemas.errors import InvalidJob
-from schemas.names import COMMIT, TENANT, Seconds, check_adapter_name, check_model_key
+from schemas.names import COMMIT, TENANT, Seconds, check_model_key
+from schemas.names import check_adapter_name as check_adapter_name
 from schemas.names import check_task_name as check_task_name
 from schemas.names import check_tenant as check_tenant
 from schemas.refs import ModelRef
@@ -98,6 +99,13 @@ class LoadJob(_Job):
     timeout_seconds: Seconds | None = None
     """The longest the worker may spend on this job before failing it as TimedOut
     (default: the worker's max_load_seconds)."""
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _few(cls, value: Any) -> Any:  # before validating each of a million adapters
+        if isinstance(value, (list, tuple)) and len(value) > MAX_ADAPTERS:
+            raise ValueError(f"a job attaches at most {MAX_ADAPTERS} adapters, not {len(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> LoadJob:

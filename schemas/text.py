@@ -69,7 +69,7 @@ def check_pattern(value: str, what: str, max_length: int, body: str, rule: str) 
     return value
 
 
-MAX_PROBLEMS = 10
+MAX_PROBLEMS = 5
 MAX_MESSAGE = 300
 
 

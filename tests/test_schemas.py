@@ -95,7 +95,8 @@ def test_paths_parse_as_local_refs(text: str, path: str) -> None:
 
 def test_ref_rules() -> None:
     assert ModelRef(repo_id="o/n", revision="v1.0").display == "o/n@v1.0"
-    for bad in ("", "   ", " /padded ", "/x\ny", "/x\x00", {"repo_id": "o/n", "path": "/x"}, {}, {"path": "relative/x"},
+    for bad in ("", "   ", " /padded ", "/x\ny", "/x\x00", {"repo_id": "o/n", "path": "/x"}, {},
+                {"path": "relative/x"},
                 {"path": "/x", "revision": "main"}, {"repo_id": "o/n", "revision": "bad rev"},
                 {"repo_id": "o/n", "extra": 1}):
         with pytest.raises(ValidationError):
@@ -181,7 +182,8 @@ def test_load_job_rules(job: dict[str, object], says: str) -> None:
 def test_adapter_names_are_compared_by_the_worker_not_here() -> None:
     """JSON Schema cannot compare values, so the schema could not give this verdict: the worker
     refuses a name given twice, or an active_adapter it does not hold, as InvalidJob."""
-    LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}, {"ref": "/b", "name": "x"}]})
+    twice = [{"ref": "/a", "name": "x"}, {"ref": "/b", "name": "x"}]
+    LoadJob.model_validate({"model": "o/m", "adapters": twice})
     LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}], "active_adapter": "y"})
 
 
@@ -206,7 +208,7 @@ def test_attach_and_unload_job_rules() -> None:
 
 def test_parse_job_dispatches_by_kind_and_raises_invalid_job() -> None:
     assert isinstance(parse_job({"kind": "load", "model": "o/m"}), LoadJob)
-    assert isinstance(parse_job('{"kind": "attach", "model_key": "%s", "adapter": "/a"}' % KEY),
+    assert isinstance(parse_job(f'{{"kind": "attach", "model_key": "{KEY}", "adapter": "/a"}}'),
                       AttachAdapterJob)
     assert isinstance(parse_job({"kind": "unload", "model_key": KEY}), UnloadJob)
     for bad, says in (({"kind": "train", "model": "o/m"}, "kind"), ({"model": "o/m"}, "kind"),
@@ -272,7 +274,8 @@ def test_errors_pickle_across_processes_with_their_fields() -> None:
     assert isinstance(back, FileNotFoundError) and back.type == "ModelNotFound"
     for cls in ERROR_TYPES.values():
         again = pickle.loads(pickle.dumps(cls("msg", a=1)))
-        assert (type(again), again.message, again.details, again.retryable) == (cls, "msg", {"a": 1}, cls.retryable)
+        assert (type(again), again.message, again.details, again.retryable) == \
+            (cls, "msg", {"a": 1}, cls.retryable)
 
 
 def test_error_classes_mix_in_builtins_and_retryable() -> None:

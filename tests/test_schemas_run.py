@@ -202,7 +202,7 @@ def test_task_errors_are_modelq_errors_that_pickle_and_do_not_retry(error: Model
 
 
 def test_modelq_schema_describes_run_jobs_and_results() -> None:
-    definitions = json_schema()["definitions"]
+    definitions = json_schema()["$defs"]
     assert definitions["RunJob"]["properties"]["kind"]["const"] == "run"
     assert "value" in definitions["RunResult"]["properties"]
     assert "RunJob" in json.dumps(definitions["Envelope"])
