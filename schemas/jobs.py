@@ -8,20 +8,37 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, JsonValue, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    JsonValue,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.base import Contract, Versioned
 from schemas.errors import InvalidJob
+from schemas.names import COMMIT, TENANT, Seconds, check_model_key
+from schemas.names import check_adapter_name as check_adapter_name
+from schemas.names import check_task_name as check_task_name
+from schemas.names import check_tenant as check_tenant
 from schemas.refs import ModelRef
 from schemas.specs import DType, PlacementSpec, QuantizationSpec
 from schemas.tenants import Signature
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
-_TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,63}")
-_MODEL_KEY = re.compile(r"[0-9a-f]{16,64}")
-_TASK = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
-MAX_TASK_NAME = 128
-MAX_RUN_ARGUMENTS_BYTES = 2**20  # a run job's args and kwargs, as compact JSON
+from schemas.text import (
+    MAX_ADAPTERS,
+    MAX_JOB_BYTES,
+    MAX_JOB_ID,
+    MAX_JSON_DEPTH,
+    MAX_KWARG_NAME,
+    MAX_NAME,
+    MAX_RUN_ARGUMENTS_BYTES,
+    MAX_RUN_ITEMS,
+    check_text,
+)
+from schemas.text import describe as describe
 
 
 class JobKind(str, Enum):
@@ -31,30 +48,6 @@ class JobKind(str, Enum):
     attach = "attach"  # attach an adapter to a resident model
     unload = "unload"  # free a resident model
     run = "run"  # run a named task on a model (loaded first if needed)
-
-
-def check_adapter_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise ValueError(
-            f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def check_task_name(name: str) -> str:
-    """A task name is dotted, like a Python module path: 'acme.score', 'modelq.generate'."""
-    if len(name) > MAX_TASK_NAME or not _TASK.fullmatch(name):
-        raise ValueError(
-            f"task name {name[:MAX_TASK_NAME]!r} must be a dotted name such as 'acme.score': at least "
-            f"two parts of letters, digits and '_' (not starting with a digit), at most "
-            f"{MAX_TASK_NAME} characters")
-    return name
-
-
-def check_tenant(tenant: str) -> str:
-    if not _TENANT.fullmatch(tenant):
-        raise ValueError(f"tenant {tenant!r} must be 1-64 lowercase letters, digits, '_' or '-'")
-    return tenant
 
 
 class AdapterSpec(Contract):
@@ -86,8 +79,11 @@ class _Job(Contract):
 class LoadJob(_Job):
     """Load `model` (or, for an adapter repo, its base plus the adapter) on a worker.
 
-    `adapters` are attached in order after loading; `active_adapter` picks the
-    active one (default: the last attached).
+    `adapters` (at most 32) are attached in order after loading; at most one may go
+    without a name (it is named 'default'). `active_adapter` picks the active one
+    (default: the last attached). That names are unique and that `active_adapter` is
+    among them is checked by the worker (InvalidJob), not here: JSON Schema cannot
+    compare one value with another, and the schema gives the server's verdict.
     """
 
     kind: Literal["load"] = "load"
@@ -95,27 +91,28 @@ class LoadJob(_Job):
     dtype: DType = DType.auto
     quantization: QuantizationSpec = QuantizationSpec()
     placement: PlacementSpec = PlacementSpec()
-    adapters: tuple[AdapterSpec, ...] = ()
+    adapters: tuple[AdapterSpec, ...] = Field(default=(), max_length=MAX_ADAPTERS)
     active_adapter: str | None = None
-    trust_remote_code: bool = False
-    pin: bool = False  # never evicted to make room; only `modelq unload` frees it
-    keep_alive_seconds: float | None = Field(default=None, gt=0)  # unload after this long unused
-    timeout_seconds: float | None = Field(default=None, gt=0)
+    trust_remote_code: StrictBool = False
+    pin: StrictBool = False  # never evicted to make room; only `modelq unload` frees it
+    keep_alive_seconds: Seconds | None = None  # unload after this long unused
+    timeout_seconds: Seconds | None = None
     """The longest the worker may spend on this job before failing it as TimedOut
     (default: the worker's max_load_seconds)."""
 
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _few(cls, value: Any) -> Any:  # before validating each of a million adapters
+        if isinstance(value, (list, tuple)) and len(value) > MAX_ADAPTERS:
+            raise ValueError(f"a job attaches at most {MAX_ADAPTERS} adapters, not {len(value)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> LoadJob:
-        names = [a.name for a in self.adapters if a.name is not None]
-        if len(names) != len(set(names)):
-            raise ValueError("adapter names must be unique within a job")
         if len([a for a in self.adapters if a.name is None]) > 1:
             raise ValueError("when attaching several adapters, give each a name ('REF:NAME')")
         if self.active_adapter is not None:
             check_adapter_name(self.active_adapter)
-            if self.adapters and self.active_adapter not in names and \
-                    not (self.active_adapter == "default" and None in [a.name for a in self.adapters]):
-                raise ValueError(f"active_adapter {self.active_adapter!r} is not among the job's adapters")
         if self.trust_remote_code and self.model.repo_id is not None and not _is_commit(self.model.revision):
             raise ValueError("trust_remote_code needs the model pinned to a 40-character commit revision")
         return self
@@ -128,7 +125,7 @@ class AttachAdapterJob(_Job):
     model_key: str
     adapter: ModelRef
     name: str = "default"
-    activate: bool = True
+    activate: StrictBool = True
 
     @field_validator("model_key")
     @classmethod
@@ -204,10 +201,10 @@ class RunJob(_Job):
     kind: Literal["run"] = "run"
     task: str
     model: ModelTarget
-    adapters: tuple[str, ...] | None = None
-    args: tuple[JsonValue, ...] = ()
-    kwargs: dict[str, JsonValue] = {}
-    timeout_seconds: float | None = Field(default=None, gt=0)
+    adapters: tuple[str, ...] | None = Field(default=None, max_length=MAX_ADAPTERS)
+    args: tuple[JsonValue, ...] = Field(default=(), max_length=MAX_RUN_ITEMS)
+    kwargs: dict[str, JsonValue] = Field(default={}, max_length=MAX_RUN_ITEMS)
+    timeout_seconds: Seconds | None = None
     """The longest the task may run (with the load, if any) before failing as TimedOut."""
 
     @field_validator("task")
@@ -225,8 +222,16 @@ class RunJob(_Job):
             value["adapters"] = (value["adapters"],)
         for name in ("args", "kwargs"):
             if name in value:
+                _check_depth(value[name], name)
                 value[name] = _lists(value[name])
         return _with_tenant(value)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwarg_names(cls, value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        for name in value:
+            check_text(name, "kwargs key", MAX_KWARG_NAME)
+        return value
 
     @field_validator("adapters")
     @classmethod
@@ -249,11 +254,18 @@ class RunJob(_Job):
         if size > MAX_RUN_ARGUMENTS_BYTES:
             raise ValueError(f"args and kwargs take {size} bytes as JSON, over the limit of "
                              f"{MAX_RUN_ARGUMENTS_BYTES}: pass large inputs as a file path instead")
-        load = self.model.load
-        if load is not None and load.tenant != self.tenant:
-            raise ValueError(f"the model's load job names tenant {load.tenant!r}, the run job "
-                             f"{self.tenant!r}: leave the load job's tenant out")
         return self
+
+
+def _check_depth(value: Any, name: str) -> None:
+    """Each item of args (value of kwargs) nests at most MAX_JSON_DEPTH arrays and objects deep."""
+    level = [v for v in (value.values() if isinstance(value, dict) else value)] \
+        if isinstance(value, (list, tuple, dict)) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [c for v in level if isinstance(v, (list, tuple, dict))
+                 for c in (v.values() if isinstance(v, dict) else v)]
+    if any(isinstance(v, (list, tuple, dict)) for v in level):
+        raise ValueError(f"{name} nest over {MAX_JSON_DEPTH} arrays and objects deep")
 
 
 def _lists(value: Any) -> Any:
@@ -266,7 +278,10 @@ def _lists(value: Any) -> Any:
 
 
 def _with_tenant(value: dict[str, Any]) -> dict[str, Any]:
-    """A load target without its own tenant takes the run job's."""
+    """A load target runs as the run job's tenant: the tenant it names (if a valid one) is replaced.
+
+    (JSON Schema cannot say that two fields are equal, so a differing tenant is not an error.)
+    """
     tenant = value.get("tenant", "default")
     model = value.get("model")
     if isinstance(model, LoadJob):
@@ -274,23 +289,19 @@ def _with_tenant(value: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(model, ModelTarget):
         model = {"model_key": model.model_key, "load": model.load}
     if isinstance(model, dict) and isinstance(model.get("load"), LoadJob):
-        load = model["load"]
-        if "tenant" not in load.model_fields_set:
-            value["model"] = {**model, "load": load.model_copy(update={"tenant": tenant})}
+        value["model"] = {**model, "load": model["load"].model_copy(update={"tenant": tenant})}
     elif isinstance(model, dict) and isinstance(model.get("load"), dict) and \
-            "tenant" not in model["load"]:
+            _valid_tenant(model["load"].get("tenant", "default")):
         value["model"] = {**model, "load": {**model["load"], "tenant": tenant}}
     return value
 
 
-def check_model_key(value: str) -> str:
-    if not _MODEL_KEY.fullmatch(value):
-        raise ValueError(f"model key {value!r} must be the hex key a load job reported")
-    return value
+def _valid_tenant(tenant: Any) -> bool:
+    return isinstance(tenant, str) and len(tenant) <= MAX_NAME and re.fullmatch(TENANT, tenant) is not None
 
 
 def _is_commit(revision: str | None) -> bool:
-    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+    return revision is not None and re.fullmatch(COMMIT, revision) is not None
 
 
 Job = Annotated[LoadJob | AttachAdapterJob | UnloadJob | RunJob, Field(discriminator="kind")]
@@ -300,7 +311,7 @@ Job = Annotated[LoadJob | AttachAdapterJob | UnloadJob | RunJob, Field(discrimin
 class Envelope(Versioned):
     """What travels on the queue: the job, its id, when it was submitted and who signed it."""
 
-    job_id: str
+    job_id: str = Field(min_length=1, max_length=MAX_JOB_ID)
     submitted_at: datetime
     job: Job
     auth: Signature | None = None  # required by workers that run with a tenants file
@@ -322,19 +333,13 @@ def decode_envelope(payload: Any) -> Envelope:
 
 
 def _validate(adapter: TypeAdapter[T], payload: Any) -> T:
+    if isinstance(payload, (str, bytes)):
+        size = len(payload.encode(errors="surrogatepass") if isinstance(payload, str) else payload)
+        if size > MAX_JOB_BYTES:
+            raise InvalidJob(f"the job is {size} bytes of JSON, over the limit of {MAX_JOB_BYTES}", size=size)
     try:
         if isinstance(payload, (str, bytes)):
             return adapter.validate_json(payload)
         return adapter.validate_python(payload)
     except ValidationError as exc:
         raise InvalidJob(describe(exc)) from None
-
-
-def describe(exc: ValidationError) -> str:
-    """A pydantic error as one line per problem: 'field.path: what to change'."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        message = str(err["msg"]).removeprefix("Value error, ")
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)

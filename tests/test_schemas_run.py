@@ -75,7 +75,7 @@ def test_dotted_task_names_validate(name: str) -> None:
 @pytest.mark.parametrize("name", ["score", "acme.", ".score", "acme..score", "acme.2score", "acme.sc ore",
                                   "acme/score", "acme." + "x" * 200, ""])
 def test_bad_task_names_say_what_a_name_is(name: str) -> None:
-    with pytest.raises(InvalidJob, match="task: task name .* dotted name"):
+    with pytest.raises(InvalidJob, match="task: task name .* (dotted name|over the limit of 128)"):
         _run(task=name)
 
 
@@ -94,13 +94,18 @@ def test_a_load_target_in_json_takes_the_run_jobs_tenant() -> None:
     assert job.model.load.quantization.method.value == "nf4"
 
 
+def test_a_load_target_runs_as_the_run_jobs_tenant_whatever_it_names() -> None:
+    job = _run(model={"load": {"model": "org/name", "tenant": "team-b"}}, tenant="team-a")
+    assert job.model.load is not None and job.model.load.tenant == "team-a"
+
+
 @pytest.mark.parametrize("model, message", [
     ({}, "exactly one of 'model_key'"),
     ({"model_key": KEY, "load": {"model": "org/name"}}, "exactly one of 'model_key'"),
     ({"model_key": "not-hex"}, "model key 'not-hex' must be the hex key"),
     ({"load": {"model": "org/name", "quantization": {"method": "none", "double_quant": True}}},
      "quantization options need a method"),
-    ({"load": {"model": "org/name", "tenant": "team-b"}}, "names tenant 'team-b'"),
+    ({"load": {"model": "org/name", "tenant": "Team B"}}, "tenant 'Team B'"),
 ])
 def test_bad_model_targets_are_refused(model: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidJob, match=message):
@@ -197,7 +202,7 @@ def test_task_errors_are_modelq_errors_that_pickle_and_do_not_retry(error: Model
 
 
 def test_modelq_schema_describes_run_jobs_and_results() -> None:
-    definitions = json_schema()["definitions"]
+    definitions = json_schema()["$defs"]
     assert definitions["RunJob"]["properties"]["kind"]["const"] == "run"
     assert "value" in definitions["RunResult"]["properties"]
     assert "RunJob" in json.dumps(definitions["Envelope"])
