@@ -42,7 +42,8 @@ def figures() -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and jobs (about a minute on an idle 2-core machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer runs and jobs (about a minute on an idle 2-core machine)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--workers", type=int, default=2, help="workers on each side (default 2)")
     parser.add_argument("--runs", type=int, help="paired load runs (default 5, quick 2)")

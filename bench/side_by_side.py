@@ -190,7 +190,7 @@ def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[
         if not marks or marks[-1][0] != label:
             marks.append((label, event.at.timestamp()))
     out: dict[str, float] = {}
-    for (label, at), (_, next_at) in zip(marks, marks[1:]):
+    for (label, at), (_, next_at) in zip(marks, marks[1:], strict=False):
         out[f"{label}_s"] = round(next_at - at, 4)
     out["events"] = float(len(events))
     out["round_trip_s"] = round(round_trip, 4)
@@ -218,11 +218,11 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
     finally:
         inproc.close()
     s = loads.samples
-    _add(report, "cold_load_ratio_bf16", [a / b for a, b in zip(s.cold_bf16, s.inproc_bf16)])
-    _add(report, "cold_load_ratio_nf4", [a / b for a, b in zip(s.cold_nf4, s.inproc_nf4)])
-    _add(report, "adapter_attach_speedup", [a / b for a, b in zip(s.scratch_with_adapter, s.attach)])
+    _add(report, "cold_load_ratio_bf16", ratios(s.cold_bf16, s.inproc_bf16))
+    _add(report, "cold_load_ratio_nf4", ratios(s.cold_nf4, s.inproc_nf4))
+    _add(report, "adapter_attach_speedup", ratios(s.scratch_with_adapter, s.attach))
     _add(report, "adapter_attach_ceiling",  # no queue: the best adapter_attach_speedup could be here
-         [a / b for a, b in zip(s.inproc_scratch_with_adapter, s.inproc_second_adapter)])
+         ratios(s.inproc_scratch_with_adapter, s.inproc_second_adapter))
     _add(report, "peak_rss_ratio", s.peak_ratio)
     _add(report, "estimate_max_error", s.estimate_errors,  # each run's worst error
          "records carry no estimated_bytes (no footprint estimate on this branch)")
@@ -234,12 +234,17 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
         loads.warm_fresh()
         for folder in s.nf4_variants:
             loads.reload_nf4(folder)
-        _add(report, "artifact_cache_speedup", [a / b for a, b in zip(s.cold_nf4, s.artifact_nf4)])
+        _add(report, "artifact_cache_speedup", ratios(s.cold_nf4, s.artifact_nf4))
     else:
         _add(report, "artifact_cache_speedup", [],
              "nothing written under MODELQ_ARTIFACT_DIR by an nf4 load: no artifact cache here")
     report.context["loads"] = {k: v for k, v in vars(s).items() if k != "nf4_variants"}
     return loads
+
+
+def ratios(top: list[float], bottom: list[float]) -> list[float]:
+    """Pairwise top / bottom of two sample lists taken run by run (of equal length)."""
+    return [a / b for a, b in zip(top, bottom, strict=True)]
 
 
 def _add(report: Report, key: str, values: list[float], absent: str = "") -> None:

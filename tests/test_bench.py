@@ -1,4 +1,7 @@
-"""A quick smoke of the benchmark harness pieces (bench/); the figures themselves come from `python -m bench`."""
+"""A quick smoke of the benchmark harness pieces (bench/).
+
+The figures themselves come from `python -m bench`.
+"""
 
 from __future__ import annotations
 
