@@ -183,7 +183,7 @@ def per_step(marks: list[float]) -> float:
 
 
 def task_phase(bench: Bench, report: Report, model: Path, inproc: InProcess, *, runs: int,
-               rounds: int, jobs_per_round: int, per_run: int = 3, steps: int = 8) -> TaskRuns:
+               rounds: int, jobs_per_round: int, per_run: int = 5, steps: int = 10) -> TaskRuns:
     """Fills run_overhead_ratio, generate_ratio and train_step_ratio in `report`.
 
     Needs a modelq worker started with `--tasks bench.user_tasks` and a raw Celery
