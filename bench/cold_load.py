@@ -10,7 +10,8 @@ For one model folder and one quantization, measures:
 * `in_process_seconds`: `AutoModelForCausalLM.from_pretrained` of the same folder with the
   same settings, in this process, after one untimed warm-up (imports done, files in page cache).
 
-Medians over `runs`, the two sides alternated round by round (a shared host's load hits both). Standalone: starts its own redis-server and `modelq worker --device cpu`
+Medians over `runs`, the two sides alternated round by round (a shared host's load hits both).
+Standalone: starts its own redis-server and `modelq worker --device cpu`
 unless `redis_url` names a Redis with a live worker. No GPU, no network.
 
     python bench/cold_load.py --runs 3 --quant none nf4      # builds the ~250M model if missing

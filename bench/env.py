@@ -53,9 +53,13 @@ class Bench:
         self.client = Client(self.settings)
         self.raw: list[subprocess.Popen[bytes]] = []
 
-    def start_raw(self, count: int, timeout: float = 90) -> None:
-        """Start `count` raw-Celery solo workers and wait until each answers a no-op."""
-        env = {**os.environ, **WORKER_ENV, "BENCH_REDIS_URL": self.redis.url}
+    def start_raw(self, count: int, timeout: float = 90, model: Path | None = None) -> None:
+        """Start `count` raw-Celery solo workers (each holding `model`, if given) and wait
+        until each consumes."""
+        env = {**os.environ, **WORKER_ENV, "BENCH_REDIS_URL": self.redis.url,
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if model is not None:
+            env[raw_celery.MODEL_ENV] = str(model)
         for i in range(count):
             with open(self.run_dir / f"raw-{i}.log", "wb") as out:
                 argv = [sys.executable, "-m", *raw_celery.command(f"raw{i}")]

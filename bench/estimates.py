@@ -64,7 +64,8 @@ def run() -> list[dict[str, Any]]:
                     full_est = estimate(resolved.base.path, resolved.config, job, [lora])
                     label = quant["method"] + ("+dq" if quant.get("double_quant") else "") + \
                         ("+skip" if quant.get("skip_modules") else "")
-                    for adapter, est, actual in (("-", base_est, base_actual), ("lora", full_est, full_actual)):
+                    pairs = (("-", base_est, base_actual), ("lora", full_est, full_actual))
+                    for adapter, est, actual in pairs:
                         rows.append({"arch": kind, "dtype": dtype, "quant": label, "adapter": adapter,
                                      "estimated": est, "actual": actual,
                                      "error": (est - actual) / actual})

@@ -101,7 +101,8 @@ def kill9(models: list[Path], reps: int) -> Callable[..., dict[str, Any]]:
                 lost += 1
                 continue
             key = record.result.model_key
-            copies = wait_for(lambda: resident_copies(client, key) or None, 30, "a resident copy")
+            copies = wait_for(lambda key=key: resident_copies(client, key) or None, 30,
+                              "a resident copy")
             doubled += copies != 1 or len(started_events(client, handle.job_id)) != 2
             ok += record.attempt == 2
             unload(client, record.result)  # the next rep loads it afresh
@@ -137,7 +138,8 @@ def sigterm(models: list[Path], reps: int) -> Callable[..., dict[str, Any]]:
     def body(client: Client, fleet: Fleet, _server: RedisServer) -> dict[str, Any]:
         ok = clean_exits = left = 0
         for i in range(reps):
-            handle = client.submit(LoadJob(model=ModelRef(path=str(models[i % len(models)])), dtype="float16"))
+            model = ModelRef(path=str(models[i % len(models)]))
+            handle = client.submit(LoadJob(model=model, dtype="float16"))
             worker = fleet.named(wait_stage(client, handle.job_id, Stage.loading).worker)
             worker.proc.send_signal(signal.SIGTERM)
             clean_exits += worker.proc.wait(120) == 0
@@ -154,7 +156,7 @@ def sigterm(models: list[Path], reps: int) -> Callable[..., dict[str, Any]]:
 def redis_restart(models: list[Path], reps: int) -> Callable[..., dict[str, Any]]:
     def body(client: Client, fleet: Fleet, server: RedisServer) -> dict[str, Any]:
         jobs = ok = doubled = 0
-        for i in range(reps):
+        for _ in range(reps):
             handles = [client.submit(LoadJob(model=ModelRef(path=str(m)), dtype=d))
                        for m in models for d in ("float16", "bfloat16")]
             jobs += len(handles)

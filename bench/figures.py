@@ -96,7 +96,7 @@ class Report:
 
 
 def _row(cells: Iterable[str], widths: list[int]) -> str:
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
 
 def _num(value: float | None) -> str:

@@ -166,7 +166,7 @@ def modelq_figures(report: Report, base: Path, lora: Path, size: int, device: st
         report.figure("cold_load_gbps").add(size / seconds / 1e9)
         probe.unload(record)
         loads = load_phase(bench, report, worker, base, lora, runs, device, env,
-                           fresh_args=("--device", device))
+                           fresh_args=("--device", device), attach="bf16")
     s = loads.samples
     warm = [size / t / 1e9 for t in s.cold_bf16]
     report.figure("warm_load_gbps").add(*warm)

@@ -64,7 +64,8 @@ def run(cycles: int = CYCLES) -> dict[str, Any]:
 def main() -> None:
     r = run()
     mib = 2**20
-    print(f"{r['cycles']} load/unload cycles (plain and nf4 alternating): RSS start {r['start_rss'] / mib:.1f} MiB, "
+    print(f"{r['cycles']} load/unload cycles (plain and nf4 alternating): "
+          f"RSS start {r['start_rss'] / mib:.1f} MiB, "
           f"peak while loaded {r['loaded_rss_peak'] / mib:.1f} MiB, max after unload "
           f"{r['max_after_unload'] / mib:.1f} MiB, end {r['end_rss'] / mib:.1f} MiB, drift {r['drift']:+.2%} "
           f"(target within {TARGET:.0%}): {'met' if abs(r['drift']) <= TARGET else 'NOT met'}")

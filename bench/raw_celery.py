@@ -1,20 +1,29 @@
-"""The raw-Celery baseline: a no-op task on the same Redis, with modelq's delivery settings.
+"""The raw-Celery baseline: what a user writes by hand instead of modelq, on the same Redis.
 
-What a user would write instead of modelq: a plain Celery app whose task does
-nothing, its result stored in Redis so the caller sees it finish. Started as
-`celery -A bench.raw_celery worker -P solo` with BENCH_REDIS_URL naming the
-Redis; it shares modelq's wire settings (JSON, late ack, prefetch 1) and nothing else.
+A plain Celery app with modelq's wire settings (JSON, late ack, prefetch 1) and
+nothing else, its results stored in Redis so the caller sees each task finish.
+Two tasks: `bench.noop` does nothing (the queue alone), and `bench.model_noop`
+reads the model the worker holds in a module global, loaded once as the worker
+starts from BENCH_MODEL_PATH (the hand-written counterpart of a modelq model task
+on a resident model). Started as `celery -A bench.raw_celery worker -P solo` with
+BENCH_REDIS_URL naming the Redis.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init
 
 QUEUE = "bench.raw"
 TASK = "bench.noop"
+MODEL_TASK = "bench.model_noop"
+MODEL_ENV = "BENCH_MODEL_PATH"
 
+MODEL: Any = None
+"""The worker's model, as a Celery user keeps it: a module global set once at start."""
 
 
 def create_app(url: str) -> Celery:
@@ -32,10 +41,29 @@ def create_app(url: str) -> Celery:
 app = create_app(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
 
+@worker_init.connect
+def load_model(**_: object) -> None:
+    """Load BENCH_MODEL_PATH (when set) before the worker consumes: in the solo pool's process."""
+    global MODEL
+    path = os.environ.get(MODEL_ENV)
+    if path:
+        from transformers import AutoModelForCausalLM
+
+        MODEL = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu").eval()
+
+
 @app.task(name=TASK)
 def noop(payload: dict[str, object] | None = None) -> None:
     """Does nothing: the round trip is all queue."""
     return None
+
+
+@app.task(name=MODEL_TASK)
+def model_noop(payload: dict[str, object] | None = None) -> dict[str, bool]:
+    """Reads the resident model and returns a constant, as `bench.noop` does on a modelq worker."""
+    if MODEL is None:
+        raise RuntimeError(f"this worker holds no model: start it with {MODEL_ENV} set")
+    return {"ok": True}
 
 
 def command(name: str) -> list[str]:

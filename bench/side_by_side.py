@@ -3,23 +3,31 @@
 Each run takes a fresh variant of the ~250M model (a new folder of hard links:
 no cache holds it, the page cache does), loads it through `Client` on a worker
 that is already up, and loads it with `from_pretrained` in a warm process right
-after. The same runs give the adapter figures (attach to the resident base
-against base + adapter from scratch), the worker's peak memory, the footprint
-estimates, and the nf4 loads that a second fresh worker later reloads from the
-artifact cache.
+after. The same runs give the adapter figures, the worker's peak memory, the
+footprint estimates, and the nf4 loads that a second fresh worker later reloads
+from the artifact cache.
+
+The adapter figure compares an attach job on the resident base with what a user
+pays without it. `attach="nf4"` (the CPU bench): the attach to the resident nf4
+base against nf4 base + adapter from scratch in process (a QLoRA user's
+from_pretrained with bitsandbytes, then PeftModel.from_pretrained). `attach="bf16"`
+(bench/gpu.py): the attach to the resident bf16 base against a bf16 load job that
+carries the adapter. With `queue_noop` (the raw Celery no-op's round trip) each run
+also measures the queue itself, the unit of cold_load_overhead_ratio.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench import rss
 from bench.env import ROOT, WORKER_ENV, Bench, variant, variant_lora
-from bench.figures import Report
+from bench.figures import Report, percentile
 from bench.inprocess import InProcess
 from schemas import (
     TERMINAL,
@@ -38,6 +46,7 @@ from tests.support.workers import WorkerProcess
 log = logging.getLogger(__name__)
 
 NF4 = QuantizationSpec(method="nf4")
+Attach = Literal["nf4", "bf16"]
 
 
 @dataclass
@@ -51,12 +60,14 @@ class Samples:
     attach: list[float] = field(default_factory=list)
     scratch_with_adapter: list[float] = field(default_factory=list)
     inproc_scratch_with_adapter: list[float] = field(default_factory=list)  # from_pretrained + PeftModel
+    queue_noop: list[float] = field(default_factory=list)  # p50 of raw Celery no-ops, per run
     inproc_second_adapter: list[float] = field(default_factory=list)  # load_adapter beside the first
     artifact_nf4: list[float] = field(default_factory=list)
     peak_ratio: list[float] = field(default_factory=list)
     estimate_errors: list[float] = field(default_factory=list)
     worker_load_seconds: dict[str, list[float]] = field(default_factory=dict)
     breakdown: dict[str, float] = field(default_factory=dict)
+    attach_breakdown: dict[str, float] = field(default_factory=dict)
     nf4_variants: list[Path] = field(default_factory=list)
 
 
@@ -64,8 +75,11 @@ class LoadRuns:
     """Runs the paired loads on one worker (`worker`) and one in-process baseline."""
 
     def __init__(self, bench: Bench, worker: WorkerProcess, base: Path, lora: Path,
-                 inproc: InProcess, device: str = "cpu") -> None:
+                 inproc: InProcess, device: str = "cpu", attach: Attach = "bf16",
+                 queue_noop: Callable[[], float] | None = None) -> None:
         self.bench = bench
+        self.attach = attach
+        self.queue_noop = queue_noop
         self.device = device
         self.worker = worker
         self.base = base
@@ -89,21 +103,34 @@ class LoadRuns:
         return elapsed, record
 
     def warm(self) -> None:
-        """One unmeasured bf16 and nf4 load each way: imports, lazy inits and the page cache."""
+        """One unmeasured bf16 and nf4 load each way, and one attach: imports, lazy inits and
+        the page cache (the in-process side loads with the adapter where the attach is timed)."""
         for quant in ("none", "nf4"):
-            self.inproc.load(self.base, quant, self.device)
             folder = variant(self.base, f"warm-{quant}")
+            with_adapter = quant == self._attach_quant
+            if with_adapter:  # peft's imports and first wrap, in process too
+                self.inproc.adapter(folder, variant_lora(self.lora, folder), self.device, quant)
+            else:
+                self.inproc.load(self.base, quant, self.device)
             job = LoadJob(model=ModelRef(path=str(folder)), dtype=DType.bfloat16,
                           quantization=NF4 if quant == "nf4" else QuantizationSpec())
             _, record = self.submit(job)
+            if with_adapter:
+                assert record.result is not None
+                self.wait_resident(record.result.model_key)
+                self.submit(AttachAdapterJob(model_key=record.result.model_key, name="bench",
+                                             adapter=ModelRef(path=str(variant_lora(self.lora, folder)))))
             self.unload(record)
-            if quant == "none":  # peft's imports and first wrap, on the in-process side too
-                self.inproc.adapter(folder, variant_lora(self.lora, folder), self.device)
+        if self.queue_noop is not None:
+            self.queue_noop()
+
+    @property
+    def _attach_quant(self) -> str:
+        return "nf4" if self.attach == "nf4" else "none"
 
     def run(self, index: int) -> None:
         s = self.samples
         plain = variant(self.base, f"{index}-a")
-        scratch = variant(self.base, f"{index}-b")
         # bf16 cold load, with the worker's peak memory over it
         before = rss.reset_peak(self.worker.pid)
         seconds, loaded = self.submit(LoadJob(model=ModelRef(path=str(plain)), dtype=DType.bfloat16))
@@ -112,37 +139,68 @@ class LoadRuns:
         s.cold_bf16.append(seconds)
         s.peak_ratio.append((after.peak - before.rss) / loaded.result.footprint_bytes)
         s.inproc_bf16.append(self.inproc.load(plain, "none", self.device))
+        if self.queue_noop is not None:  # the queue alone, right beside the loads
+            s.queue_noop.append(percentile([self.queue_noop() for _ in range(5)], 50))
         if index == 0:
             s.breakdown = stage_breakdown(self.bench, loaded, seconds)
         errors = [self._estimate(loaded)]
-        # the adapter: attached to the resident base, against base + adapter from scratch
-        self.wait_resident(loaded.result.model_key)
-        seconds, attached = self.submit(AttachAdapterJob(
-            model_key=loaded.result.model_key, adapter=ModelRef(path=str(variant_lora(self.lora, plain))),
-            name="bench"))
-        s.attach.append(seconds)
-        scratch_lora = variant_lora(self.lora, scratch)
-        seconds, with_adapter = self.submit(LoadJob(
-            model=ModelRef(path=str(scratch)), dtype=DType.bfloat16,
-            adapters=(AdapterSpec(ref=ModelRef(path=str(scratch_lora))),)))
-        s.scratch_with_adapter.append(seconds)
-        from_scratch, second = self.inproc.adapter(scratch, scratch_lora, self.device)
-        s.inproc_scratch_with_adapter.append(from_scratch)
-        s.inproc_second_adapter.append(second)
-        errors.append(self._estimate(with_adapter))
-        self.unload(attached)
-        self.unload(with_adapter)
+        if self.attach == "bf16":
+            errors.append(self._attach_bf16(index, plain, loaded))
+        else:
+            self.unload(loaded)
         # nf4 cold load (quantize on load); its variant is reloaded later by a fresh worker
         seconds, quantized = self.submit(LoadJob(model=ModelRef(path=str(plain)), dtype=DType.bfloat16,
                                                  quantization=NF4))
         s.cold_nf4.append(seconds)
-        s.inproc_nf4.append(self.inproc.load(plain, "nf4", self.device))
+        if self.attach == "nf4":  # the in-process nf4 load is the QLoRA user's, adapter and all
+            s.inproc_nf4.append(self._attach_nf4(index, plain, quantized))
+        else:
+            s.inproc_nf4.append(self.inproc.load(plain, "nf4", self.device))
         s.nf4_variants.append(plain)
         errors.append(self._estimate(quantized))
         self.unload(quantized)
         known = [e for e in errors if e is not None]
         if known:
             s.estimate_errors.append(max(known))  # the worst of this run's loads
+
+    def _attach_bf16(self, index: int, plain: Path, loaded: JobRecord) -> float | None:
+        """Attach to the resident bf16 base, against a bf16 load job carrying the adapter."""
+        s = self.samples
+        assert loaded.result is not None
+        self.wait_resident(loaded.result.model_key)
+        seconds, attached = self.submit(AttachAdapterJob(
+            model_key=loaded.result.model_key, adapter=ModelRef(path=str(variant_lora(self.lora, plain))),
+            name="bench"))
+        s.attach.append(seconds)
+        scratch = variant(self.base, f"{index}-b")
+        scratch_lora = variant_lora(self.lora, scratch)
+        seconds, with_adapter = self.submit(LoadJob(
+            model=ModelRef(path=str(scratch)), dtype=DType.bfloat16,
+            adapters=(AdapterSpec(ref=ModelRef(path=str(scratch_lora))),)))
+        s.scratch_with_adapter.append(seconds)
+        times = self.inproc.adapter(scratch, scratch_lora, self.device)
+        s.inproc_scratch_with_adapter.append(times.scratch)
+        s.inproc_second_adapter.append(times.second)
+        self.unload(attached)
+        self.unload(with_adapter)
+        return self._estimate(with_adapter)
+
+    def _attach_nf4(self, index: int, plain: Path, quantized: JobRecord) -> float:
+        """Attach to the resident nf4 base, against nf4 base + adapter from scratch in process;
+        the seconds of that in-process from_pretrained (the nf4 load alone)."""
+        s = self.samples
+        assert quantized.result is not None
+        adapter = variant_lora(self.lora, plain)
+        self.wait_resident(quantized.result.model_key)
+        seconds, attached = self.submit(AttachAdapterJob(
+            model_key=quantized.result.model_key, adapter=ModelRef(path=str(adapter)), name="bench"))
+        s.attach.append(seconds)
+        if index == 0:
+            s.attach_breakdown = stage_breakdown(self.bench, attached, seconds)
+        times = self.inproc.adapter(plain, adapter, self.device, "nf4")
+        s.inproc_scratch_with_adapter.append(times.scratch)
+        s.inproc_second_adapter.append(times.second)
+        return times.base
 
     def reload_nf4(self, folder: Path) -> None:
         """A fresh worker's nf4 load of a variant another worker already quantized."""
@@ -190,7 +248,7 @@ def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[
         if not marks or marks[-1][0] != label:
             marks.append((label, event.at.timestamp()))
     out: dict[str, float] = {}
-    for (label, at), (_, next_at) in zip(marks, marks[1:]):
+    for (label, at), (_, next_at) in zip(marks, marks[1:], strict=False):
         out[f"{label}_s"] = round(next_at - at, 4)
     out["events"] = float(len(events))
     out["round_trip_s"] = round(round_trip, 4)
@@ -200,16 +258,18 @@ def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[
 
 def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, lora: Path,
                runs: int, device: str = "cpu", env: dict[str, str] | None = None,
-               fresh_args: tuple[str, ...] = ()) -> LoadRuns:
+               fresh_args: tuple[str, ...] = (), attach: Attach = "bf16",
+               queue_noop: Callable[[], float] | None = None) -> LoadRuns:
     """The paired load runs on `worker` (the only one up), then the artifact reloads.
 
-    Fills cold_load_ratio_*, adapter_attach_speedup (and its in-process ceiling,
-    adapter_attach_ceiling), peak_rss_ratio, estimate_max_error and
-    artifact_cache_speedup in `report` (whichever of them it has).
+    Fills cold_load_ratio_*, cold_load_overhead_ratio (with `queue_noop`),
+    adapter_attach_speedup (and its in-process ceiling, adapter_attach_ceiling),
+    peak_rss_ratio, estimate_max_error and artifact_cache_speedup in `report`
+    (whichever of them it has).
     """
     inproc = InProcess(ROOT, env=env or WORKER_ENV, log=bench.run_dir / "inprocess.log")
     try:
-        loads = LoadRuns(bench, worker, base, lora, inproc, device)
+        loads = LoadRuns(bench, worker, base, lora, inproc, device, attach, queue_noop)
         log.info("loads: warming the worker and the in-process baseline")
         loads.warm()
         for index in range(runs):
@@ -218,11 +278,15 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
     finally:
         inproc.close()
     s = loads.samples
-    _add(report, "cold_load_ratio_bf16", [a / b for a, b in zip(s.cold_bf16, s.inproc_bf16)])
-    _add(report, "cold_load_ratio_nf4", [a / b for a, b in zip(s.cold_nf4, s.inproc_nf4)])
-    _add(report, "adapter_attach_speedup", [a / b for a, b in zip(s.scratch_with_adapter, s.attach)])
+    _add(report, "cold_load_ratio_bf16", ratios(s.cold_bf16, s.inproc_bf16))
+    _add(report, "cold_load_ratio_nf4", ratios(s.cold_nf4, s.inproc_nf4))
+    _add(report, "cold_load_overhead_ratio",  # what modelq adds to a load, in raw Celery round trips
+         [(cold - local) / noop for cold, local, noop in zip(s.cold_bf16, s.inproc_bf16, s.queue_noop,
+                                                             strict=True)] if s.queue_noop else [])
+    scratch = s.scratch_with_adapter if attach == "bf16" else s.inproc_scratch_with_adapter
+    _add(report, "adapter_attach_speedup", ratios(scratch, s.attach))
     _add(report, "adapter_attach_ceiling",  # no queue: the best adapter_attach_speedup could be here
-         [a / b for a, b in zip(s.inproc_scratch_with_adapter, s.inproc_second_adapter)])
+         ratios(s.inproc_scratch_with_adapter, s.inproc_second_adapter))
     _add(report, "peak_rss_ratio", s.peak_ratio)
     _add(report, "estimate_max_error", s.estimate_errors,  # each run's worst error
          "records carry no estimated_bytes (no footprint estimate on this branch)")
@@ -234,12 +298,17 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
         loads.warm_fresh()
         for folder in s.nf4_variants:
             loads.reload_nf4(folder)
-        _add(report, "artifact_cache_speedup", [a / b for a, b in zip(s.cold_nf4, s.artifact_nf4)])
+        _add(report, "artifact_cache_speedup", ratios(s.cold_nf4, s.artifact_nf4))
     else:
         _add(report, "artifact_cache_speedup", [],
              "nothing written under MODELQ_ARTIFACT_DIR by an nf4 load: no artifact cache here")
     report.context["loads"] = {k: v for k, v in vars(s).items() if k != "nf4_variants"}
     return loads
+
+
+def ratios(top: list[float], bottom: list[float]) -> list[float]:
+    """Pairwise top / bottom of two sample lists taken run by run (of equal length)."""
+    return [a / b for a, b in zip(top, bottom, strict=True)]
 
 
 def _add(report: Report, key: str, values: list[float], absent: str = "") -> None:

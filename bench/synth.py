@@ -86,7 +86,7 @@ def write_model(shape: Shape, folder: Path, *, shard_bytes: int = 5 * 1024**3,
     pool = _pool(seed)
     weight_map: dict[str, str] = {}
     total = 0
-    for index, (group, file_name) in enumerate(zip(groups, names)):
+    for index, (group, file_name) in enumerate(zip(groups, names, strict=True)):
         tensors = {name: _fill(name, shape_, pool, offset=index * 7919 + i * 104729)
                    for i, (name, shape_) in enumerate(group)}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})

@@ -1,4 +1,7 @@
-"""A quick smoke of the benchmark harness pieces (bench/); the figures themselves come from `python -m bench`."""
+"""A quick smoke of the benchmark harness pieces (bench/).
+
+The figures themselves come from `python -m bench`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,13 @@ from pathlib import Path
 import pytest
 
 from bench import raw_celery, rss
-from bench.env import ROOT, big_lora, variant, variant_lora
+from bench.__main__ import figures
+from bench.env import ROOT, WORKER_ENV, Bench, big_lora, variant, variant_lora
 from bench.figures import Figure, Report, percentile
+from bench.inprocess import InProcess
+from bench.roundtrip import RoundTrips
+from bench.run_jobs import per_step, task_model, task_phase
+from bench.side_by_side import load_phase
 from bench.synth import TINY, complete, write_model
 from schemas import AttachAdapterJob, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
@@ -65,15 +73,22 @@ def test_variants_share_weights_but_not_identity(tmp_path: Path) -> None:
     assert json.loads((lora / "adapter_config.json").read_text())["base_model_name_or_path"] == str(one)
 
 
-def test_in_process_baseline_times_a_peft_user(models: dict[str, Path]) -> None:
-    """Base + adapter from scratch, and the adapter again beside it: the attach ceiling's two sides."""
-    from bench.inprocess import InProcess
-
+def test_in_process_baseline_times_a_peft_user(models: dict[str, Path], tmp_path: Path) -> None:
+    """Base + adapter from scratch (bf16, and nf4 as a QLoRA user), the adapter again beside it;
+    generate and a training loop on a resident model: the in-process sides of the figures."""
     inproc = InProcess(ROOT)
     try:
-        scratch, second = inproc.adapter(models["llama"], models["lora"])
-        assert scratch > 0 and second > 0
+        times = inproc.adapter(models["llama"], models["lora"])
+        assert times.scratch >= times.base > 0 and times.second > 0
+        qlora = inproc.adapter(models["llama"], models["lora"], quant="nf4")
+        assert qlora.scratch >= qlora.base > 0 and qlora.second > 0
         assert inproc.load(models["llama"]) > 0  # plain loads still answer after it
+        seconds, text = inproc.generate(models["llama"], "the quick brown fox", 4)
+        assert seconds > 0 and len(text.split()) == 4
+        data = tmp_path / "train.jsonl"
+        data.write_text('{"text": "the lazy dog"}\n{"text": "a cat sat on the mat"}\n')
+        marks = inproc.train(models["llama"], data, 3, 2, 1e-3, {"r": 2, "target_modules": ["q_proj"]})
+        assert len(marks) == 3 and marks == sorted(marks) and per_step(marks) > 0
     finally:
         inproc.close()
 
@@ -93,8 +108,9 @@ def test_gpu_script_fails_clearly_without_cuda() -> None:
 
 @pytest.mark.e2e
 def test_raw_celery_baseline_answers_a_noop(redis_url: str, redis_server: RedisServer,
-                                            tmp_path: Path) -> None:
-    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+                                            models: dict[str, Path], tmp_path: Path) -> None:
+    """Both raw tasks: the bare no-op, and the one reading the model the worker holds."""
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url, raw_celery.MODEL_ENV: str(models["llama"])}
     with open(tmp_path / "raw.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", *raw_celery.command("t")], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -102,6 +118,8 @@ def test_raw_celery_baseline_answers_a_noop(redis_url: str, redis_server: RedisS
         app = raw_celery.create_app(redis_url)
         result = app.send_task(raw_celery.TASK, args=[{"job": {}}], queue=raw_celery.QUEUE)
         assert result.get(timeout=90) is None
+        result = app.send_task(raw_celery.MODEL_TASK, args=[{"job": {}}], queue=raw_celery.QUEUE)
+        assert result.get(timeout=30) == {"ok": True}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -118,3 +136,29 @@ def test_an_attach_sent_right_after_a_load_finds_the_model(client: Client, pool:
                                               adapter=ModelRef(path=str(models["lora"])))).wait(60)
     assert attached.status is JobStatus.succeeded, attached.error
     assert attached.result is not None and attached.result.adapters == ("default",)
+
+
+@pytest.mark.e2e
+def test_task_and_load_phases_fill_their_figures(tmp_path: Path) -> None:
+    """The bench's own task and load phases, once each on tiny models: every figure they own
+    gets a sample (no-op tasks against raw Celery, generate, train steps, the nf4 attach
+    against a QLoRA user's load, the load overhead in raw Celery round trips)."""
+    report = Report(figures())
+    tasks = task_model(tmp_path, "tasks", {"hidden": 64, "layers": 2, "vocab": 256})
+    base = write_model(TINY, tmp_path / "models" / "tiny")
+    with Bench(cache=tmp_path) as bench:
+        bench.start_raw(1, model=tasks)
+        worker = bench.pool.start("w", "--tasks", "bench.user_tasks")
+        inproc = InProcess(ROOT, env=WORKER_ENV)
+        try:
+            task_phase(bench, report, tasks, inproc, runs=1, rounds=1, jobs_per_round=3, per_run=1,
+                       steps=3)
+        finally:
+            inproc.close()
+        load_phase(bench, report, worker, base, big_lora(base), 1, attach="nf4",
+                   queue_noop=RoundTrips(bench, [base]).raw_once)
+    owned = ["run_overhead_ratio", "generate_ratio", "train_step_ratio", "cold_load_overhead_ratio",
+             "cold_load_ratio_nf4", "adapter_attach_speedup", "adapter_attach_ceiling",
+             "artifact_cache_speedup", "peak_rss_ratio"]
+    assert [key for key in owned if not report.figure(key).available] == []
+    assert report.context["tasks"]["generated"]  # the worker's text matched the in-process one
