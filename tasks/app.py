@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from tasks.keys import SHARED_QUEUE
+from tasks.keys import Keys
 from tasks.settings import Settings
 
 TASK_RUN = "modelq.run"
@@ -21,6 +21,7 @@ def create_app(settings: Settings) -> Celery:
     sentinel = settings.sentinel
     broker = sentinel.broker_url() if sentinel is not None else settings.redis_url
     app = Celery("modelq", broker=broker, set_as_current=False)
+    shared = Keys(settings.key_prefix).queue()  # queues follow the key prefix: pools share a Redis
     app.conf.update(
         # JSON only on the wire: a pickled message is refused, never executed.
         task_serializer="json",
@@ -49,8 +50,8 @@ def create_app(settings: Settings) -> Celery:
             **({"master_name": sentinel.master, "sentinel_kwargs": settings.sentinel_kwargs()}
                if sentinel is not None else {}),
         },
-        task_default_queue=SHARED_QUEUE,
-        task_queues=[Queue(SHARED_QUEUE)],
+        task_default_queue=shared,
+        task_queues=[Queue(shared)],
         task_create_missing_queues=True,
     )
     return app
