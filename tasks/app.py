@@ -45,7 +45,9 @@ def create_app(settings: Settings) -> Celery:
             "unacked_restore_interval": settings.restore_interval,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.connect_timeout_seconds,
-            "socket_timeout": max(settings.connect_timeout_seconds, 30),
+            # A Redis that accepts connections but never answers fails a send within the
+            # command timeout (kombu's BRPOP waits 1 s a time, well inside it).
+            "socket_timeout": settings.command_timeout_seconds,
             "global_keyprefix": "",
             **({"master_name": sentinel.master, "sentinel_kwargs": settings.sentinel_kwargs()}
                if sentinel is not None else {}),
