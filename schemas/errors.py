@@ -122,6 +122,12 @@ class Cancelled(ModelqError):
     """The job was cancelled before it finished."""
 
 
+class HubUnavailable(ModelqError, ConnectionError):
+    """The hub could not be reached (network down, timeout) and the worker's cache lacks the files."""
+
+    retryable = True
+
+
 class LoadFailed(ModelqError):
     """Anything else that went wrong while loading."""
 
@@ -133,7 +139,7 @@ ERROR_TYPES: dict[str, type[ModelqError]] = {
     for cls in (ModelqError, InvalidJob, ModelNotFound, UnsafeWeights, RemoteCodeNotAllowed,
                 UnsupportedModel, AdapterIncompatible, AccessDenied, QuotaExceeded,
                 InsufficientMemory, WorkerLost, TimedOut, JobNotFound, BrokerUnavailable,
-                Cancelled, LoadFailed, TaskNotFound, TaskFailed, ResultTooLarge)
+                Cancelled, LoadFailed, TaskNotFound, TaskFailed, ResultTooLarge, HubUnavailable)
 }
 
 

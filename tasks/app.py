@@ -16,7 +16,7 @@ from celery import Celery
 from celery.local import Proxy
 from kombu import Queue
 
-from tasks.keys import SHARED_QUEUE, Keys
+from tasks.keys import Keys
 from tasks.settings import Settings
 
 TASK_RUN = "modelq.run"
@@ -29,6 +29,7 @@ def create_app(settings: Settings) -> Celery:
     broker = sentinel.broker_url() if sentinel is not None else settings.redis_url
     keys = Keys(settings.key_prefix)
     app = Celery("modelq", broker=broker, set_as_current=False)
+    shared = keys.queue()  # queues follow the key prefix: pools share a Redis
     app.conf.update(
         # JSON only on the wire: a pickled message is refused, never executed.
         task_serializer="json",
@@ -57,13 +58,15 @@ def create_app(settings: Settings) -> Celery:
             "unacked_restore_interval": settings.restore_interval,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.connect_timeout_seconds,
-            "socket_timeout": max(settings.connect_timeout_seconds, 30),
+            # A Redis that accepts connections but never answers fails a send within the
+            # command timeout (kombu's BRPOP waits 1 s a time, well inside it).
+            "socket_timeout": settings.command_timeout_seconds,
             "global_keyprefix": "",
             **({"master_name": sentinel.master, "sentinel_kwargs": settings.sentinel_kwargs()}
                if sentinel is not None else {}),
         },
-        task_default_queue=SHARED_QUEUE,
-        task_queues=[Queue(SHARED_QUEUE)],
+        task_default_queue=shared,
+        task_queues=[Queue(shared)],
         task_create_missing_queues=True,
     )
     return app

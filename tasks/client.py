@@ -53,7 +53,8 @@ class Client:
         self.settings = settings or Settings()
         self.redis = connect(self.settings)
         self.keys = Keys(self.settings.key_prefix)
-        self.store = Store(self.redis, self.keys, self.settings.record_ttl_seconds)
+        self.store = Store(self.redis, self.keys, self.settings.record_ttl_seconds,
+                           blocking=connect(self.settings, blocking=True))
         self.registry = Registry(self.redis, self.keys, self.settings.max_load_seconds)
         self._app: Celery | None = None
 
@@ -200,6 +201,10 @@ class Client:
 
     def _unreachable(self, exc: Exception) -> str:
         where = self.settings.redis_url.rsplit("@", 1)[-1]  # never print a password
+        if isinstance(exc, redis.TimeoutError) and "reading" in str(exc):
+            return (f"Redis at {where} did not answer within "
+                    f"{self.settings.command_timeout_seconds:g}s (connected, no reply); nothing "
+                    "was enqueued. Check that it is a working Redis, not busy or paused")
         return (f"Redis at {where} is unreachable ({type(exc).__name__}); nothing was enqueued. "
                 "Start Redis (or `modelq up`) or set MODELQ_REDIS_URL")
 

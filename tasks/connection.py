@@ -17,9 +17,17 @@ from redis.sentinel import Sentinel
 
 from tasks.settings import Settings
 
+MAX_BLOCK_SECONDS = 30.0
+"""The longest a blocking read (XREAD BLOCK) may wait: a `blocking` client's socket timeout
+is this plus the command timeout, so no wait is cut short and none hangs for ever."""
 
-def connect(settings: Settings) -> redis.Redis:
+
+def connect(settings: Settings, *, blocking: bool = False) -> redis.Redis:
     """A Redis client that fails within the connect timeout instead of hanging.
+
+    A command that gets no reply fails after `command_timeout_seconds` (a Redis that accepts
+    connections but never answers); a `blocking` client, for reads that wait on purpose, gets
+    MAX_BLOCK_SECONDS more (its own connections, so other commands keep the short timeout).
 
     With a redis:// URL a refused connection fails at once (no retry: `submit` against a
     dead Redis reports BrokerUnavailable right away; the worker retries its own writes).
@@ -30,7 +38,7 @@ def connect(settings: Settings) -> redis.Redis:
     """
     options: dict[str, Any] = dict(
         socket_connect_timeout=settings.connect_timeout_seconds,
-        socket_timeout=settings.connect_timeout_seconds + 60,
+        socket_timeout=settings.command_timeout_seconds + (MAX_BLOCK_SECONDS if blocking else 0),
         health_check_interval=30,
     )
     target = settings.sentinel

@@ -1,13 +1,13 @@
 """The Redis key layout: the one module that knows modelq's key names (no torch).
 
-Nothing else formats a key string. Celery's own broker keys (its queues, named by
-`queue_*` below) are laid out by kombu.
+Nothing else formats a key string. Celery's own broker keys (its queues' lists, named
+by the `Keys.*queue*` methods, also under the prefix) are laid out by kombu.
 """
 
 from __future__ import annotations
 
 SHARED_QUEUE = "modelq"
-"""The queue every worker consumes; jobs go here when no worker is preferred."""
+"""The shared queue under the default prefix (`Keys.queue`)."""
 
 
 class Keys:
@@ -109,40 +109,50 @@ class Keys:
         """
         return f"{self.prefix}.celeryev"
 
+    # --- queue names: kombu's lists, under the prefix too, so pools can share one Redis ---
 
-WORKER_QUEUE_PREFIX = "modelq.worker."
+    def queue(self) -> str:
+        """The queue every worker consumes; jobs go here when no worker is preferred
+        (the prefix itself: `modelq` by default)."""
+        return self.prefix
+
+    def worker_queue(self, name: str) -> str:
+        """The queue only worker `name` consumes (routing to where a model is resident)."""
+        return f"{self.prefix}.worker.{name}"
+
+    def worker_queue_pattern(self) -> str:
+        """SCAN pattern of every worker's own queues (and their tenant shares) of this prefix."""
+        return f"{_glob_escape(self.prefix)}.worker.*"
+
+    def queue_patterns(self) -> tuple[str, str]:
+        """SCAN patterns of every queue list of this prefix: the shared one, then workers' own
+        and tenant shares (`prefix.*`; never another prefix's, nor a `prefix:` key)."""
+        return _glob_escape(self.prefix), f"{_glob_escape(self.prefix)}.*"
+
+    def tenant_queues(self, tenant: str, priority: int = 1, base: str | None = None) -> list[str]:
+        """A tenant's share of queue `base` (the shared one if None, or a worker's): one queue
+        per unit of priority, so kombu's round-robin between queues weights the tenant's turns."""
+        first = f"{base if base is not None else self.queue()}.tenant.{tenant}"
+        return [first] + [f"{first}.{i}" for i in range(1, priority)]
+
+    def orphan_destination(self, queue: str) -> tuple[str, str] | None:
+        """(worker name, the same queue under the shared one) for a worker's own queue of this
+        prefix, else None: `P.worker.W` maps to `P`, `P.worker.W.tenant.T[.i]` to `P.tenant.T[.i]`."""
+        own = f"{self.prefix}.worker."
+        if not queue.startswith(own):
+            return None
+        name, sep, rest = queue[len(own):].partition(".tenant.")
+        return (name, self.queue() + (f".tenant.{rest}" if sep else "")) if name else None
 
 
-def worker_queue(name: str) -> str:
-    """The queue only worker `name` consumes (routing to where a model is resident)."""
-    return f"{WORKER_QUEUE_PREFIX}{name}"
-
-
-def worker_queue_pattern() -> str:
-    """SCAN pattern of every worker's own queues (and their tenant shares)."""
-    return f"{WORKER_QUEUE_PREFIX}*"
-
-
-def orphan_destination(queue: str) -> tuple[str, str] | None:
-    """(worker name, the same queue under the shared one) for a worker's own queue, else None.
-
-    `modelq.worker.W` maps to `modelq`, `modelq.worker.W.tenant.T[.i]` to `modelq.tenant.T[.i]`.
-    """
-    if not queue.startswith(WORKER_QUEUE_PREFIX):
-        return None
-    name, sep, rest = queue[len(WORKER_QUEUE_PREFIX):].partition(".tenant.")
-    return (name, SHARED_QUEUE + (f".tenant.{rest}" if sep else "")) if name else None
-
+def _glob_escape(text: str) -> str:
+    """`text` matched literally in a SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def queue_list(queue: str) -> str:
     """List: kombu's Redis list holding `queue`'s waiting messages (its LLEN is the queue depth)."""
     return queue
-
-
-def queue_pattern() -> str:
-    """SCAN pattern of every queue list: the shared one, workers' own, tenant shares."""
-    return f"{SHARED_QUEUE}*"
 
 
 UNACKED_HASH = "unacked"
@@ -153,8 +163,15 @@ UNACKED_INDEX = "unacked_index"
 """Sorted set (kombu's): delivery tag -> when it was taken (epoch seconds)."""
 
 
+DEFAULT_KEYS = Keys()
+"""Names under the default prefix (tests and tools that speak of a default deployment)."""
+
+
+def worker_queue(name: str) -> str:
+    """`Keys.worker_queue` under the default prefix."""
+    return DEFAULT_KEYS.worker_queue(name)
+
+
 def tenant_queues(tenant: str, priority: int = 1, base: str = SHARED_QUEUE) -> list[str]:
-    """A tenant's share of queue `base` (the shared one or a worker's): one queue per unit
-    of priority, so kombu's round-robin between queues weights the tenant's turns by it."""
-    first = f"{base}.tenant.{tenant}"
-    return [first] + [f"{first}.{i}" for i in range(1, priority)]
+    """`Keys.tenant_queues` (its result does not depend on the prefix: `base` names the queue)."""
+    return DEFAULT_KEYS.tenant_queues(tenant, priority, base)

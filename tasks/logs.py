@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import warnings
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +22,12 @@ from schemas import JobRecord
 _job_id: ContextVar[str | None] = ContextVar("modelq_job_id", default=None)
 _tenant: ContextVar[str | None] = ContextVar("modelq_tenant", default=None)
 _worker: str | None = None  # one worker per process
+
+THIRD_PARTY = ("bitsandbytes", "transformers", "peft", "accelerate", "torch", "huggingface_hub",
+               "safetensors", "tokenizers", "urllib3", "httpx", "filelock")
+"""Libraries whose warnings (logged or `warnings.warn`) users see only with `-v`: they are
+about the library's own set-up ("Failed to load CPU gemm_4bit_forward", deprecations), not
+the user's jobs; their errors always show."""
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s"
 
@@ -89,3 +98,21 @@ def configure(level: int = logging.WARNING, as_json: bool = False) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    quiet_third_party(verbose=level <= logging.INFO)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """THIRD_PARTY loggers at ERROR and their `warnings.warn` ignored, unless `verbose`.
+
+    transformers logs through a handler of its own (no propagation), set up from
+    TRANSFORMERS_VERBOSITY when it is first imported: that is set too, unless the user did.
+    """
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if verbose:
+        return
+    names = "|".join(THIRD_PARTY)
+    warnings.filterwarnings("ignore", module=rf"({names})(\.|$)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported already: its verbosity was read
+        sys.modules["transformers"].logging.set_verbosity_error()

@@ -31,7 +31,7 @@ from schemas import (
 )
 from schemas.tenants import SHARED_TENANT
 from tasks.connection import text
-from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.keys import SHARED_QUEUE, Keys
 from tasks.scripts import script
 
 
@@ -105,8 +105,8 @@ class Registry:
             if job.model.load is not None:
                 return self._route_load(job.model.load, workers)
         if not isinstance(job, LoadJob):
-            queue = choose_queue(job, workers)
-            if queue == SHARED_QUEUE:
+            queue = choose_queue(job, workers, shared=self.keys.queue())
+            if queue == self.keys.queue():
                 raise not_resident(target_key(job) or "")
             return queue
         return self._route_load(job, workers)
@@ -116,8 +116,8 @@ class Registry:
         holder = _serving(wanted, workers)
         if holder is not None:
             return holder.queue  # resident there already: a cache hit needs no claim
-        queue = choose_queue(job, workers, wanted)
-        if queue == SHARED_QUEUE:
+        queue = choose_queue(job, workers, wanted, shared=self.keys.queue())
+        if queue == self.keys.queue():
             return queue
         key = self.keys.loading(wanted)
         live = {w.queue for w in workers}
@@ -131,9 +131,10 @@ class Registry:
         return queue
 
 
-def choose_queue(job: Job, workers: list[WorkerInfo], wanted: str | None = None) -> str:
+def choose_queue(job: Job, workers: list[WorkerInfo], wanted: str | None = None, *,
+                 shared: str = SHARED_QUEUE) -> str:
     """The holder's queue for jobs on a resident model and resident loads; a new load to the
-    most free bytes; the shared queue when no worker fits.
+    most free bytes; the shared queue (`shared`, the prefix's) when no worker fits.
 
     `wanted` is the load's request key, when the caller has it already.
     """
@@ -143,13 +144,13 @@ def choose_queue(job: Job, workers: list[WorkerInfo], wanted: str | None = None)
         for worker in workers:
             if worker.holds(target_key(job) or ""):
                 return worker.queue
-        return SHARED_QUEUE
+        return shared
     holder = _serving(wanted or request_key(job), workers)
     if holder is not None:
         return holder.queue
     roomy = [w for w in workers if w.free_bytes > 0]
     if not roomy:
-        return SHARED_QUEUE
+        return shared
     return max(roomy, key=lambda w: (w.free_bytes, w.name)).queue
 
 
@@ -202,4 +203,4 @@ def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:
 
     The worker drops it, only while it still names its queue, with the job's final record.
     """
-    return keys.loading(request_key(job)), worker_queue(worker)
+    return keys.loading(request_key(job)), keys.worker_queue(worker)

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     """How long a client waits for Redis before `submit` fails with BrokerUnavailable."""
 
+    command_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long a Redis command may go unanswered (a Redis that accepts connections but never
+    replies) before it fails with BrokerUnavailable; blocking reads get their block on top."""
+
     artifact_dir: str | None = None
     """Where quantized weights are saved for reuse by the workers of this host
     (default ~/.cache/modelq/artifacts)."""

@@ -54,7 +54,7 @@ from typing import Any, cast
 import redis
 
 from schemas import TERMINAL, Event, Job, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
-from tasks.connection import text
+from tasks.connection import MAX_BLOCK_SECONDS, text
 from tasks.keys import Keys
 from tasks.scripts import script
 
@@ -97,8 +97,10 @@ def not_found(job_id: str) -> JobNotFound:
 class Store:
     """Reads and writes records and events under `keys`."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, record_ttl: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, record_ttl: int,
+                 blocking: redis.Redis | None = None) -> None:
         self.redis = client
+        self.blocking = blocking or client  # XREAD BLOCK: a client whose timeout covers the block
         self.keys = keys
         self.record_ttl = record_ttl
         self._seen: dict[str, tuple[int, JobRecord]] = {}  # job id -> revision, record last seen
@@ -139,8 +141,8 @@ class Store:
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None,
                count: int = 200) -> list[tuple[str, Event]]:
         """Events after stream id `after`, waiting up to `block_ms` for the first."""
-        reply = cast(_Streams, self.redis.xread({self.keys.events(job_id): after}, count=count,
-                                                block=block_ms))
+        reply = cast(_Streams, self.blocking.xread({self.keys.events(job_id): after}, count=count,
+                                                   block=_bounded(block_ms)))
         out: list[tuple[str, Event]] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -153,8 +155,8 @@ class Store:
 
     def ended(self, job_id: str, block_ms: int) -> JobRecord | None:
         """The terminal record once the job ends, waiting up to `block_ms`; None meanwhile."""
-        reply = cast(_Streams, self.redis.xread({self.keys.done(job_id): "0-0"}, count=1,
-                                                block=block_ms))
+        reply = cast(_Streams, self.blocking.xread({self.keys.done(job_id): "0-0"}, count=1,
+                                                   block=_bounded(block_ms)))
         for _stream, entries in reply or []:
             for _entry_id, fields in entries:
                 return JobRecord.model_validate_json(fields[b"record"] if b"record" in fields
@@ -332,3 +334,10 @@ def _stamps(current: JobRecord, status: JobStatus) -> dict[str, Any]:
     if status in TERMINAL:
         return {"finished_at": now()}
     return {}
+
+
+def _bounded(block_ms: int | None) -> int | None:
+    """A block no longer than the blocking client's socket timeout allows (MAX_BLOCK_SECONDS;
+    0, Redis's 'for ever', included)."""
+    longest = int(MAX_BLOCK_SECONDS * 1000)
+    return None if block_ms is None else min(block_ms or longest, longest)

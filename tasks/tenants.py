@@ -140,11 +140,11 @@ def publish_limits(client: redis.Redis, keys: Keys, tenants: Tenants) -> None:
     pipe.execute()
 
 
-def all_queues(tenants: Tenants, own_queue: str) -> list[str]:
+def all_queues(tenants: Tenants, keys: Keys, own_queue: str) -> list[str]:
     """The tenant queues a worker consumes: every tenant's share of the shared queue and of
     its own (kombu polls them round-robin, one message a turn)."""
-    return [q for base in (SHARED_QUEUE, own_queue) for name, t in tenants.items()
-            for q in tenant_queues(name, t.priority, base)]
+    return [q for base in (keys.queue(), own_queue) for name, t in tenants.items()
+            for q in keys.tenant_queues(name, t.priority, base)]
 
 
 def read_limits(client: redis.Redis, keys: Keys, tenant: str) -> TenantLimits | None:
@@ -162,8 +162,8 @@ def _no_input(detail: str) -> str:
 
 
 def pick_queue(tenant: str, limits: TenantLimits, job_id: str, base: str = SHARED_QUEUE) -> str:
-    """The tenant's queue within `base` (the shared queue or the chosen worker's), spread by
-    job id over its weighted queues."""
+    """The tenant's queue within `base` (the prefix's shared queue or the chosen worker's),
+    spread by job id over its weighted queues."""
     queues = tenant_queues(tenant, limits.priority, base)
     return queues[int(job_id[:8], 16) % len(queues)]
 

@@ -21,7 +21,7 @@ import redis
 
 from schemas import LoadJob
 from tasks.connection import connect
-from tasks.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.keys import Keys
 from tasks.logs import JobContext, set_worker
 from tasks.registry import claim
 from tasks.settings import Settings
@@ -111,9 +111,9 @@ class WorkerApp:
     @property
     def queues(self) -> list[str]:
         """The queues this worker consumes: the shared one, its own, and their tenant shares."""
-        own = worker_queue(self.name)
-        queues = [SHARED_QUEUE, own]
-        return queues + all_queues(self.tenants, own) if self.tenants.multi else queues
+        own = self.keys.worker_queue(self.name)
+        queues = [self.keys.queue(), own]
+        return queues + all_queues(self.tenants, self.keys, own) if self.tenants.multi else queues
 
     def run(self, payload: Any) -> Outcome:
         """Run one job message (what the Celery task body calls)."""
@@ -157,7 +157,7 @@ class WorkerApp:
         metrics = Metrics(device=self.identity.device,
                           resident=lambda: [e.bytes for e in self.cache.entries()],
                           capacity=lambda: self.cache.capacity, client=self.redis,
-                          queues=[SHARED_QUEUE, worker_queue(self.name)])
+                          queues=[self.keys.queue(), self.keys.worker_queue(self.name)])
         observers.append(metrics)
         return metrics
 

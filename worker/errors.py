@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub
 
 from schemas.errors import (
     AccessDenied,
     AdapterIncompatible,
+    HubUnavailable,
     InsufficientMemory,
     LoadFailed,
     ModelNotFound,
@@ -42,9 +44,10 @@ def translate(exc: BaseException, *, ref: str = "") -> ModelqError:
     if isinstance(exc, hub.RevisionNotFoundError):
         return ModelNotFound(f"revision not found in {ref}: use an existing branch, tag or "
                              "commit", ref=ref)
-    if isinstance(exc, hub.LocalEntryNotFoundError):
-        return ModelNotFound(f"{ref} is not in the hub cache and the hub cannot be reached "
-                             "(offline): download it first or unset HF_HUB_OFFLINE", ref=ref)
+    if isinstance(exc, hub.LocalEntryNotFoundError) or _is_network(exc):
+        return _unreachable(ref, text)
+    if isinstance(exc, hub.EntryNotFoundError):
+        return ModelNotFound(f"a file is missing from {ref} on the hub: {text}", ref=ref)
     if isinstance(exc, hub.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
@@ -57,8 +60,8 @@ def translate(exc: BaseException, *, ref: str = "") -> ModelqError:
     if isinstance(exc, (ValueError, KeyError)) and "Unrecognized configuration class" in text:
         return UnsupportedModel(f"{ref} is not a causal language model transformers knows "
                                 f"({text}): use a model with a *ForCausalLM class", ref=ref)
-    if isinstance(exc, (ValueError, RuntimeError)) and _adapter_mismatch(text):
-        return AdapterIncompatible(f"the adapter does not fit the model: {text}", ref=ref)
+    if isinstance(exc, (ValueError, RuntimeError)) and _adapter_mismatch(scrub(str(exc))):
+        return _adapter_incompatible(scrub(str(exc)), text, ref)
     return LoadFailed(f"loading {ref} failed: {type(exc).__name__}: {text}", ref=ref)
 
 
@@ -70,6 +73,46 @@ def _is_oom(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - the worker always has torch
         return False
     return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _unreachable(ref: str, text: str) -> ModelqError:
+    """Not in the cache and no hub: for good while HF_HUB_OFFLINE is set (not retryable),
+    else until the network is back (retryable)."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return ModelNotFound(f"{ref} is not in the worker's hub cache and HF_HUB_OFFLINE is set: "
+                             "download it into the cache first, or unset HF_HUB_OFFLINE", ref=ref)
+    return HubUnavailable(f"the hub cannot be reached to fetch {ref}, and it is not in the "
+                          f"worker's hub cache ({text}): try again when the network is back",
+                          ref=ref)
+
+
+_NETWORK = {("httpx", "TransportError"), ("requests", "ConnectionError"), ("requests", "Timeout")}
+
+
+def _is_network(exc: BaseException) -> bool:
+    """A connection failure or timeout talking to the hub (httpx, or requests on old hubs)."""
+    if isinstance(exc, hub.OfflineModeIsEnabled):
+        return True
+    return any((t.__module__.split(".")[0], t.__name__) in _NETWORK for t in type(exc).__mro__)
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (?P<tensor>\S+): copying a param with shape "
+                            r"torch\.Size\(\[(?P<adapter>[^\]]*)\]\) from checkpoint, the shape in "
+                            r"current model is torch\.Size\(\[(?P<model>[^\]]*)\]\)")
+
+
+def _adapter_incompatible(full: str, first_line: str, ref: str) -> AdapterIncompatible:
+    """AdapterIncompatible naming the first mismatched tensor and both shapes, when torch said."""
+    found = _SIZE_MISMATCH.search(full)
+    if found is None:
+        return AdapterIncompatible(f"the adapter does not fit the model: {first_line}", ref=ref)
+    tensor = found["tensor"].rstrip(":")
+    adapter = [int(n) for n in found["adapter"].split(",") if n.strip()]
+    model = [int(n) for n in found["model"].split(",") if n.strip()]
+    return AdapterIncompatible(
+        f"adapter {ref} does not fit this model: tensor {tensor} is {adapter} in the adapter but "
+        f"{model} in the model, so it was trained on a base of another size: attach it to the "
+        "model it was built for", ref=ref, tensor=tensor, adapter_shape=adapter, model_shape=model)
 
 
 def _adapter_mismatch(text: str) -> bool:

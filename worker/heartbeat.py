@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from schemas import ResidentModel, WorkerInfo
-from tasks.keys import Keys, worker_queue
+from tasks.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Heartbeat:
     def info(self) -> WorkerInfo:
         state = self._state()
         return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
-                          device=self.device, queue=worker_queue(self.name),
+                          device=self.device, queue=self.keys.worker_queue(self.name),
                           capacity_bytes=state.capacity, free_bytes=state.free,
                           models=tuple(state.models), tasks=state.tasks, started_at=self.started_at,
                           heartbeat_at=datetime.now(UTC))

@@ -3,9 +3,10 @@
 Loads are routed to one worker's own queue; when that worker dies, the jobs queued
 behind it would wait in a queue nobody consumes. Every live worker runs `maybe_run`
 from its heartbeat; one of them per period takes the turn (`Keys.reaper_turn`, SET NX
-with a TTL) and moves the own queues of workers whose registry entry has expired,
-oldest first, onto the matching shared queue (attach/unload jobs then fail cleanly as
-ModelNotFound: their model died with the worker), then runs the sweeps it was given
+with a TTL) and moves the own queues of its prefix's workers whose registry entry has
+expired, oldest first and one script per queue, onto the matching shared queue
+(attach/unload jobs then fail cleanly as ModelNotFound: their model died with the
+worker), then runs the sweeps it was given
 (worker/rescue.py: the message of a job its dead worker was running, put back within
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
@@ -21,7 +22,8 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from tasks.keys import Keys, orphan_destination, queue_list, worker_queue_pattern
+from tasks.keys import Keys, queue_list
+from tasks.scripts import script
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +65,21 @@ class Reaper:
         return moved
 
     def run(self) -> int:
-        """Move every waiting message of dead workers' queues; how many were moved."""
+        """Move every waiting message of this prefix's dead workers' queues; how many moved.
+
+        Each queue moves in one script (tasks/lua/queue_drain.lua), which checks the worker
+        is still gone: one round trip per queue, none per message.
+        """
         moved = 0
-        for raw in self.redis.scan_iter(match=worker_queue_pattern(), count=200, _type="LIST"):
+        drain = script(self.redis, "queue_drain")
+        for raw in self.redis.scan_iter(match=self.keys.worker_queue_pattern(), count=200,
+                                        _type="LIST"):
             queue = raw.decode() if isinstance(raw, bytes) else str(raw)
-            target = orphan_destination(queue)
+            target = self.keys.orphan_destination(queue)
             if target is None or self.redis.exists(self.keys.worker(target[0])):
                 continue
-            count = 0
-            while self.redis.lmove(queue_list(queue), queue_list(target[1]), "RIGHT", "LEFT") is not None:
-                count += 1
+            count = int(drain(keys=[queue_list(queue), queue_list(target[1]),
+                                    self.keys.worker(target[0])]))
             if count:
                 log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", target[0],
                             count, queue, target[1])

@@ -31,15 +31,7 @@ from schemas import JobRecord, JobStatus
 from schemas.jobs import Envelope
 from tasks.auth import sign
 from tasks.connection import text
-from tasks.keys import (
-    SHARED_QUEUE,
-    UNACKED_HASH,
-    UNACKED_INDEX,
-    Keys,
-    orphan_destination,
-    queue_list,
-    queue_pattern,
-)
+from tasks.keys import UNACKED_HASH, UNACKED_INDEX, Keys, queue_list
 from tasks.settings import Settings
 from tasks.tenants import Tenants, pick_queue
 
@@ -138,7 +130,7 @@ class Redelivery:
         """The queue to put a message back on: its own, or the shared one for a dead worker's."""
         if not isinstance(routing_key, str) or not routing_key:
             return None
-        target = orphan_destination(routing_key)
+        target = self.keys.orphan_destination(routing_key)
         if target is not None and not self.redis.exists(self.keys.worker(target[0])):
             return target[1]
         return routing_key
@@ -192,9 +184,10 @@ class Resend:
         ids: set[str] = set()
         for raw in cast(Iterable[bytes], self.redis.hvals(UNACKED_HASH)):
             ids.add(message_id(_entry(raw)[0]) or "")
-        for name in self.redis.scan_iter(match=queue_pattern(), count=500, _type="LIST"):
-            for raw in cast(list[bytes], self.redis.lrange(name, 0, -1)):
-                ids.add(message_id(_loads(raw)) or "")
+        for pattern in self.keys.queue_patterns():
+            for name in self.redis.scan_iter(match=pattern, count=500, _type="LIST"):
+                for raw in cast(list[bytes], self.redis.lrange(name, 0, -1)):
+                    ids.add(message_id(_loads(raw)) or "")
         return ids
 
 
@@ -227,12 +220,12 @@ def celery_send(settings: Settings, tenants: Tenants) -> Send:
             apps.append(create_app(settings))
         payload = Envelope(job_id=record.job_id, submitted_at=record.created_at,
                            job=record.job).model_dump(mode="json")
-        queue = SHARED_QUEUE
+        queue = Keys(settings.key_prefix).queue()
         if tenants.multi:
             tenant = tenants[record.tenant]
             payload = sign(payload, tenant.key, tenant=record.tenant,
                            ttl_seconds=settings.signature_ttl_seconds)
-            queue = pick_queue(record.tenant, tenant.limits(), record.job_id)
+            queue = pick_queue(record.tenant, tenant.limits(), record.job_id, queue)
         apps[0].send_task(TASK_RUN, args=[payload], task_id=record.job_id, queue=queue,
                       argsrepr=f"<{record.kind.value} job {record.job_id}>", kwargsrepr="{}")
         return queue
