@@ -137,12 +137,18 @@ class Settings(BaseSettings):
     """Workers: modules of model tasks imported at start (`modelq worker --tasks MODULE`),
     as a JSON list or comma-separated."""
 
+    roots: Annotated[tuple[str, ...], NoDecode] = ()
+    """Single-tenant workers: the only folders local models, adapters and task paths may lie
+    under (a JSON list or comma-separated; `~` expanded, links followed). Unset, any path the
+    worker can read may be named: set it on any pool that more than one person submits to.
+    Multi-tenant workers use each tenant's `roots` from the tenants file instead."""
+
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
 
-    @field_validator("task_modules", mode="before")
+    @field_validator("task_modules", "roots", mode="before")
     @classmethod
-    def _split_modules(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):

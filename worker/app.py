@@ -90,7 +90,7 @@ class WorkerApp:
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)
         self.store = Store(self.redis, self.keys, settings.record_ttl_seconds)
-        self.policy = TenantPolicy(self.tenants)
+        self.policy = TenantPolicy(self.tenants, settings.roots)
         self.residents = Residents(self.cache, self.identity, self.policy)
         artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
         admission = Admission(self.cache, options.local_device, artifacts,

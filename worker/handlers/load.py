@@ -162,7 +162,8 @@ class LoadHandler(Handler):
         wanted = request_key(job)
         if not any(wanted in entry.request_keys for entry in self.cache.entries()):
             return None  # no resident model has served this load: a cold load resolves once
-        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code)
+        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code,
+                           access=self.policy.access(job.tenant))
         if resolved.adapter is not None:
             return None
         entry = self.cache.peek(loader.model_key(resolved.base.identity, job))
