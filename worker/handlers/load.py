@@ -73,7 +73,8 @@ class LoadHandler(Handler):
         resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, access=access,
                            tqdm_class=reporter.tqdm_class())
         check_cancel(reporter)
-        key = loader.model_key(self.policy.identity(resolved.base, job), job)
+        key = loader.model_key(self.policy.identity(resolved.base, job), job,
+                               self.residents.identity.local_device)
         self.cache.busy = key
         entry = self.cache.get(key)
         cache_hit = entry is not None
@@ -166,7 +167,8 @@ class LoadHandler(Handler):
                            access=self.policy.access(job.tenant))
         if resolved.adapter is not None:
             return None
-        entry = self.cache.peek(loader.model_key(resolved.base.identity, job))
+        entry = self.cache.peek(loader.model_key(resolved.base.identity, job,
+                                                 self.residents.identity.local_device))
         if entry is None or wanted not in entry.request_keys:  # the folder changed since
             return None
         return self.residents.info(entry, True, time.monotonic() - started, measure=False)
