@@ -3,7 +3,8 @@
 Only entry points call `configure`. The worker names itself once (`set_worker`);
 the runner's observer sets the job id and tenant while a job runs (`JobContext`).
 Both plain and JSON lines read them from context variables, so library code just
-logs with `logging.getLogger(__name__)` and %-style arguments.
+logs with `logging.getLogger(__name__)` and %-style arguments. Text lines escape control
+characters (a path with a newline in it cannot forge a line); JSON lines are safe as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from contextvars import ContextVar
@@ -69,6 +71,35 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character (line breaks, tabs, escape codes) written as an
+    escape (`\\n`, `\\x1b`), so what a job names cannot start a line of its own in a log."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), m.group().encode("unicode_escape").decode()),
+                        text)
+
+
+class PlainFormatter(logging.Formatter):
+    """The text format: one line per record, whatever the message holds. A traceback keeps
+    its lines, each indented and escaped, so none of them can pass for a record."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, job_id, tenant, worker, exc."""
 
@@ -92,7 +123,7 @@ def configure(level: int = logging.WARNING, as_json: bool = False) -> None:
     """Install one stderr handler on the root logger (entry points only)."""
     handler = logging.StreamHandler()
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(PLAIN_FORMAT))
+    handler.setFormatter(JsonFormatter() if as_json else PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

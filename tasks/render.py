@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from schemas import Event, JobRecord, RunResult, WorkerInfo
 
@@ -72,23 +75,44 @@ def event_line(event: Event) -> str:
 
 
 def workers_table(workers: list[WorkerInfo]) -> Table:
-    table = Table(title="modelq pool")
-    for column in ("worker", "device", "capacity", "free", "model_key", "base", "tenant", "size",
-                   "adapters", "pinned"):
-        table.add_column(column)
+    """The pool: a table of workers, then one of resident models (each model's base under
+    its key). Made to be read at 80 columns: headings are never cut, a model key is never
+    broken (it is what `unload` and `attach` take), and long bases and adapter lists wrap."""
+    pool = _table(("worker", {}), ("device", {}), ("capacity", {}), ("free", {}),
+                  ("models", {"justify": "right"}))
+    fold = {"overflow": "fold"}
+    held = _table(("model_key / base", {"no_wrap": True}), ("worker", fold), ("tenant", fold),
+                  ("size", {}), ("pinned", {}), ("adapters", fold))
     for worker in workers:
-        first = (worker.name, worker.device, size(worker.capacity_bytes), size(worker.free_bytes))
-        if not worker.models:
-            table.add_row(*first, "-", "-", "-", "-", "-", "-")
-        for i, model in enumerate(worker.models):
-            head = first if i == 0 else ("", "", "", "")
+        pool.add_row(worker.name, worker.device, size(worker.capacity_bytes),
+                     size(worker.free_bytes), str(len(worker.models)))
+        for model in worker.models:
             tenant = f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
-            table.add_row(*head, model.model_key, model.base, tenant, size(model.bytes),
-                          ", ".join(model.adapters) or "-", "yes" if model.pinned else "no")
+            where = Text(model.model_key)
+            where.append("\n" + "\n".join(_folded(model.base, len(model.model_key))), style="dim")
+            held.add_row(where, worker.name, tenant, size(model.bytes),
+                         "yes" if model.pinned else "no", ", ".join(model.adapters) or "-")
+    table = Table.grid()
+    table.title = "modelq pool"
+    table.add_row(pool)
+    if held.row_count:
+        table.add_row(held)
     saved = sum(m.bytes * (len(m.shared_by) - 1) for w in workers for m in w.models if m.shared_by)
     if saved:
         table.caption = f"shared bases save {size(saved)}"
     return table
+
+
+def _table(*columns: tuple[str, dict[str, Any]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for heading, options in columns:
+        table.add_column(heading, min_width=len(heading), **options)
+    return table
+
+
+def _folded(text: str, width: int) -> list[str]:
+    """`text` in lines of `width` characters (a base path is as long as it is)."""
+    return [text[i:i + width] for i in range(0, len(text), width)] or [""]
 
 
 def console(stderr: bool = False) -> Console:

@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     """Workers send task events from the start (`modelq worker -E`; Celery's `-E`) for
     `celery events` and Flower; off, Flower turns them on by remote control once it runs."""
 
+    roots: Annotated[tuple[str, ...], NoDecode] = ()
+    """Single-tenant workers: the only folders local models, adapters and task paths may lie
+    under (a JSON list or comma-separated; `~` expanded, links followed). Unset, any path the
+    worker can read may be named: set it on any pool that more than one person submits to.
+    Multi-tenant workers use each tenant's `roots` from the tenants file instead."""
+
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
 
@@ -156,9 +162,9 @@ class Settings(BaseSettings):
     """The gateway's largest request body: 413 above it, before it is parsed (a run job's args
     and kwargs may take 1 MiB as JSON; the rest of a job fits in the 64 KiB over that)."""
 
-    @field_validator("task_modules", mode="before")
+    @field_validator("task_modules", "roots", mode="before")
     @classmethod
-    def _split_modules(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):

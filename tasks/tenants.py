@@ -22,6 +22,7 @@ signed, and policies are what they were before tenants existed.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import tomllib
@@ -37,7 +38,7 @@ from schemas.errors import AccessDenied, QuotaExceeded
 from schemas.jobs import check_tenant, describe
 from schemas.tenants import Tenant, TenantLimits
 from tasks.connection import text
-from tasks.keys import SHARED_QUEUE, Keys, tenant_queues
+from tasks.keys import SHARED_QUEUE, Keys, queue_list, tenant_queues
 
 DEFAULT_TENANT = "default"
 
@@ -145,6 +146,51 @@ def all_queues(tenants: Tenants, keys: Keys, own_queue: str) -> list[str]:
     its own (kombu polls them round-robin, one message a turn)."""
     return [q for base in (keys.queue(), own_queue) for name, t in tenants.items()
             for q in keys.tenant_queues(name, t.priority, base)]
+
+
+def share_waiting(client: redis.Redis, tenants: Tenants, base: str = SHARED_QUEUE) -> int:
+    """Move the jobs waiting in queue `base` into their tenants' shares of it; how many moved.
+
+    A producer that finds no published limits (no worker with a tenants file has run yet)
+    sends every job to the one shared queue, first come first served: a worker calls this
+    at start, before it consumes, so that work queued while no worker was up gets the same
+    fair turns as work queued later. Oldest first, each message keeps its place in its
+    tenant's share; messages of no known tenant (or not readable) stay where they were. A
+    worker that dies between taking a message and putting it in a share loses it: the lost
+    job sweep (worker/rescue.py `Resend`) sends it again.
+    """
+    if not tenants.multi:
+        return 0
+    kept: list[bytes] = []
+    moved = 0
+    for _ in range(client.llen(queue_list(base))):
+        raw = cast(bytes | None, client.rpop(queue_list(base)))  # kombu takes from the right
+        if raw is None:
+            break
+        target = _share_of(raw, tenants, base)
+        if target is None:
+            kept.append(raw)
+            continue
+        queue, message = target
+        client.lpush(queue_list(queue), message)
+        moved += 1
+    if kept:  # back where they were taken from, the oldest taken first again
+        client.rpush(queue_list(base), *reversed(kept))
+    return moved
+
+
+def _share_of(raw: bytes, tenants: Tenants, base: str) -> tuple[str, str] | None:
+    """(the tenant share a kombu message belongs in, the message routed there), or None."""
+    try:
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))  # Celery protocol 2: [args, ...]
+        payload = body[0][0]
+        tenant = tenants[str(payload["job"].get("tenant", DEFAULT_TENANT))]
+        queue = pick_queue(tenant.name, tenant.limits(), str(payload["job_id"]), base=base)
+        message["properties"]["delivery_info"].update(exchange=queue, routing_key=queue)
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None
+    return queue, json.dumps(message)
 
 
 def read_limits(client: redis.Redis, keys: Keys, tenant: str) -> TenantLimits | None:

@@ -177,7 +177,7 @@ def test_every_refusal_fails_its_job_and_the_worker_serves_on(client: Client, mo
     bad = _bad_folders(models, tmp_path)
     llama, qwen_lora = str(models["llama"]), str(models["qwen_lora"])
     cases: list[tuple[str, str, dict[str, object]]] = [
-        ("ModelNotFound", "does not exist", {"model": str(tmp_path / "absent")}),
+        ("ModelNotFound", "is not a model folder", {"model": str(tmp_path / "absent")}),
         ("ModelNotFound", "org/absent", {"model": "org/absent"}),
         ("ModelNotFound", "org/tiny-llama@nope",
          {"model": {"repo_id": "org/tiny-llama", "revision": "nope"}}),

@@ -57,18 +57,37 @@ def test_placement_args() -> None:
 
 def test_model_key_is_stable_and_tells_loads_apart() -> None:
     job = LoadJob(model="/m")
-    key = loader.model_key("path:/m#f1", job)
-    assert key == loader.model_key("path:/m#f1", LoadJob.model_validate_json(job.model_dump_json()))
+    key = loader.model_key("path:/m#f1", job, "cpu")
+    assert key == loader.model_key("path:/m#f1", LoadJob.model_validate_json(job.model_dump_json()), "cpu")
     assert len(key) == 32 and int(key, 16) >= 0
-    others = {loader.model_key("path:/m#f2", job),
-              loader.model_key("path:/m#f1", LoadJob(model="/m", dtype="bfloat16")),
-              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization="nf4")),
-              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization={"method": "nf4",
-                                                                                "double_quant": True})),
-              loader.model_key("path:/m#f1", LoadJob(model="/m", placement={"device_map": "auto"}))}
+    others = {loader.model_key("path:/m#f2", job, "cpu"),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", dtype="bfloat16"), "cpu"),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization="nf4"), "cpu"),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", quantization={
+                  "method": "nf4", "double_quant": True}), "cpu"),
+              loader.model_key("path:/m#f1", LoadJob(model="/m", placement={"device_map": "auto"}), "cpu")}
     assert key not in others and len(others) == 5
     # who asks, and which adapters ride along, do not change the base model
-    assert loader.model_key("path:/m#f1", LoadJob(model="/m", adapters=["/a"], tenant="t2")) == key
+    assert loader.model_key("path:/m#f1", LoadJob(model="/m", adapters=["/a"], tenant="t2"), "cpu") == key
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_placements_that_put_the_model_on_the_one_device_share_a_key(device: str) -> None:
+    """max_memory is read for a strategy only: beside one device or a module map it places
+    nothing, so such loads are one resident copy."""
+    gpu = device.startswith("cuda")
+    same = [{}, {"max_memory": {"cpu": "1GiB"}}, {"max_memory": {"cpu": "2GiB"}},
+            {"device_map": device}, {"device_map": {"": device}},
+            {"device_map": {"model": device, "lm_head": device}, "max_memory": {"cpu": 12345}}]
+    if gpu:
+        same += [{"device_map": "cuda"}, {"device_map": "0"}, {"max_memory": {"0": "3GiB"}}]
+    keys = {loader.model_key("path:/m#f1", LoadJob(model="/m", placement=p), device) for p in same}
+    assert len(keys) == 1
+    apart = [{"device_map": "auto"}, {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}]
+    if gpu:
+        apart.append({"device_map": {"model": "cuda:0", "lm_head": "cpu"}})
+    keys |= {loader.model_key("path:/m#f1", LoadJob(model="/m", placement=p), device) for p in apart}
+    assert len(keys) == 1 + len(apart)
 
 
 class _Mapped(torch.nn.Module):

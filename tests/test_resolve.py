@@ -63,7 +63,7 @@ def test_folder_with_config_and_adapter_config_is_an_adapter_on_its_declared_bas
 
 
 def test_refusals(models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFound, match="does not exist"):
+    with pytest.raises(ModelNotFound, match="is not a model folder"):
         resolve(ModelRef(path=str(tmp_path / "absent")))
     empty = tmp_path / "no-weights"
     empty.mkdir()
@@ -71,7 +71,7 @@ def test_refusals(models: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no weights"):
         resolve(_ref(empty))
     (empty / "config.json").unlink()
-    with pytest.raises(ModelNotFound, match="no config.json"):
+    with pytest.raises(ModelNotFound, match="is not a model folder"):
         resolve(_ref(empty))
     with pytest.raises(UnsafeWeights, match="pytorch_model.bin.*safetensors"):
         resolve(_ref(build_pickle_only_model(tmp_path / "pickle")))

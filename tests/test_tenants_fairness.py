@@ -11,7 +11,7 @@ import pytest
 
 from schemas import JobStatus, LoadJob, QuotaExceeded
 from tasks.client import Client
-from tasks.keys import tenant_queues
+from tasks.keys import SHARED_QUEUE, tenant_queues
 from tasks.settings import Settings
 from tasks.tenants import load_tenants, pick_queue, publish_limits, read_limits
 from tests.support.tenancy import copy_into, tenant_client, write_tenants
@@ -67,4 +67,29 @@ def test_a_flood_does_not_hold_back_a_small_tenant(client: Client, pool: WorkerP
     order = sorted(records, key=lambda r: r.started_at)  # type: ignore[arg-type,return-value]
     positions = [i for i, r in enumerate(order) if r.tenant == "small"]
     # queued behind 24 jobs, the 3 small ones still start among the first few (FIFO: 24-26)
+    assert max(positions) <= 6, positions
+
+
+@pytest.mark.e2e
+def test_work_queued_before_any_worker_ran_is_served_fairly(
+        client: Client, pool: WorkerPool, settings: Settings, models: dict[str, Path],
+        tmp_path: Path) -> None:
+    """No limits published yet: the producers send to the one shared queue; the first worker
+    puts that work into the tenants' shares before it consumes."""
+    model = str(copy_into(models["llama"], tmp_path / "llama"))
+    tenants = write_tenants(tmp_path / "tenants.toml", {
+        "flood": {"key": KEYS["flood"], "roots": [str(tmp_path)]},
+        "small": {"key": KEYS["small"], "roots": [str(tmp_path)]},  # priority 1, as flood
+    })
+    assert read_limits(client.redis, client.keys, "small") is None  # no worker has run
+    flood, small = (tenant_client(settings, t, KEYS[t]) for t in ("flood", "small"))
+    flooded = [flood.submit(LoadJob(model=model)) for _ in range(30)]  # type: ignore[arg-type]
+    smalls = [small.submit(LoadJob(model=model)) for _ in range(3)]  # type: ignore[arg-type]
+    assert client.redis.llen(SHARED_QUEUE) == 33
+    pool.start("w1", env={"MODELQ_TENANTS_FILE": str(tenants)})
+    records = [h.wait(timeout=180) for h in flooded + smalls]
+    assert all(r.status is JobStatus.succeeded for r in records), [r.error for r in records]
+    order = sorted(records, key=lambda r: r.started_at)  # type: ignore[arg-type,return-value]
+    positions = [i for i, r in enumerate(order) if r.tenant == "small"]
+    # FIFO would start them at 30-32; in turns with the flood they start among the first six
     assert max(positions) <= 6, positions

@@ -26,7 +26,7 @@ from tasks.logs import JobContext, set_worker
 from tasks.registry import claim
 from tasks.settings import Settings
 from tasks.store import Store
-from tasks.tenants import Tenants, all_queues, load_tenants, publish_limits
+from tasks.tenants import Tenants, all_queues, load_tenants, publish_limits, share_waiting
 from worker import device as devices
 from worker.admission import Admission
 from worker.artifacts import Artifacts, default_root
@@ -91,7 +91,7 @@ class WorkerApp:
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)
         self.store = Store(self.redis, self.keys, settings.record_ttl_seconds)
-        self.policy = TenantPolicy(self.tenants)
+        self.policy = TenantPolicy(self.tenants, settings.roots)
         self.residents = Residents(self.cache, self.identity, self.policy)
         artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
         admission = Admission(self.cache, options.local_device, artifacts,
@@ -124,6 +124,10 @@ class WorkerApp:
         start the heartbeat, keep-alive timer and metrics server."""
         set_worker(self.name)
         publish_limits(self.redis, self.keys, self.tenants)
+        shared = share_waiting(self.redis, self.tenants)  # queued while no worker was up
+        if shared:
+            log.info("moved %d job(s) waiting in %s into their tenants' shares", shared,
+                     SHARED_QUEUE)
         self.heartbeat.register()
         self.heartbeat.start()
         self.keep_alive.start()

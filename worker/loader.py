@@ -26,12 +26,36 @@ TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16,
                 DType.float16: torch.float16}
 
 
-def model_key(identity: str, job: LoadJob) -> str:
-    """A stable key for (resolved base, dtype, quantization, placement)."""
+def model_key(identity: str, job: LoadJob, device: str) -> str:
+    """A stable key for (resolved base, dtype, quantization, placement on `device`).
+
+    The placement is the resolved one (`resolved_placement`), not the spec as written:
+    placements that put the model in the same place share one resident copy."""
     spec = {"base": identity, "dtype": job.dtype.value,
             "quantization": job.quantization.model_dump(mode="json"),
-            "placement": job.placement.model_dump(mode="json")}
+            "placement": resolved_placement(job.placement, device)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def resolved_placement(placement: PlacementSpec, device: str) -> dict[str, Any]:
+    """Where `placement` puts a model on a worker pinned to `device`, as far as is known
+    before loading (InvalidJob for devices the worker has not).
+
+    One device or a module map is placed as given, and transformers reads `max_memory`
+    for a strategy only: so every such placement resolves to its map, with every module on
+    one device written `{"": device}` (no device_map at all, `"cpu"` on a cpu worker,
+    `{"": "cuda"}` on a GPU worker, whatever their max_memory). A strategy ("auto", ...)
+    depends on the budgets and the model's size: it is kept as asked, budgets included.
+    """
+    args = placement_args(placement, device)
+    device_map = args["device_map"]
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        return {"device_map": {"": device_map}}
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        return {"device_map": {"": devices.pop()} if len(devices) == 1 else device_map}
+    budgets = {str(dev): size for dev, size in (args.get("max_memory") or {}).items()}
+    return {"device_map": device_map, "max_memory": budgets or None}
 
 
 def bnb_config(spec: QuantizationSpec, dtype: DType) -> BitsAndBytesConfig | None:

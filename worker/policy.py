@@ -4,7 +4,8 @@
 worker (no tenants file: everything is tenant `default`, nothing is namespaced or
 counted) and a multi-tenant one alike:
 
-- `access(tenant)`: the job's roots, pickle rule and hub token (worker/access.py);
+- `access(tenant)`: the job's roots, pickle rule and hub token (worker/access.py); a
+  single-tenant worker's roots are MODELQ_ROOTS (`roots`), any path when unset;
 - `check_job(job)`: the remote-code rule, before anything is resolved;
 - `identity(base, job)`: a private model's key includes its tenant, so another tenant's
   identical load is a new model; a public hub repo at a pinned commit is shared;
@@ -28,7 +29,7 @@ from schemas import LoadJob, ModelInfo
 from schemas.errors import AccessDenied, ModelNotFound, QuotaExceeded, RemoteCodeNotAllowed
 from schemas.tenants import SHARED_TENANT, Tenant
 from tasks.tenants import Tenants
-from worker.access import OPEN, Access, real_roots
+from worker.access import Access, real_roots, rooted
 from worker.cache import Entry
 from worker.resolve import Source
 
@@ -41,16 +42,17 @@ AMBIENT_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 class TenantPolicy:
     """The tenants file's rules (or none, single-tenant) as the handlers apply them."""
 
-    def __init__(self, tenants: Tenants) -> None:
+    def __init__(self, tenants: Tenants, roots: tuple[str, ...] = ()) -> None:
         self.tenants = tenants
         self.multi = tenants.multi
+        self._single = rooted(roots)  # single-tenant: MODELQ_ROOTS, or any path when unset
 
     # --- what a job may touch ----------------------------------------------------------
 
     def access(self, tenant: str) -> Access:
         """The roots, pickle rule and hub token for a job of `tenant` (AccessDenied: unknown)."""
         if not self.multi:
-            return OPEN
+            return self._single
         rules = self.tenants.get_tenant(tenant)
         return Access(tenant=rules.name, roots=real_roots(rules.roots),
                       allow_pickle=rules.allow_pickle_weights, token=hub_token(rules))

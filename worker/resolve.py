@@ -76,8 +76,7 @@ def fetch(ref: ModelRef, *, access: Access = OPEN, tqdm_class: TqdmFactory | Non
         path = Path(os.path.expanduser(ref.path)).resolve()
         access.check_path(ref.path, path)  # a tenant's roots, checked before anything there is read
         if not path.is_dir():
-            raise ModelNotFound(f"folder {ref.path} does not exist on this worker: give a path "
-                                "the worker can read", ref=ref.path)
+            raise not_a_model_folder(ref.path)
         return Source(ref=ref.path, path=path, fingerprint=fingerprint(path))
     assert ref.repo_id is not None
     patterns = HUB_PATTERNS + (["*.py"] if allow_code else []) + (["*.bin"] if access.allow_pickle else [])
@@ -140,8 +139,7 @@ def check_model(source: Source, trust_remote_code: bool, allow_pickle: bool = Fa
 
 def _check_model(source: Source, trust_remote_code: bool, allow_pickle: bool) -> dict[str, Any]:
     if not (source.path / CONFIG).is_file():
-        raise ModelNotFound(f"{source.ref} has no config.json: is it a transformers model folder?",
-                            ref=source.ref)
+        raise not_a_model_folder(source.ref)
     files = [p.name for p in source.path.iterdir()]
     if not any(name.endswith(".safetensors") for name in files):
         if any(name.endswith(PICKLE_SUFFIXES) for name in files) and not allow_pickle:
@@ -199,6 +197,13 @@ def fingerprint(path: Path) -> str:
     for parts, stat in sorted(found, key=lambda item: item[0]):
         digest.update(f"{'/'.join(parts)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def not_a_model_folder(ref: str) -> ModelNotFound:
+    """The one error for a path that holds no model: missing, a file, or a folder without
+    config.json read the same, so the message tells nothing about what else is there."""
+    return ModelNotFound(f"{ref} is not a model folder on this worker (a folder holding "
+                         "config.json and weights): give the path of one", ref=ref)
 
 
 def read_json(path: Path) -> dict[str, Any]:

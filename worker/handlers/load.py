@@ -73,7 +73,8 @@ class LoadHandler(Handler):
         resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, access=access,
                            tqdm_class=reporter.tqdm_class())
         check_cancel(reporter)
-        key = loader.model_key(self.policy.identity(resolved.base, job), job)
+        key = loader.model_key(self.policy.identity(resolved.base, job), job,
+                               self.residents.identity.local_device)
         self.cache.busy = key
         entry = self.cache.get(key)
         cache_hit = entry is not None
@@ -162,10 +163,12 @@ class LoadHandler(Handler):
         wanted = request_key(job)
         if not any(wanted in entry.request_keys for entry in self.cache.entries()):
             return None  # no resident model has served this load: a cold load resolves once
-        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code)
+        resolved = resolve(job.model, trust_remote_code=job.trust_remote_code,
+                           access=self.policy.access(job.tenant))
         if resolved.adapter is not None:
             return None
-        entry = self.cache.peek(loader.model_key(resolved.base.identity, job))
+        entry = self.cache.peek(loader.model_key(resolved.base.identity, job,
+                                                 self.residents.identity.local_device))
         if entry is None or wanted not in entry.request_keys:  # the folder changed since
             return None
         return self.residents.info(entry, True, time.monotonic() - started, measure=False)
