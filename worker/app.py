@@ -124,10 +124,10 @@ class WorkerApp:
         start the heartbeat, keep-alive timer and metrics server."""
         set_worker(self.name)
         publish_limits(self.redis, self.keys, self.tenants)
-        shared = share_waiting(self.redis, self.tenants)  # queued while no worker was up
+        queue = self.keys.queue()
+        shared = share_waiting(self.redis, self.tenants, base=queue)  # queued with no worker up
         if shared:
-            log.info("moved %d job(s) waiting in %s into their tenants' shares", shared,
-                     SHARED_QUEUE)
+            log.info("moved %d job(s) waiting in %s into their tenants' shares", shared, queue)
         self.heartbeat.register()
         self.heartbeat.start()
         self.keep_alive.start()
