@@ -23,7 +23,7 @@ import redis
 from schemas import JobStatus, LoadJob, ModelRef
 from tasks.app import create_app, default_app
 from tasks.client import Client
-from tasks.keys import worker_queue
+from tasks.keys import Keys, worker_queue
 from tasks.settings import Settings
 from tasks.tenants import all_queues, load_tenants
 from tests.support.faults import wait_for
@@ -112,7 +112,7 @@ def test_inspect_and_events_answer_from_a_worker(redis_url: str, settings: Setti
     listed = celery(redis_url, "inspect", "active_queues", "--timeout", "10", "-d", node, "--json")
     queues = {q["name"] for q in json.loads(listed)[node]}
     own = worker_queue("w1")
-    assert queues == {"modelq", own, *all_queues(load_tenants(tenants), own)}
+    assert queues == {"modelq", own, *all_queues(load_tenants(tenants), Keys(), own)}
     assert "modelq.tenant.acme.1" in queues  # priority 2: two shares
     registered = celery(redis_url, "inspect", "registered", "--timeout", "10", "-d", node)
     assert "* modelq.run" in registered
@@ -180,9 +180,14 @@ def test_flower_shows_workers_and_tasks_behind_basic_auth(redis_url: str, client
         workers = wait_for(lambda: node in (get(f"{base}/api/workers?refresh=1", auth)[1] or {}),
                            timeout=60, what=f"{node} in Flower's /api/workers")
         assert workers
-        status, lengths = get(f"{base}/api/queues/length", auth)
-        assert status == 200
-        assert {q["name"] for q in lengths["active_queues"]} == {"modelq", worker_queue("w2")}
+        wanted = {"modelq", worker_queue("w2")}  # Flower learns them from the worker's inspect replies
+
+        def queue_names() -> set[str]:
+            status, lengths = get(f"{base}/api/queues/length", auth)
+            assert status == 200
+            return {q["name"] for q in (lengths or {}).get("active_queues", [])}
+
+        wait_for(lambda: queue_names() == wanted, timeout=30, what="modelq's queues in Flower")
         wait_for(lambda: "enabled by remote" in worker.log_text(), timeout=30,
                  what="Flower enabling task events")
         record = client.submit(LoadJob(model=ModelRef(path=str(models["llama"])))).wait(timeout=120)

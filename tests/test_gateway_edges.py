@@ -91,7 +91,7 @@ def test_events_stream_asynchronously_and_resume(http: TestClient) -> None:
 def test_bodies_are_held_to_the_documented_json_types(http: TestClient) -> None:
     lenient = error_of(http.post("/v1/jobs/load", json={**LOAD, "pin": 0}), 422)
     assert lenient["type"] == "InvalidJob"
-    assert lenient["message"].startswith("pin: 0 is not of type 'boolean'")
+    assert "pin" in lenient["message"] and "boolean" in lenient["message"]  # 0 is no JSON boolean
     assert http.post("/v1/jobs/load", json={"model": "org/model", "adapters": ["org/adapter"]}).status_code \
         == 202  # the documented string forms
     gone = error_of(http.post("/v1/jobs/attach", json={"model_key": "a" * 32, "adapter": "/tmp/lora"}), 404)

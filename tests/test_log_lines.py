@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas import JobStatus, LoadJob
+from schemas import Envelope, InvalidJob, JobStatus, LoadJob
 from tasks.client import Client
 from tasks.logs import PLAIN_FORMAT, PlainFormatter, escape_controls
+from tasks.store import now
+from tests.support.tenancy import send_raw
 from tests.support.workers import WorkerPool
 
 FORGED = "\nFORGED 2030-01-01 00:00:00,000 ERROR worker: all jobs lost\r\x1b[2K\u2028x"
@@ -46,11 +48,20 @@ def test_a_record_is_one_line_and_a_traceback_cannot_pass_for_a_record() -> None
 @pytest.mark.e2e
 def test_a_newline_in_a_path_forges_no_line_in_the_worker_log(
         client: Client, pool: WorkerPool, tmp_path: Path) -> None:
+    """The schema refuses control characters at submit; a producer that skips the client's
+    checks gets its message refused by the worker, and the log line quoting it stays one line."""
     worker = pool.start("plainlog")
-    path = str(tmp_path / f"absent{FORGED}")
-    record = client.submit(LoadJob(model=path)).wait(timeout=60)  # type: ignore[arg-type]
-    assert record.status is JobStatus.failed
+    with pytest.raises(InvalidJob, match="control characters"):
+        client.submit({"kind": "load", "model": {"path": f"/m{FORGED}"}})
+    payload = Envelope(job_id="f" * 32, submitted_at=now(),
+                       job=LoadJob(model="/m")).model_dump(mode="json")
+    payload["job"]["model"]["path"] = f"/m{FORGED}"
+    send_raw(client, LoadJob(model="/m"), "modelq.worker.plainlog", job_id="f" * 32,
+             create=True, payload=payload)
+    record = client.job("f" * 32).wait(timeout=60)
+    assert record.status is JobStatus.failed and record.error is not None
+    assert record.error.type == "InvalidJob"
     worker.terminate()
     text = worker.log_text()
-    assert "FORGED" in text  # the path was logged ...
+    assert "FORGED" in text  # the message was logged ...
     assert not [line for line in text.splitlines() if line.startswith("FORGED")]  # ... escaped
