@@ -161,7 +161,8 @@ class WorkerApp:
         metrics = Metrics(device=self.identity.device,
                           resident=lambda: [e.bytes for e in self.cache.entries()],
                           capacity=lambda: self.cache.capacity, client=self.redis,
-                          queues=[self.keys.queue(), self.keys.worker_queue(self.name)])
+                          queues=[self.keys.queue(), self.keys.worker_queue(self.name)],
+                          dead_letters=self.keys.dead_letters())
         observers.append(metrics)
         return metrics
 

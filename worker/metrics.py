@@ -29,8 +29,9 @@ class _Live(Collector):
     """Gauges computed at scrape time: resident bytes and models, capacity, queue depth."""
 
     def __init__(self, device: str, resident: Callable[[], list[int]], capacity: Callable[[], int],
-                 client: redis.Redis, queues: list[str]) -> None:
+                 client: redis.Redis, queues: list[str], dead_letters: str | None = None) -> None:
         self.device = device
+        self.dead_letters = dead_letters
         self.resident = resident
         self.capacity = capacity
         self.redis = client
@@ -51,20 +52,26 @@ class _Live(Collector):
             yield family
         depth = GaugeMetricFamily("modelq_queue_depth", "Jobs waiting in a queue this worker consumes",
                                   labels=["queue"])
+        dead = GaugeMetricFamily("modelq_dead_letters",
+                                 "Queue messages no worker could decode, moved aside (dead-letter list)")
         try:
             for queue in self.queues:
                 depth.add_metric([queue], self.redis.llen(queue_list(queue)))
+            if self.dead_letters is not None:
+                dead.add_metric([], self.redis.llen(self.dead_letters))
         except redis.RedisError as exc:
             log.warning("metrics: cannot read queue depth: %s", exc)
             return
         yield depth
+        if self.dead_letters is not None:
+            yield dead
 
 
 class Metrics:
     """One worker's metrics in their own registry; a RunObserver for the runner."""
 
     def __init__(self, *, device: str, resident: Callable[[], list[int]], capacity: Callable[[], int],
-                 client: redis.Redis, queues: list[str]) -> None:
+                 client: redis.Redis, queues: list[str], dead_letters: str | None = None) -> None:
         self.device = device
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("modelq_jobs", "Jobs that ended, by kind and status",
@@ -85,7 +92,7 @@ class Metrics:
                 self.jobs.labels(kind.value, status.value)  # zeros are series too
         self.bytes_loaded.labels(device)
         self.evictions.labels(device)
-        self.registry.register(_Live(device, resident, capacity, client, queues))
+        self.registry.register(_Live(device, resident, capacity, client, queues, dead_letters))
 
     # --- RunObserver -----------------------------------------------------------------
 
