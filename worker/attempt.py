@@ -28,6 +28,7 @@ from worker.faults import Faults
 from worker.guard import GuardHooks, JobGuard, Opened
 from worker.handlers import Claim, Handler
 from worker.lease import Leases
+from worker.steps import StepSender
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Recorder:
         self.leases = leases
         self.name, self.device = worker
         self.hooks = hooks
+        self.steps = StepSender()  # a task's step events, written off the job's thread
 
     def start_changes(self, current: JobRecord | None,
                       opening: tuple[Stage, str] | None) -> tuple[str, dict[str, Any]]:
@@ -145,7 +147,9 @@ class Recorder:
         return error
 
     def end(self, attempt: Attempt, status: JobStatus, **changes: Any) -> JobRecord | None:
-        """The attempt's final record, written with its lease and claims released."""
+        """The attempt's final record, written with its lease and claims released (after the
+        job's step events, which it would otherwise overtake)."""
+        self.steps.flush()
         final: JobRecord | None = _RETRY.call_with_retry(
             lambda: self.store.transition(attempt.job_id, status, release=attempt.release, **changes),
             lambda exc: log.warning("job %s: Redis unreachable (%s); retrying its record",
@@ -192,8 +196,15 @@ class Recorder:
 
     def report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None,
                metrics: dict[str, float] | None = None) -> None:
+        """A stage or progress event; a task's step (with `metrics`) is sent off this thread
+        (worker/steps.py), anything else after the steps already handed over."""
+        if metrics is not None:
+            self.steps.send(lambda: self.store.report(job_id, stage, progress, message,
+                                                      metrics=metrics))
+            return
+        self.steps.flush()
         try:  # progress is best effort: a Redis restart must not fail the load
-            self.store.report(job_id, stage, progress, message, metrics=metrics)
+            self.store.report(job_id, stage, progress, message)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("job %s: could not report %s progress: %s", job_id, stage.value, exc)
 
