@@ -32,7 +32,10 @@ def create_app(url: str) -> Celery:
     app.conf.update(
         task_serializer="json", accept_content=["json"], result_serializer="json",
         task_acks_late=True, worker_prefetch_multiplier=1, worker_hijack_root_logger=False,
-        worker_send_task_events=False, worker_enable_remote_control=False,
+        # The same Celery machinery modelq's workers run (tasks/app.py): remote control and
+        # heartbeats on (Celery's defaults, which `celery inspect` and Flower need), task
+        # events, mingle and gossip off; the figures then measure what modelq adds.
+        worker_send_task_events=False, worker_enable_remote_control=True,
         task_default_queue=QUEUE, result_expires=600, broker_connection_retry_on_startup=True,
     )
     return app
@@ -69,5 +72,4 @@ def model_noop(payload: dict[str, object] | None = None) -> dict[str, bool]:
 def command(name: str) -> list[str]:
     """argv of one solo-pool worker consuming the baseline queue."""
     return ["celery", "-A", "bench.raw_celery", "worker", "-P", "solo", "-Q", QUEUE,
-            "-n", f"{name}@%h", "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
-            "--without-heartbeat"]
+            "-n", f"{name}@%h", "--loglevel", "WARNING", "--without-mingle", "--without-gossip"]
