@@ -18,9 +18,8 @@ import redis
 import redis.asyncio
 
 from schemas import TERMINAL, Event, JobRecord
-from tasks.connection import text
 from tasks.keys import Keys
-from tasks.store import not_found
+from tasks.store import not_found, parse_events
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +88,4 @@ class EventStreams:
     async def _read(self, job_id: str, after: str) -> list[tuple[str, Event]]:
         reply = cast(list[Any] | None, await self.redis.xread(
             {self.keys.events(job_id): after}, count=200, block=self.keepalive_ms))
-        out: list[tuple[str, Event]] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                try:  # the field is b"event" or "event" (a client that decodes replies)
-                    raw = fields[b"event"] if b"event" in fields else fields["event"]
-                    out.append((text(entry_id), Event.model_validate_json(raw)))
-                except (KeyError, ValueError):  # not written by modelq: readers go on past it
-                    log.warning("job %s: skipping a malformed event %s", job_id, text(entry_id))
-        return out
+        return parse_events(job_id, reply)

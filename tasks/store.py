@@ -143,15 +143,7 @@ class Store:
         """Events after stream id `after`, waiting up to `block_ms` for the first."""
         reply = cast(_Streams, self.blocking.xread({self.keys.events(job_id): after}, count=count,
                                                    block=_bounded(block_ms)))
-        out: list[tuple[str, Event]] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                try:  # the field is b"event" or "event" (a client that decodes replies)
-                    raw = fields[b"event"] if b"event" in fields else fields["event"]
-                    out.append((text(entry_id), Event.model_validate_json(raw)))
-                except (KeyError, ValueError):  # not written by modelq: readers go on past it
-                    log.warning("job %s: skipping a malformed event %s", job_id, text(entry_id))
-        return out
+        return parse_events(job_id, reply)
 
     def ended(self, job_id: str, block_ms: int) -> JobRecord | None:
         """The terminal record once the job ends, waiting up to `block_ms`; None meanwhile."""
@@ -341,3 +333,17 @@ def _bounded(block_ms: int | None) -> int | None:
     0, Redis's 'for ever', included)."""
     longest = int(MAX_BLOCK_SECONDS * 1000)
     return None if block_ms is None else min(block_ms or longest, longest)
+
+
+def parse_events(job_id: str, reply: Any) -> list[tuple[str, Event]]:
+    """An XREAD reply on a job's event stream as (stream id, Event) pairs; an entry modelq
+    did not write is skipped (logged), so readers go on past it."""
+    out: list[tuple[str, Event]] = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            try:  # the field is b"event" or "event" (a client that decodes replies)
+                raw = fields[b"event"] if b"event" in fields else fields["event"]
+                out.append((text(entry_id), Event.model_validate_json(raw)))
+            except (KeyError, ValueError):
+                log.warning("job %s: skipping a malformed event %s", job_id, text(entry_id))
+    return out
