@@ -120,15 +120,31 @@ def cancel(job_id: str) -> None:
         click.echo(f"{job_id} is {record.status.value}: it stops at its next stage")
 
 
+SMALL_POOL = 8
+"""Up to this many workers, `modelq ls` lists them all after the summary."""
+
+
 @main.command(name="ls")
-@click.option("--json", "as_json", is_flag=True)
-def ls(as_json: bool) -> None:
-    """List workers and their resident models."""
-    workers = client_of_command().workers()
+@click.option("--all", "show_all", is_flag=True,
+              help="List every worker and resident model after the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Every worker's entry, as JSON.")
+def ls(show_all: bool, as_json: bool) -> None:
+    """Summarize the pool: workers by device and state, models by base, free bytes.
+
+    A pool of up to 8 workers is listed in full; `--all` lists any pool in full.
+    """
+    from tasks.pool_summary import summarize, summary_table
+
+    client = client_of_command()
+    workers = client.workers()
     if as_json:
         click.echo(json.dumps([w.model_dump(mode="json") for w in workers], indent=2))
-    else:
-        render.console().print(render.workers_table(workers))
+        return
+    late_after = 2 * client.settings.heartbeat_seconds + 1
+    out = render.console()
+    out.print(summary_table(summarize(workers, late_after)))
+    if show_all or len(workers) <= SMALL_POOL:
+        out.print(render.workers_table(workers))
 
 
 @main.command()

@@ -1,0 +1,73 @@
+"""`modelq ls` summarizes the pool (workers by device and state, models by base, free
+bytes) and lists every worker only for a small pool or with `--all`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import redis
+
+from schemas import ResidentModel, WorkerInfo
+from tasks.keys import Keys
+from tasks.pool_summary import summarize
+from worker.heartbeat import Heartbeat, WorkerState
+
+NOW = datetime.now(UTC)
+
+
+def _info(name: str, device: str, free: int, bases: tuple[str, ...] = (), *,
+          beat_ago: float = 0.0) -> WorkerInfo:
+    models = tuple(ResidentModel(model_key=f"{name}-{i}", base=base, tenant="acme", bytes=1 << 30,
+                                 last_used=NOW) for i, base in enumerate(bases))
+    return WorkerInfo(name=name, host=name.split("-")[0], pid=1, device=device, queue=f"q.{name}",
+                      capacity_bytes=8 << 30, free_bytes=free, models=models, started_at=NOW,
+                      heartbeat_at=NOW - timedelta(seconds=beat_ago))
+
+
+def test_summary_counts_states_devices_and_bases() -> None:
+    summary = summarize([
+        _info("a-0", "cuda:0", 4 << 30, ("llama", "qwen")),
+        _info("a-1", "cuda:1", 0, ("llama",)),
+        _info("b-0", "cuda:0", 2 << 30, beat_ago=30),
+        _info("b-1", "cpu", 1 << 30, ("llama",)),
+    ], late_after=5)
+    assert summary.workers == 4 and summary.hosts == 2
+    assert dict(summary.devices["cuda"].states) == {"ready": 1, "full": 1, "late": 1}
+    assert summary.devices["cuda"].free == 6 << 30 and summary.devices["cuda"].capacity == 24 << 30
+    assert dict(summary.devices["cpu"].states) == {"ready": 1}
+    assert list(summary.bases) == ["llama", "qwen"]  # most copies first
+    assert summary.bases["llama"].copies == 3 and summary.bases["llama"].workers == {"a-0", "a-1", "b-1"}
+
+
+def _register(url: str, count: int) -> None:
+    client = redis.Redis.from_url(url)
+    for i in range(count):
+        name = f"host{i // 4}-gpu{i % 4}"
+        models = [ResidentModel(model_key=f"key{i}", base="org/base-7b" if i % 2 else "org/other",
+                                tenant="acme", bytes=1 << 30, last_used=NOW)]
+        state = WorkerState(capacity=8 << 30, free=(i % 3) << 30, models=models)
+        Heartbeat(client, Keys(), (name, f"cuda:{i % 4}"), state=lambda s=state: s,
+                  timing=(2.0, 60.0)).register()
+
+
+def _ls(url: str, *args: str) -> str:
+    env = {**os.environ, "MODELQ_REDIS_URL": url, "COLUMNS": "100", "TERM": "dumb"}
+    return subprocess.run([sys.executable, "-m", "tasks.cli", "ls", *args], capture_output=True,
+                          text=True, env=env, timeout=60, check=True).stdout
+
+
+def test_ls_prints_a_summary_and_lists_workers_only_with_all(redis_url: str) -> None:
+    _register(redis_url, 12)
+    summary = _ls(redis_url)
+    assert "12 worker(s) on 1 host(s), 12 resident model(s)" in summary, summary
+    assert "org/base-7b" in summary and "org/other" in summary
+    assert "host0-gpu1" not in summary  # no line per worker past a small pool
+    full = _ls(redis_url, "--all")
+    assert all(f"host{i // 4}-gpu{i % 4}" in full for i in range(12)), full
+    assert "key11" in full
+    listed = json.loads(_ls(redis_url, "--json"))
+    assert sorted(w["name"] for w in listed) == sorted(f"host{i // 4}-gpu{i % 4}" for i in range(12))
