@@ -203,11 +203,15 @@ def tenant_queue_ratio(report: Report) -> None:
     """The figure from bench/tenant_queues.py's `measure()`, when that module exists."""
     figure = report.figure("tenant_queue_ratio")
     try:
-        from bench import tenant_queues  # type: ignore[attr-defined]
+        from bench import tenant_queues
     except ImportError:
         figure.note = "bench/tenant_queues.py is not in this checkout"
         return
-    figure.add(float(tenant_queues.measure()))
+    try:
+        figure.add(float(tenant_queues.measure()))
+    except Exception as exc:  # reported as missing, never guessed
+        log.exception("bench/tenant_queues.py measure() failed")
+        figure.note = f"bench/tenant_queues.py measure() failed: {exc!r}"
 
 
 def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[str, Any],
