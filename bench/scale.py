@@ -166,13 +166,18 @@ class ScaleBench:
                 "bytes_submits": len(jobs), "idle_bytes_per_s": round(rate)}
 
     def submit_loop(self, hosts: SimHosts, victims: list[str]) -> dict[str, Any]:
-        """Cache-hit submits back to back, heartbeats running; victims killed a third in."""
+        """Cache-hit submits back to back, heartbeats running, for `--submits` and at least
+        `--min-seconds` (two worker TTLs: every window holds the same share of reaper turns,
+        whose sweeps cost Redis CPU too), at most `--seconds`; victims killed a third in."""
         count, seconds = self.args.submits, self.args.seconds
+        least = min(seconds, self.args.min_seconds if self.args.min_seconds is not None
+                    else 2 * self.ttl)
         latencies: list[float] = []
         watch: ReapWatch | None = None
         before = counters(self.redis)
         begun = time.perf_counter()
-        for i in range(count):
+        i = 0
+        while i < count or time.perf_counter() - begun < least:
             elapsed = time.perf_counter() - begun
             if watch is None and (i >= count // 3 or elapsed >= seconds / 3):
                 deaths = {self.keys.worker_queue(v): hosts.kill(v) for v in victims}
@@ -184,6 +189,7 @@ class ScaleBench:
             started = time.perf_counter()
             self.job_ids.append(self.client.submit(job).job_id)
             latencies.append(time.perf_counter() - started)
+            i += 1
         after = counters(self.redis)
         assert watch is not None
         watch.join()
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, help="job records written first (default 1,000,000)")
     parser.add_argument("--submits", type=int, default=300, help="timed submits per size")
     parser.add_argument("--seconds", type=float, default=60, help="at most this long per size")
+    parser.add_argument("--min-seconds", type=float, help="at least this long per size (2 TTLs)")
     parser.add_argument("--victims", type=int, default=4, help="simulated workers killed")
     parser.add_argument("--jobs-per-victim", type=int, default=5)
     parser.add_argument("--consumers", type=int, default=2, help="real `modelq worker` processes")
