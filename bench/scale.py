@@ -1,0 +1,318 @@
+"""`python -m bench.scale [--workers N] [--backlog N] [--quick] [--json PATH]`: the pool at scale.
+
+What a submit, a heartbeat and a reap cost with N simulated workers (default 2,048) against
+one Redis holding a backlog of finished job records (default 1,000,000), each figure against
+the same run with one simulated worker. Simulated workers are real `Heartbeat` and `Reaper`
+objects, many per process (bench/scale_sim.py); the jobs are consumed by two real
+`modelq worker` processes holding a tiny model. Some simulated workers are killed (their
+beats stop) while jobs flow, with loads queued behind them, which the reaper must hand to
+the live workers; at the end every job submitted must have exactly one terminal record.
+Progress goes to stderr; the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.figures import Figure, Report, percentile
+from bench.scale_hosts import ROOT, SimHosts
+from bench.scale_redis import counters, out_bytes, terminal_check, wait_terminal, write_backlog
+from schemas import JobRecord, JobStatus, LoadJob, ModelRef
+from tasks.client import Client
+from tasks.registry import request_key
+from tasks.settings import Settings
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerPool
+
+log = logging.getLogger("bench.scale")
+
+INTERVAL, TTL = 2.0, 10.0  # the default heartbeat interval and worker TTL (tasks/settings.py)
+CACHE = ROOT / ".bench"
+
+
+def figures(ttl: float = TTL) -> list[Figure]:
+    return [
+        Figure("submit_scale_ratio", 1.25, "<="),
+        Figure("submit_scale_p99_ratio", 1.5, "<="),
+        Figure("registry_bytes_per_submit", 4096, "<=", unit="B"),
+        Figure("reap_seconds", 2 * ttl, "<=", unit="s"),
+        Figure("tenant_queue_ratio", 1.25, "<="),
+        Figure("redis_cpu_per_1k_submits_ratio", 1.5, "<="),
+        Figure("jobs_not_exactly_one_terminal", 0, "<=", unit="jobs"),
+    ]
+
+
+class ReapWatch(threading.Thread):
+    """Seconds from each dead worker's last beat until its own queue is empty (its jobs moved
+    to the shared queue: nothing else takes from a dead worker's queue)."""
+
+    def __init__(self, client: redis.Redis, deaths: dict[str, float], timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.deaths, self.timeout = client, deaths, timeout
+        self.seconds: dict[str, float] = {}
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(self.seconds) < len(self.deaths) and time.monotonic() < deadline:
+            for queue, died in self.deaths.items():
+                if queue not in self.seconds and not self.redis.llen(queue):
+                    self.seconds[queue] = time.time() - died
+            time.sleep(0.1)
+
+
+class ScaleBench:
+    """One Redis, the real consumers, and the phases measured against them."""
+
+    def __init__(self, run_dir: Path, args: argparse.Namespace) -> None:
+        self.run_dir, self.args = run_dir, args
+        self.server = RedisServer(data_dir=run_dir / "redis").start()
+        self.interval, self.ttl = args.interval, args.ttl
+        self.settings = Settings(redis_url=self.server.url, heartbeat_seconds=self.interval,
+                                 worker_ttl_seconds=self.ttl, connect_timeout_seconds=10,
+                                 command_timeout_seconds=60)
+        self.client = Client(self.settings)
+        self.keys = self.client.keys
+        self.redis = self.server.client()
+        self.pool = WorkerPool(self.server.url, run_dir, env={
+            "MODELQ_HEARTBEAT_SECONDS": str(self.interval), "MODELQ_WORKER_TTL_SECONDS": str(self.ttl)})
+        self.job_ids: list[str] = []
+        self.hits: list[LoadJob] = []
+
+    def prepare(self) -> JobRecord:
+        """Start the consumers, each holding a tiny model for the cache hits; a finished record."""
+        from bench.env import variant
+        from tests.support.models import build_model
+
+        tiny = CACHE / "models" / "tiny-llama"
+        if not (tiny / "config.json").is_file():
+            build_model("llama", tiny)
+        self.tiny = tiny
+        for i in range(self.args.consumers):
+            self.pool.start(f"c{i}", wait=False)
+        for worker in self.pool:
+            self.pool.wait_registered(worker, timeout=180)
+        record = None
+        for i in range(self.args.consumers):
+            job = LoadJob(model=ModelRef(path=str(variant(tiny, f"scale-hit-{i}"))))
+            record = self.client.submit(job).wait(timeout=180)
+            if record.status is not JobStatus.succeeded:
+                raise RuntimeError(f"warm-up load failed: {record.error}")
+            self.hits.append(job)
+        assert record is not None
+        return record
+
+    def victim_jobs(self, size: int, victims: list[str]) -> dict[str, LoadJob]:
+        from bench.env import variant
+
+        return {name: LoadJob(model=ModelRef(path=str(variant(self.tiny, f"scale-{size}-{name}"))))
+                for name in victims}
+
+    def phase(self, size: int) -> dict[str, Any]:
+        """Submits with `size` simulated workers: bytes (beats paused), then latency and Redis
+        CPU (beats running), killing the victims a third of the way in."""
+        victims = [f"sim-{i:05d}" for i in range(min(self.args.victims, size))]
+        jobs = self.victim_jobs(size, victims)
+        config = {"redis_url": self.server.url, "interval": self.interval, "ttl": self.ttl,
+                  "threads": self.args.threads,
+                  "victims": {name: request_key(job) for name, job in jobs.items()}}
+        log.info("%d simulated workers: starting", size)
+        started = time.monotonic()
+        hosts = SimHosts(self.run_dir, config, size, self.args.processes if size > 1 else 1)
+        try:
+            log.info("%d simulated workers registered in %.1fs", size, time.monotonic() - started)
+            out = {"workers": size, "register_seconds": round(time.monotonic() - started, 1)}
+            out.update(self.bytes_window(hosts, [j for j in jobs.values()
+                                                 for _ in range(self.args.jobs_per_victim)]))
+            out.update(self.submit_loop(hosts, victims))
+            out.update(hosts.quit())
+        finally:
+            hosts.close()
+        return out
+
+    def bytes_window(self, hosts: SimHosts, jobs: list[LoadJob]) -> dict[str, Any]:
+        """Bytes Redis sends per submit, heartbeats paused and the reaper's turn held, less what
+        an idle window as long sends (the consumers' own beats and polls). The jobs go to the
+        victims' queues, which nobody consumes until the reaper moves them."""
+        hosts.tell("pause")
+        self.redis.set(self.keys.reaper_turn(), "bench", px=20_000)
+        try:
+            first = out_bytes(self.redis)
+            info = out_bytes(self.redis) - first  # one INFO reply
+            time.sleep(1.0)
+            idle_at, idle_start = time.perf_counter(), out_bytes(self.redis)
+            time.sleep(1.0)
+            idle_end = out_bytes(self.redis)
+            rate = (idle_end - idle_start - info) / (time.perf_counter() - idle_at)
+            begun, measured = time.perf_counter(), 0
+            for job in jobs:  # within a third of a TTL of the pause: no entry lapses meanwhile
+                self.job_ids.append(self.client.submit(job).job_id)
+                measured += 1
+                if time.perf_counter() - begun > self.ttl / 3 - 2:
+                    break
+            sent = out_bytes(self.redis) - idle_end - info
+            rate_bytes = rate * (time.perf_counter() - begun)
+        finally:
+            self.redis.delete(self.keys.reaper_turn())
+            hosts.tell("resume")
+        for job in jobs[measured:]:
+            self.job_ids.append(self.client.submit(job).job_id)
+        return {"bytes_per_submit": max(0.0, sent - rate_bytes) / measured,
+                "bytes_submits": measured, "idle_bytes_per_s": round(rate)}
+
+    def submit_loop(self, hosts: SimHosts, victims: list[str]) -> dict[str, Any]:
+        """Cache-hit submits back to back, heartbeats running, for `--submits` and at least
+        `--min-seconds` (two worker TTLs: every window holds the same share of reaper turns,
+        whose sweeps cost Redis CPU too), at most `--seconds`; victims killed a third in."""
+        count, seconds = self.args.submits, self.args.seconds
+        least = min(seconds, self.args.min_seconds if self.args.min_seconds is not None
+                    else 2 * self.ttl)
+        latencies: list[float] = []
+        watch: ReapWatch | None = None
+        before = counters(self.redis)
+        begun = time.perf_counter()
+        i = 0
+        while i < count or time.perf_counter() - begun < least:
+            elapsed = time.perf_counter() - begun
+            if watch is None and (i >= count // 3 or elapsed >= seconds / 3):
+                deaths = {self.keys.worker_queue(v): hosts.kill(v) for v in victims}
+                watch = ReapWatch(self.server.client(), deaths, timeout=6 * self.ttl + 30)
+                watch.start()
+            if elapsed >= seconds:
+                break
+            job = self.hits[i % len(self.hits)]
+            started = time.perf_counter()
+            self.job_ids.append(self.client.submit(job).job_id)
+            latencies.append(time.perf_counter() - started)
+            i += 1
+        after = counters(self.redis)
+        assert watch is not None
+        watch.join()
+        reaps = [watch.seconds.get(self.keys.worker_queue(v)) for v in victims]
+        return {"submits": len(latencies), "p50_ms": 1000 * percentile(latencies, 50),
+                "p99_ms": 1000 * percentile(latencies, 99),
+                "redis_cpu_per_1k": 1000 * (after.cpu_seconds - before.cpu_seconds) / len(latencies),
+                "killed": len(victims), "reap_seconds": reaps}
+
+    def close(self) -> None:
+        self.pool.stop_all()
+        self.client.redis.close()
+        self.server.close()
+
+
+def tenant_queue_ratio(report: Report) -> None:
+    """The figure from bench/tenant_queues.py's `measure()`, when that module exists."""
+    figure = report.figure("tenant_queue_ratio")
+    try:
+        from bench import tenant_queues
+    except ImportError:
+        figure.note = "bench/tenant_queues.py is not in this checkout"
+        return
+    try:
+        figure.add(float(tenant_queues.measure()))
+    except Exception as exc:  # reported as missing, never guessed
+        log.exception("bench/tenant_queues.py measure() failed")
+        figure.note = f"bench/tenant_queues.py measure() failed: {exc!r}"
+
+
+def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[str, Any],
+         ttl: float) -> None:
+    """The figures from the two phases (`one` simulated worker, then `many`) and the check."""
+    report.figure("submit_scale_ratio").add(many["p50_ms"] / one["p50_ms"])
+    report.figure("submit_scale_p99_ratio").add(many["p99_ms"] / one["p99_ms"])
+    report.figure("registry_bytes_per_submit").add(many["bytes_per_submit"])
+    reaps = report.figure("reap_seconds")
+    reaps.add(*(s for s in many["reap_seconds"] if s is not None))
+    lost = sum(1 for s in many["reap_seconds"] if s is None)
+    if lost:
+        reaps.note = f"{lost} dead worker queue(s) not emptied within {6 * ttl + 30:.0f}s"
+    report.figure("redis_cpu_per_1k_submits_ratio").add(
+        many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
+    report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="256 workers, a 100,000-record backlog")
+    parser.add_argument("--workers", type=int, help="simulated workers (default 2048, quick 256)")
+    parser.add_argument("--backlog", type=int, help="job records written first (default 1,000,000)")
+    parser.add_argument("--submits", type=int, default=300, help="timed submits per size")
+    parser.add_argument("--seconds", type=float, default=60, help="at most this long per size")
+    parser.add_argument("--min-seconds", type=float, help="at least this long per size (2 TTLs)")
+    parser.add_argument("--victims", type=int, default=4, help="simulated workers killed")
+    parser.add_argument("--jobs-per-victim", type=int, default=5)
+    parser.add_argument("--consumers", type=int, default=2, help="real `modelq worker` processes")
+    parser.add_argument("--processes", type=int, default=2, help="simulated worker host processes")
+    parser.add_argument("--threads", type=int, default=4, help="beating threads per host process")
+    parser.add_argument("--interval", type=float, default=INTERVAL, help="heartbeat seconds")
+    parser.add_argument("--ttl", type=float, default=TTL, help="worker TTL seconds")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    args.workers = args.workers or (256 if args.quick else 2048)
+    args.backlog = args.backlog if args.backlog is not None else (100_000 if args.quick else 1_000_000)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    report = Report(figures(args.ttl), context={
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "load_average": os.getloadavg(), "workers": args.workers, "backlog": args.backlog,
+        "heartbeat_seconds": args.interval, "worker_ttl_seconds": args.ttl, "consumers": args.consumers,
+        "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])})
+    started = time.monotonic()
+    (CACHE / "scale").mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE / "scale"))  # logs kept here
+    bench = ScaleBench(run_dir, args)
+    try:
+        template = bench.prepare()
+        log.info("writing a backlog of %d job records", args.backlog)
+        seconds = write_backlog(bench.redis, bench.keys, template, args.backlog,
+                                ttl=bench.settings.record_ttl_seconds)
+        report.context.update(backlog_seconds=round(seconds, 1),
+                              backlog_record_bytes=len(template.model_dump_json()),
+                              redis_keys=bench.redis.dbsize())
+        one = bench.phase(1)
+        many = bench.phase(args.workers)
+        left = wait_terminal(bench.redis, bench.keys, bench.job_ids, timeout=180)
+        check = terminal_check(bench.redis, bench.keys, bench.job_ids)
+        report.context.update(one=one, many=many, terminal_check=check, unfinished=left,
+                              jobs_flowed=len(bench.job_ids))
+        fill(report, one, many, check, args.ttl)
+    finally:
+        bench.close()
+    tenant_queue_ratio(report)
+    report.context["seconds"] = round(time.monotonic() - started, 1)
+    print(report.table())
+    print(summary(report.context))
+    if args.json:
+        report.write_json(args.json)
+    return 0
+
+
+def summary(context: dict[str, Any]) -> str:
+    """The raw figures behind the ratios, one line per size."""
+    lines = [f"backlog {context.get('backlog')} records written in {context.get('backlog_seconds')}s "
+             f"({context.get('redis_keys')} keys); {context.get('jobs_flowed')} jobs submitted"]
+    for size in ("one", "many"):
+        p = context.get(size)
+        if p:
+            lines.append(f"{p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
+                         f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['bytes_per_submit']:.0f} B/submit, "
+                         f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits, killed {p['killed']}, "
+                         f"reaped in {p['reap_seconds']} s, entry {p['entry_bytes']} B, "
+                         f"beats late p99 {p['beat_late_p99_s']} s")
+    check = context.get("terminal_check", {})
+    lines.append(f"terminal check: {check.get('bad')} of {check.get('jobs')} jobs without exactly "
+                 f"one terminal record; statuses {check.get('statuses')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

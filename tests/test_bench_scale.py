@@ -1,0 +1,45 @@
+"""`python -m bench.scale` end to end at a tiny size: every figure present and sane.
+
+The targets are for the full run (README, Benchmarks); here the pool is 16 simulated
+workers, a 1,000-record backlog and a 2 s worker TTL, so it finishes in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.scale import figures
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(170)
+def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--workers", "16", "--backlog", "1000",
+         "--submits", "20", "--seconds", "10", "--victims", "2", "--jobs-per-victim", "2",
+         "--interval", "0.5", "--ttl", "2", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=160,
+        stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    found = report["figures"]
+    assert set(found) == {f.key for f in figures()}
+    for key in ("submit_scale_ratio", "submit_scale_p99_ratio", "redis_cpu_per_1k_submits_ratio"):
+        assert 0 < found[key]["median"] < 100, (key, found[key])
+    assert 1_000 < found["registry_bytes_per_submit"]["median"] < 1_000_000  # 16 entries at most
+    assert 0 < found["reap_seconds"]["median"] < 30 and found["reap_seconds"]["runs"] == 2
+    assert found["jobs_not_exactly_one_terminal"]["median"] == 0
+    context = report["context"]
+    assert context["backlog"] == 1000 and context["redis_keys"] > 2000
+    assert context["many"]["workers"] == 16 and context["many"]["killed"] == 2
+    assert context["terminal_check"]["jobs"] == context["jobs_flowed"] > 20
+    assert context["terminal_check"]["statuses"] == {"succeeded": context["jobs_flowed"]}
+    if found["tenant_queue_ratio"]["median"] is None:
+        assert "tenant_queues" in found["tenant_queue_ratio"]["note"]
