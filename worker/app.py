@@ -173,7 +173,8 @@ class WorkerApp:
 
         def state() -> WorkerState:
             return WorkerState(self.cache.capacity, self.cache.free,
-                               [e.resident() for e in self.cache.entries()], self.tasks)
+                               [e.resident() for e in self.cache.entries()], self.tasks,
+                               tuple(self.queues))
 
         settings = self.settings
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,

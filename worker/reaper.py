@@ -3,10 +3,12 @@
 Loads are routed to one worker's own queue; when that worker dies, the jobs queued
 behind it would wait in a queue nobody consumes. Every live worker runs `maybe_run`
 from its heartbeat; one of them per period takes the turn (`Keys.reaper_turn`, SET NX
-with a TTL) and moves the own queues of its prefix's workers whose registry entry has
-expired, oldest first and one script per queue, onto the matching shared queue
+with a TTL) and reaps its prefix's dead workers: those whose deadline passed
+(`Keys.deadlines`, a sorted set: no scan of the registry or the keyspace). One script per
+dead worker removes its routing index entries and moves each of its own queues (its memo
+lists them, tenant shares included), oldest first, onto the matching shared queue
 (attach/unload jobs then fail cleanly as ModelNotFound: their model died with the
-worker), then runs the sweeps it was given
+worker); then the turn runs the sweeps it was given
 (worker/rescue.py: the message of a job its dead worker was running, put back within
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
@@ -19,13 +21,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis
 
-from tasks.keys import Keys, queue_list
+from tasks.connection import text
+from tasks.keys import Keys
 from tasks.scripts import script
 
 log = logging.getLogger(__name__)
+
+BATCH = 100
+"""Dead workers one turn reaps, longest dead first; the rest wait for the next turn."""
+
+TASKS_KEPT_SECONDS = 86400.0
+"""How long a task no live worker offers any more stays in `Keys.tasks_offered`."""
 
 
 class Reaper:
@@ -65,23 +75,26 @@ class Reaper:
         return moved
 
     def run(self) -> int:
-        """Move every waiting message of this prefix's dead workers' queues; how many moved.
+        """Reap up to BATCH dead workers of this prefix; how many waiting messages moved.
 
-        Each queue moves in one script (tasks/lua/queue_drain.lua), which checks the worker
-        is still gone: one round trip per queue, none per message.
+        Each worker goes in one script (tasks/lua/registry_leave.lua), which checks that it
+        is still dead (it may have come back meanwhile): one round trip per dead worker, none
+        per message, none per live worker.
         """
+        leave = script(self.redis, "registry_leave")
+        seconds, micros = self.redis.time()  # the clock the deadlines were set by
+        now_ms = seconds * 1000 + micros // 1000
+        dead = cast(list[bytes], self.redis.zrangebyscore(
+            self.keys.deadlines(), "-inf", now_ms, start=0, num=BATCH))
         moved = 0
-        drain = script(self.redis, "queue_drain")
-        for raw in self.redis.scan_iter(match=self.keys.worker_queue_pattern(), count=200,
-                                        _type="LIST"):
-            queue = raw.decode() if isinstance(raw, bytes) else str(raw)
-            target = self.keys.orphan_destination(queue)
-            if target is None or self.redis.exists(self.keys.worker(target[0])):
-                continue
-            count = int(drain(keys=[queue_list(queue), queue_list(target[1]),
-                                    self.keys.worker(target[0])]))
-            if count:
-                log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", target[0],
-                            count, queue, target[1])
-            moved += count
+        for name in (text(raw) for raw in dead):
+            reply = cast(list[Any], leave(keys=[self.keys.worker(name), self.keys.worker_routes(name),
+                                                self.keys.deadlines()], args=[name, "reap"]))
+            for queue, target, count in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
+                if count:
+                    log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", name,
+                                count, text(queue), text(target))
+                moved += int(count)
+        self.redis.zremrangebyscore(self.keys.tasks_offered(), "-inf",
+                                    now_ms - int(TASKS_KEPT_SECONDS * 1000))
         return moved
