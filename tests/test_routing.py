@@ -14,7 +14,6 @@ from schemas import (
     LoadJob,
     ModelNotFound,
     ModelRef,
-    ResidentModel,
     RunJob,
     TaskNotFound,
     UnloadJob,
@@ -22,42 +21,9 @@ from schemas import (
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.registry import Registry, check_model_owner, claim, request_key
 from tasks.store import Store
-from worker.heartbeat import Heartbeat, WorkerState
+from tests.support.registry import KEY, Pool, resident
 
-NOW = datetime.now(UTC)
-KEY = "ab" * 16
 KEYS = Keys()
-
-
-class Pool:
-    """Workers as their heartbeats publish them, with stub states and no threads."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self.states: dict[str, WorkerState] = {}
-        self.beats: dict[str, Heartbeat] = {}
-
-    def add(self, name: str, free: int, models: tuple[ResidentModel, ...] = (),
-            tasks: tuple[str, ...] = (), ttl: float = 30) -> Heartbeat:
-        self.states[name] = WorkerState(100, free, list(models), tasks)
-        beat = self.beats[name] = Heartbeat(self.redis, KEYS, (name, "cpu"),
-                                            state=lambda: self.states[name], timing=(1, ttl))
-        beat.publish()
-        return beat
-
-    def change(self, name: str, free: int, models: tuple[ResidentModel, ...] = ()) -> None:
-        self.states[name] = WorkerState(100, free, list(models), self.states[name].tasks)
-        self.beats[name].publish(force=False)
-
-    def kill(self, name: str) -> None:
-        """The worker died: its entry expired and its deadline passed (nothing reaped)."""
-        self.redis.delete(KEYS.worker(name))
-        self.redis.zadd(KEYS.deadlines(), {name: 1})
-
-
-def _model(job: LoadJob, tenant: str = "default") -> ResidentModel:
-    return ResidentModel(model_key=KEY, base="/m", tenant=tenant, bytes=10, last_used=NOW,
-                         request_keys=(request_key(job),))
 
 
 @pytest.fixture
@@ -68,7 +34,7 @@ def client(redis_url: str) -> redis.Redis:
 def test_route_prefers_the_holder_then_the_most_free_bytes(client: redis.Redis) -> None:
     pool, registry = Pool(client), Registry(client, KEYS)
     job = LoadJob(model=ModelRef(path="/m"))
-    pool.add("a", 10, (_model(job),))
+    pool.add("a", 10, (resident(job),))
     pool.add("b", 90)
     pool.add("c", 50)
     assert registry.route(job) == worker_queue("a")  # resident there: no claim
@@ -112,7 +78,7 @@ def test_run_jobs_go_only_to_workers_offering_their_task(client: redis.Redis) ->
     load = LoadJob(model=ModelRef(path="/m"))
     run = RunJob.model_validate({"task": "acme.score", "model": {"load": load.model_dump()}})
     assert registry.route(run) == SHARED_QUEUE  # no live worker: it waits
-    pool.add("plain", 90, (_model(load),), tasks=("modelq.generate",))
+    pool.add("plain", 90, (resident(load),), tasks=("modelq.generate",))
     with pytest.raises(TaskNotFound, match=r"acme.score.*modelq.generate"):
         registry.route(run)
     pool.add("acme", 10, tasks=("acme.score", "modelq.generate"))
@@ -120,14 +86,14 @@ def test_run_jobs_go_only_to_workers_offering_their_task(client: redis.Redis) ->
     on_key = RunJob.model_validate({"task": "acme.score", "model": {"model_key": KEY}})
     with pytest.raises(ModelNotFound):
         registry.route(on_key)  # held only where the task is not offered
-    pool.change("acme", 10, (_model(load),))
+    pool.change("acme", 10, (resident(load),))
     assert registry.route(on_key) == worker_queue("acme")
 
 
 def test_dead_workers_drop_out_of_routing_with_no_scan_and_no_reaper(client: redis.Redis) -> None:
     pool, registry = Pool(client), Registry(client, KEYS)
     job = LoadJob(model=ModelRef(path="/m"))
-    pool.add("a", 10, (_model(job),))
+    pool.add("a", 10, (resident(job),))
     pool.add("b", 90)
     scans = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
     pool.kill("a")  # its index entries stay until it is reaped: they are ignored
@@ -143,7 +109,7 @@ def test_dead_workers_drop_out_of_routing_with_no_scan_and_no_reaper(client: red
 
 def test_another_tenants_model_is_reported_for_access_denied(client: redis.Redis) -> None:
     pool, registry = Pool(client), Registry(client, KEYS)
-    pool.add("a", 10, (_model(LoadJob(model=ModelRef(path="/m")), tenant="acme"),))
+    pool.add("a", 10, (resident(LoadJob(model=ModelRef(path="/m")), tenant="acme"),))
     keys, args = registry.route_call(UnloadJob(model_key=KEY, tenant="other"))
     route = registry.parse_route(keys, registry.route_script(keys=keys, args=args))
     assert route.tenants == ("acme",) and route.detail == worker_queue("a")
