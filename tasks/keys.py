@@ -56,6 +56,12 @@ class Keys:
         the bottom; a worker that stops scores 0, so its queues are drained on the next turn."""
         return f"{self.prefix}:workers:deadlines"
 
+    def reaped(self) -> str:
+        """Sorted set: name of a reaped worker -> until when (epoch ms) the reaper still drains
+        its own queues, named by its memo: a message of it the broker puts back late (past
+        its visibility timeout, or as it stopped) lands there after the reap."""
+        return f"{self.prefix}:workers:reaped"
+
     def worker_routes(self, name: str) -> str:
         """String, no TTL: the worker's memo (JSON, tasks/index.py `Memo`) of the routing index
         entries it wrote and of its own queues with their shared destinations. Its heartbeat

@@ -98,11 +98,16 @@ def test_the_reaper_drains_a_dead_workers_queues_from_its_memo_without_a_scan(
         f"{KEYS.worker_queue('dead')}-2".encode(), f"{KEYS.worker_queue('dead')}-1".encode(), b"waiting"]
     assert client.lrange(KEYS.tenant_queues("t", 2)[1], 0, -1) == [
         f"{share[1]}-2".encode(), f"{share[1]}-1".encode()]
-    for key in (KEYS.serving("rk"), KEYS.holders("cd" * 16), KEYS.free("acme.score"),
-                KEYS.worker_routes("dead"), *share):
+    for key in (KEYS.serving("rk"), KEYS.holders("cd" * 16), KEYS.free("acme.score"), *share):
         assert not client.exists(key), key
     assert client.zrange(KEYS.free(), 0, -1) == [b"live"]
     assert client.zrange(KEYS.deadlines(), 0, -1) == [b"live"]
+    assert client.zrange(KEYS.reaped(), 0, -1) == [b"dead"]  # watched a while for late messages
+    client.lpush(KEYS.worker_queue("dead"), "late")  # put back by the broker after the reap
+    assert reaper.run() == 1 and client.lindex(KEYS.queue(), 0) == b"late"
+    client.zadd(KEYS.reaped(), {"dead": 1})  # its watch is over: forgotten
+    assert reaper.run() == 0
+    assert not client.exists(KEYS.reaped(), KEYS.worker_routes("dead"))
     assert calls(client, "scan") == scans
 
 

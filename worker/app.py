@@ -86,7 +86,8 @@ class WorkerApp:
                                 on_evict=self.metrics.evicted if self.metrics else None)
         self.leases = Leases(self.redis, self.keys, worker=self.name, ttl=settings.worker_ttl_seconds)
         self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds,
-                             worker=self.name, sweeps=self._sweeps())
+                             worker=self.name, sweeps=self._sweeps(),
+                             watch=settings.visibility_timeout + 2 * settings.worker_ttl_seconds)
         self.heartbeat = self._heartbeat()
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)

@@ -135,7 +135,8 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 1)
         try:
-            self._scripts["leave"](keys=self._own_keys(), args=[self.name, "leave"])
+            self._scripts["leave"](keys=[*self._own_keys(), self.keys.reaped()],
+                                   args=[self.name, "leave"])
         except redis.RedisError as exc:
             log.warning("worker %s: could not leave the registry: %s", self.name, exc)
 

@@ -34,22 +34,30 @@ log = logging.getLogger(__name__)
 BATCH = 100
 """Dead workers one turn reaps, longest dead first; the rest wait for the next turn."""
 
+WATCH_BATCH = 1000
+"""Reaped workers whose queues one turn looks at again, the soonest forgotten first."""
+
 TASKS_KEPT_SECONDS = 86400.0
 """How long a task no live worker offers any more stays in `Keys.tasks_offered`."""
 
 
 class Reaper:
-    """Moves orphaned worker queues to the shared queue and runs the rescue sweeps, at most
-    every `every` seconds, on the turns this worker takes."""
+    """Reaps dead workers (their queues moved to the shared ones, their index entries removed)
+    and runs the rescue sweeps, at most every `every` seconds, on the turns this worker takes.
+
+    A reaped worker's own queues are watched for `watch` seconds more (the broker's visibility
+    timeout and a little: a message it puts back late lands on them), then forgotten.
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, every: float, worker: str = "",
-                 sweeps: Sequence[Callable[[], int]] = (),
+                 sweeps: Sequence[Callable[[], int]] = (), watch: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = client
         self.keys = keys
         self.every = every
         self.worker = worker
         self.sweeps = tuple(sweeps)
+        self.watch_ms = int(max(watch, every) * 1000)
         self._clock = clock
         self._next = 0.0
 
@@ -75,11 +83,12 @@ class Reaper:
         return moved
 
     def run(self) -> int:
-        """Reap up to BATCH dead workers of this prefix; how many waiting messages moved.
+        """Reap up to BATCH dead workers of this prefix, then look again at the queues of those
+        reaped before; how many waiting messages moved.
 
-        Each worker goes in one script (tasks/lua/registry_leave.lua), which checks that it
-        is still dead (it may have come back meanwhile): one round trip per dead worker, none
-        per message, none per live worker.
+        Each dead worker goes in one script (tasks/lua/registry_leave.lua), which checks that
+        it is still dead (it may have come back meanwhile); the second look is one script
+        (tasks/lua/registry_watch.lua). No round trip per message, none per live worker.
         """
         leave = script(self.redis, "registry_leave")
         seconds, micros = self.redis.time()  # the clock the deadlines were set by
@@ -88,13 +97,30 @@ class Reaper:
             self.keys.deadlines(), "-inf", now_ms, start=0, num=BATCH))
         moved = 0
         for name in (text(raw) for raw in dead):
-            reply = cast(list[Any], leave(keys=[self.keys.worker(name), self.keys.worker_routes(name),
-                                                self.keys.deadlines()], args=[name, "reap"]))
+            reply = cast(list[Any], leave(
+                keys=[self.keys.worker(name), self.keys.worker_routes(name), self.keys.deadlines(),
+                      self.keys.reaped()], args=[name, "reap", self.watch_ms]))
             for queue, target, count in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
-                if count:
-                    log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", name,
-                                count, text(queue), text(target))
-                moved += int(count)
+                moved += self._moved(name, text(queue), text(target), int(count))
         self.redis.zremrangebyscore(self.keys.tasks_offered(), "-inf",
                                     now_ms - int(TASKS_KEPT_SECONDS * 1000))
-        return moved
+        return moved + self._watch()
+
+    def _watch(self) -> int:
+        names = [text(raw) for raw in cast(list[bytes], self.redis.zrange(
+            self.keys.reaped(), 0, WATCH_BATCH - 1))]
+        if not names:
+            return 0
+        reply = cast(list[Any], script(self.redis, "registry_watch")(
+            keys=[self.keys.deadlines(), self.keys.reaped(),
+                  *(self.keys.worker_routes(name) for name in names)], args=names))
+        return sum(self._moved(text(name), text(queue), text(target), int(count))
+                   for name, queue, target, count
+                   in zip(reply[::4], reply[1::4], reply[2::4], reply[3::4], strict=True))
+
+    @staticmethod
+    def _moved(name: str, queue: str, target: str, count: int) -> int:
+        if count:
+            log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", name, count,
+                        queue, target)
+        return count
