@@ -37,7 +37,9 @@ class WorkerInfo(Versioned):
     models: tuple[ResidentModel, ...] = ()
     tasks: tuple[str, ...] = ()  # the model tasks it offers (run jobs), built-in and imported
     started_at: datetime
-    heartbeat_at: datetime
+    heartbeat_at: datetime  # as read: its deadline less `ttl_seconds` (the entry is written
+    # only when what it says changes; each beat only renews it)
+    ttl_seconds: float | None = None  # how long it lives after a beat
 
     def holds(self, model_key: str) -> bool:
         return any(m.model_key == model_key for m in self.models)

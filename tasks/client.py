@@ -1,8 +1,8 @@
 """The producer's API: `Client.submit(job) -> JobHandle` (no torch).
 
 A job is validated before anything is written; the record is written before the
-task is sent (with the registry read, in one round trip), and removed again if
-routing refuses the job or the send fails, so nothing is half-enqueued.
+task is sent (with its route read from the registry's indexes, in one round trip), and
+removed again if routing refuses the job or the send fails, so nothing is half-enqueued.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from schemas import (
     WorkerInfo,
     parse_job,
 )
-from schemas.tenants import TenantLimits
 from tasks.auth import sign
 from tasks.connection import connect
 from tasks.events import follow
 from tasks.keys import Keys
-from tasks.registry import Registry, check_model_owner
+from tasks.registry import Registry, Route, check_model_owner
 from tasks.settings import Settings
 from tasks.store import Store, now, submitted
 from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
@@ -72,22 +71,23 @@ class Client:
         job_id = uuid.uuid4().hex
         record = submitted(job_id, job, now())
         try:
-            workers, limits = self._read_and_create(record)
+            route = self._route_and_create(record)
         except redis.RedisError as exc:
             raise BrokerUnavailable(self._unreachable(exc)) from exc
+        limits = parse_limits(route.limits)
         try:  # anything refused from here on takes the record back: nothing half-enqueued
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
-                check_model_owner(job, workers)
-            queue = self.registry.route(job, workers)  # ModelNotFound, TaskNotFound: refused
+                check_model_owner(job, route.tenants)
+            queue = self.registry.queue_for(job, route)  # ModelNotFound, TaskNotFound: refused
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=queue)
                 self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
         except redis.RedisError as exc:
-            self._forget(job_id, job.tenant)
+            self._forget(job_id, job.tenant, route)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         except BaseException:
-            self._forget(job_id, job.tenant)
+            self._forget(job_id, job.tenant, route)
             raise
         envelope = Envelope(job_id=job_id, submitted_at=record.created_at, job=job)
         try:
@@ -97,16 +97,16 @@ class Client:
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:
-            self._forget(job_id, job.tenant)
+            self._forget(job_id, job.tenant, route)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id, submitted=True)
 
-    def _read_and_create(self, record: JobRecord) -> tuple[list[WorkerInfo], TenantLimits | None]:
-        """The registry and the tenant's limits, with the record written, in one round trip:
-        both scripts pipelined by digest (a script Redis forgot, after a restart, runs alone)."""
-        also = [self.keys.tenant_limits(record.tenant)]
-        calls = [(self.registry.read_script, self.registry.read_call(also)),
+    def _route_and_create(self, record: JobRecord) -> Route:
+        """The job's route (with the tenant's limits) and its record written, in one round
+        trip: both scripts pipelined by digest (a script Redis forgot, after a restart, runs
+        alone). The route's cost does not grow with the pool (tasks/lua/route.lua)."""
+        calls = [(self.registry.route_script, self.registry.route_call(record.job)),
                  (self.store.create_script, self.store.create_call(record))]
         with self.redis.pipeline(transaction=False) as pipe:
             for script, (keys, args) in calls:
@@ -117,9 +117,8 @@ class Client:
                 replies[i] = script(keys=keys, args=args)
             elif isinstance(replies[i], Exception):
                 raise replies[i]
-        workers, (raw_limits,) = self.registry.parse(replies[0], also)
         self.store.created(record, replies[1])
-        return workers, parse_limits(raw_limits)
+        return self.registry.parse_route(calls[0][1][0], replies[0])
 
     def run(self, task: str, *, model: str | LoadJob | dict[str, Any],
             adapters: str | list[str] | tuple[str, ...] | None = None, args: Sequence[Any] = (),
@@ -193,9 +192,11 @@ class Client:
         return sign(payload, key.get_secret_value(), tenant=envelope.job.tenant,
                     ttl_seconds=self.settings.signature_ttl_seconds)
 
-    def _forget(self, job_id: str, tenant: str) -> None:
+    def _forget(self, job_id: str, tenant: str, route: Route) -> None:
+        """Take back an unsent job: its record, and the load claim its route took."""
         try:
             self.store.delete(job_id, tenant)
+            self.store.release([route.claim] if route.claim else [])
         except redis.RedisError:
             log.warning("could not remove the record of unsent job %s", job_id)
 

@@ -45,12 +45,48 @@ class Keys:
         return f"{self.prefix}:job:{job_id}:lease"
 
     def worker(self, name: str) -> str:
-        """String with a TTL: the worker's registry entry as JSON, refreshed by its heartbeat."""
+        """String with a TTL: the worker's registry entry (WorkerInfo JSON). Written by its
+        heartbeat when what it says changes; each beat only renews its TTL (PEXPIRE), so the
+        TTL ends with the worker's deadline (`deadlines`)."""
         return f"{self.prefix}:worker:{name}"
 
-    def workers(self) -> str:
-        """Set: names of workers that registered (entries may have expired)."""
-        return f"{self.prefix}:workers"
+    def deadlines(self) -> str:
+        """Sorted set: worker name -> its heartbeat deadline (epoch ms, Redis's clock), set by
+        each beat; live while the score is in the future. The reaper takes the dead ones from
+        the bottom; a worker that stops scores 0, so its queues are drained on the next turn."""
+        return f"{self.prefix}:workers:deadlines"
+
+    def reaped(self) -> str:
+        """Sorted set: name of a reaped worker -> until when (epoch ms) the reaper still drains
+        its own queues, named by its memo: a message of it the broker puts back late (past
+        its visibility timeout, or as it stopped) lands there after the reap."""
+        return f"{self.prefix}:workers:reaped"
+
+    def worker_routes(self, name: str) -> str:
+        """String, no TTL: the worker's memo (JSON, tasks/index.py `Memo`) of the routing index
+        entries it wrote and of its own queues with their shared destinations. Its heartbeat
+        rewrites it with the entry; the reaper undoes and drains from it, then deletes it."""
+        return f"{self.prefix}:worker:{name}:routes"
+
+    def serving(self, request_key: str) -> str:
+        """Set (routing index): names of the workers whose resident model serves loads with
+        request key `request_key` (tasks.registry.request_key). Members may be dead: readers
+        check `deadlines`."""
+        return f"{self.prefix}:route:request:{request_key}"
+
+    def holders(self, model_key: str) -> str:
+        """Hash (routing index): worker name -> tenant of model `model_key` resident there."""
+        return f"{self.prefix}:route:model:{model_key}"
+
+    def free(self, task: str | None = None) -> str:
+        """Sorted set (routing index): worker name -> free bytes, of every worker (`task` None)
+        or of the workers that offer model task `task` (run jobs)."""
+        return f"{self.prefix}:route:free" + ("" if task is None else f":task:{task}")
+
+    def tasks_offered(self) -> str:
+        """Sorted set (routing index): model task -> the latest deadline of a worker offering it
+        (offered by a live worker while in the future; pruned by the reaper a day after)."""
+        return f"{self.prefix}:route:tasks"
 
     def loading(self, request_key: str) -> str:
         """String with a TTL: the worker a load of `request_key` was sent to (one load per key)."""
@@ -119,10 +155,6 @@ class Keys:
     def worker_queue(self, name: str) -> str:
         """The queue only worker `name` consumes (routing to where a model is resident)."""
         return f"{self.prefix}.worker.{name}"
-
-    def worker_queue_pattern(self) -> str:
-        """SCAN pattern of every worker's own queues (and their tenant shares) of this prefix."""
-        return f"{_glob_escape(self.prefix)}.worker.*"
 
     def queue_patterns(self) -> tuple[str, str]:
         """SCAN patterns of every queue list of this prefix: the shared one, then workers' own

@@ -1,20 +1,23 @@
 """Reading the worker registry and choosing a queue for a job (no torch).
 
-Workers write their entries (worker/heartbeat.py); producers read them here.
-Routing: a job for a resident model goes to its holder's own queue; a new load
-goes to the live worker with the most free bytes, and a claim on its request
-key (`Keys.loading`) sends identical loads submitted meanwhile to the same worker,
-whose solo pool then serves them from its cache: one load per key. A run job is
-routed the same way among the workers that offer its task: to the holder of its
-model, or (with a load spec) as its load would be.
+Workers write their entries and the routing indexes those imply (worker/heartbeat.py,
+tasks/index.py); producers read them here. Routing is one script over the indexes
+(tasks/lua/route.lua), one round trip whatever the pool's size: a job for a resident
+model goes to its holder's own queue; a new load goes to the live worker with the most
+free bytes, and a claim on its request key (`Keys.loading`) sends identical loads
+submitted meanwhile to the same worker, whose solo pool then serves them from its cache:
+one load per key. A run job is routed the same way among the workers that offer its
+task: to the holder of its model, or (with a load spec) as its load would be.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import redis
 
@@ -31,8 +34,12 @@ from schemas import (
 )
 from schemas.tenants import SHARED_TENANT
 from tasks.connection import text
-from tasks.keys import SHARED_QUEUE, Keys
+from tasks.keys import Keys
 from tasks.scripts import script
+
+CANDIDATES = 32
+"""The most entries of one routing index a route looks at (holders of a model, servers of a
+request key, the roomiest workers): a dead worker's entries linger there until it is reaped."""
 
 
 def request_key(job: LoadJob) -> str:
@@ -42,124 +49,98 @@ def request_key(job: LoadJob) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Route:
+    """The route script's answer for one job (`Registry.route_call`, `Registry.parse_route`)."""
+
+    outcome: str  # 'queue', 'model' (ModelNotFound) or 'task' (TaskNotFound)
+    detail: str  # the queue; for 'task', the tasks the live pool offers, comma-separated
+    tenants: tuple[str, ...] = ()  # tenants of the job's model where live workers hold it
+    claim: tuple[str, str] | None = None  # (key, value) of the load claim this route took
+    limits: bytes | None = None  # the tenant's limits key, read in the same script
+
+
 class Registry:
-    """The live workers, as their heartbeats last described them."""
+    """The live workers, as their heartbeats last described them, and routing over them."""
 
     def __init__(self, client: redis.Redis, keys: Keys, claim_seconds: int = 3600) -> None:
         self.redis = client
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
-        self.read_script = script(client, "registry_read")  # public: the client pipelines it
+        self.route_script = script(client, "route")  # public: the client pipelines it
+        self._list_script = script(client, "registry_list")
         self._parsed: dict[bytes, WorkerInfo] = {}  # frozen entries by their JSON
 
     def workers(self) -> list[WorkerInfo]:
-        """The live workers by name (one round trip); names whose entry expired are dropped."""
-        return self.read()[0]
+        """The live workers by name (one round trip, O(workers): a listing, not routing)."""
+        reply = cast(list[Any], self._list_script(keys=[self.keys.deadlines()],
+                                                  args=[self.keys.worker("")]))
+        entries = sorted((text(name), float(deadline), raw) for name, deadline, raw
+                         in zip(reply[::3], reply[1::3], reply[2::3], strict=True) if raw)
+        if len(self._parsed) > 2 * len(entries) + 64:
+            self._parsed.clear()
+        return [self._info(raw, deadline) for _, deadline, raw in entries]
 
-    def read(self, also: Sequence[str] = ()) -> tuple[list[WorkerInfo], list[bytes | None]]:
-        """The live workers, and the values of the keys `also`, read in one round trip."""
-        keys, args = self.read_call(also)
-        return self.parse(self.read_script(keys=keys, args=args), also)
-
-    def read_call(self, also: Sequence[str] = ()) -> tuple[list[str], list[Any]]:
-        """`read`'s script arguments (keys, args), for a caller that pipelines it (see `parse`)."""
-        return [self.keys.workers(), *also], [self.keys.worker("")]
-
-    def parse(self, reply: list[Any], also: Sequence[str] = ()) -> tuple[list[WorkerInfo],
-                                                                         list[bytes | None]]:
-        """`read`'s result from its script's reply (names whose entry expired are dropped)."""
-        values, reply = [value or None for value in reply[:len(also)]], reply[len(also):]
-        entries = sorted((text(name), raw) for name, raw in zip(reply[::2], reply[1::2], strict=True))
-        live = [self._info(raw) for _, raw in entries if raw]
-        gone = [name for name, raw in entries if not raw]
-        if gone:
-            self.redis.srem(self.keys.workers(), *gone)
-        return live, values
-
-    def _info(self, raw: bytes) -> WorkerInfo:
-        """An entry parsed; the same bytes (an entry unchanged since the last read) parse once."""
+    def _info(self, raw: bytes, deadline_ms: float) -> WorkerInfo:
+        """An entry parsed (the same bytes parse once), its beat time from its deadline."""
         info = self._parsed.get(raw)
         if info is None:
-            if len(self._parsed) >= 64:
-                self._parsed.clear()
             info = self._parsed[raw] = WorkerInfo.model_validate_json(raw)
-        return info
+        if info.ttl_seconds is None:
+            return info
+        beat = datetime.fromtimestamp(deadline_ms / 1000, tz=UTC) - timedelta(seconds=info.ttl_seconds)
+        return info.model_copy(update={"heartbeat_at": beat})
 
     def holder(self, model_key: str) -> WorkerInfo | None:
-        """The worker where `model_key` is resident, if any."""
-        for worker in self.workers():
-            if worker.holds(model_key):
-                return worker
-        return None
+        """The live worker where `model_key` is resident, if any (from the model's index)."""
+        names = sorted(text(n) for n in cast(list[bytes], self.redis.hkeys(self.keys.holders(model_key))))
+        entries = [self.keys.worker(name) for name in names]
+        raws = cast(list[bytes | None], self.redis.mget(entries)) if entries else []
+        found = next((raw for raw in raws if raw), None)
+        return WorkerInfo.model_validate_json(found) if found else None
 
-    def route(self, job: Job, workers: list[WorkerInfo] | None = None) -> str:
-        """The queue for `job`; a load sent to a worker claims its request key there.
+    def route_call(self, job: Job) -> tuple[list[str], list[Any]]:
+        """The route script's arguments (keys, args) for `job`, for a caller that pipelines it
+        (see `parse_route`); it reads the tenant's limits key too."""
+        task = job.task if isinstance(job, RunJob) else ""
+        load = job.model.load if isinstance(job, RunJob) else job if isinstance(job, LoadJob) else None
+        keys = [self.keys.deadlines(), self.keys.tenant_limits(job.tenant),
+                self.keys.free(task or None), self.keys.tasks_offered()]
+        if load is not None:
+            wanted = request_key(load)
+            keys += [self.keys.serving(wanted), self.keys.loading(wanted)]
+        else:
+            keys.append(self.keys.holders(target_key(job) or ""))
+        return keys, ["load" if load is not None else "model", task, self.claim_ms,
+                      self.keys.worker_queue(""), self.keys.queue(), CANDIDATES]
 
-        `workers` is the registry as the caller just read it (else it is read here).
-        ModelNotFound for a job on a model no live worker holds; TaskNotFound for a run
-        job whose task no live worker offers (with none registered, it waits in the queue).
-        """
-        workers = self.workers() if workers is None else workers
-        if isinstance(job, RunJob):
-            workers = offering(job.task, workers)
-            if job.model.load is not None:
-                return self._route_load(job.model.load, workers)
-        if not isinstance(job, LoadJob):
-            queue = choose_queue(job, workers, shared=self.keys.queue())
-            if queue == self.keys.queue():
-                raise not_resident(target_key(job) or "")
-            return queue
-        return self._route_load(job, workers)
+    @staticmethod
+    def parse_route(keys: list[str], reply: list[Any]) -> Route:
+        """The route script's reply as a Route; `keys`: the ones `route_call` gave it."""
+        outcome, limits, tenants, detail, claimed = reply
+        return Route(outcome=text(outcome), detail=text(detail),
+                     tenants=tuple(text(t) for t in tenants),
+                     claim=(keys[-1], text(detail)) if claimed else None,
+                     limits=cast(bytes, limits) or None)
 
-    def _route_load(self, job: LoadJob, workers: list[WorkerInfo]) -> str:
-        wanted = request_key(job)
-        holder = _serving(wanted, workers)
-        if holder is not None:
-            return holder.queue  # resident there already: a cache hit needs no claim
-        queue = choose_queue(job, workers, wanted, shared=self.keys.queue())
-        if queue == self.keys.queue():
-            return queue
-        key = self.keys.loading(wanted)
-        live = {w.queue for w in workers}
-        for _ in range(3):
-            if self.redis.set(key, queue, nx=True, px=self.claim_ms):
-                return queue
-            claimed = self.redis.get(key)
-            if claimed is not None and text(claimed) in live:
-                return text(claimed)  # an identical load is in flight there
-            self.redis.delete(key)  # its worker is gone
-        return queue
+    def route(self, job: Job) -> str:
+        """The queue for `job` (its own round trip; `Client.submit` pipelines `route_call`)."""
+        keys, args = self.route_call(job)
+        return self.queue_for(job, self.parse_route(keys, self.route_script(keys=keys, args=args)))
 
-
-def choose_queue(job: Job, workers: list[WorkerInfo], wanted: str | None = None, *,
-                 shared: str = SHARED_QUEUE) -> str:
-    """The holder's queue for jobs on a resident model and resident loads; a new load to the
-    most free bytes; the shared queue (`shared`, the prefix's) when no worker fits.
-
-    `wanted` is the load's request key, when the caller has it already.
-    """
-    if isinstance(job, RunJob) and job.model.load is not None:
-        job = job.model.load
-    if not isinstance(job, LoadJob):
-        for worker in workers:
-            if worker.holds(target_key(job) or ""):
-                return worker.queue
-        return shared
-    holder = _serving(wanted or request_key(job), workers)
-    if holder is not None:
-        return holder.queue
-    roomy = [w for w in workers if w.free_bytes > 0]
-    if not roomy:
-        return shared
-    return max(roomy, key=lambda w: (w.free_bytes, w.name)).queue
-
-
-def _serving(wanted: str, workers: list[WorkerInfo]) -> WorkerInfo | None:
-    """The worker whose resident model serves loads with request key `wanted`."""
-    for worker in workers:
-        if any(wanted in m.request_keys for m in worker.models):
-            return worker
-    return None
+    def queue_for(self, job: Job, route: Route) -> str:
+        """The queue `route` chose for `job`. ModelNotFound for a job on a model no live worker
+        (offering its task) holds; TaskNotFound for a run job whose task no live worker offers
+        while some are live (with none live, it waits in the shared queue)."""
+        if route.outcome == "model":
+            raise not_resident(target_key(job) or "")
+        if route.outcome == "task":
+            task = job.task if isinstance(job, RunJob) else ""
+            raise TaskNotFound(f"no live worker offers task {task!r} (they offer "
+                               f"{', '.join(route.detail.split(',')) if route.detail else 'none'}): "
+                               "start a worker with --tasks MODULE for the module that registers it",
+                               task=task)
+        return route.detail
 
 
 def target_key(job: Job) -> str | None:
@@ -169,33 +150,19 @@ def target_key(job: Job) -> str | None:
     return job.model_key if isinstance(job, (AttachAdapterJob, UnloadJob)) else None
 
 
-def offering(task: str, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-    """The workers that offer `task`; TaskNotFound when workers are registered and none does."""
-    capable = [w for w in workers if w.offers(task)]
-    if workers and not capable:
-        offered = sorted({t for w in workers for t in w.tasks})
-        raise TaskNotFound(f"no live worker offers task {task!r} (they offer "
-                           f"{', '.join(offered[:20]) or 'none'}): start a worker with --tasks "
-                           "MODULE for the module that registers it", task=task)
-    return capable
-
-
 def not_resident(model_key: str) -> ModelNotFound:
     """The error for a job on a model no live worker holds."""
     return ModelNotFound(f"model {model_key} is not resident on any live worker; load it first "
                          "(`modelq ls` lists resident models)", model_key=model_key)
 
 
-def check_model_owner(job: Job, workers: list[WorkerInfo]) -> None:
-    """AccessDenied before sending a job on another tenant's resident model (workers check too)."""
+def check_model_owner(job: Job, tenants: Iterable[str]) -> None:
+    """AccessDenied before sending a job on another tenant's resident model (workers check too);
+    `tenants`: the model's tenants where live workers hold it (`Route.tenants`)."""
     key = target_key(job)
-    if key is None:
-        return
-    for worker in workers:
-        for model in worker.models:
-            if model.model_key == key and model.tenant not in (job.tenant, SHARED_TENANT):
-                raise AccessDenied(f"model {key} belongs to another tenant: load your own copy",
-                                   model_key=key)
+    if key is not None and any(t not in (job.tenant, SHARED_TENANT) for t in tenants):
+        raise AccessDenied(f"model {key} belongs to another tenant: load your own copy",
+                           model_key=key)
 
 
 def claim(keys: Keys, job: LoadJob, worker: str) -> tuple[str, str]:

@@ -95,7 +95,7 @@ def test_raw_messages_on_the_queue_never_crash_a_worker_or_half_write_a_record(
         client: Client, pool: WorkerPool, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     worker = pool.start("w1")
     # The valid job goes to the shared queue too, behind the raw messages (FIFO).
-    monkeypatch.setattr(client.registry, "route", lambda job, workers=None: SHARED_QUEUE)
+    monkeypatch.setattr(client.registry, "queue_for", lambda job, route: SHARED_QUEUE)
     runs = {"n": 0}
 
     @settings(max_examples=4, deadline=None)

@@ -101,7 +101,7 @@ def test_long_load_runs_once_and_sigterm_finishes_the_job(client: Client, pool: 
     # A 7 s load outlives the 4 s visibility timeout: the broker redelivers it meanwhile. Sent
     # to the shared queue (as when no worker is preferred), the copy reaches the idle worker.
     live = start_all(pool, ["w1", "w2"], fault_env("loading:7"))
-    monkeypatch.setattr(client.registry, "route", lambda job, workers=None: SHARED_QUEUE)
+    monkeypatch.setattr(client.registry, "queue_for", lambda job, route: SHARED_QUEUE)
     handle = client.submit(LoadJob(model=ModelRef(path=str(models["llama"]))))
     holder = wait_stage(client, handle.job_id, Stage.loading).worker
     record = handle.wait(timeout=120)

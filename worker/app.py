@@ -86,7 +86,8 @@ class WorkerApp:
                                 on_evict=self.metrics.evicted if self.metrics else None)
         self.leases = Leases(self.redis, self.keys, worker=self.name, ttl=settings.worker_ttl_seconds)
         self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds,
-                             worker=self.name, sweeps=self._sweeps())
+                             worker=self.name, sweeps=self._sweeps(),
+                             watch=settings.visibility_timeout + 2 * settings.worker_ttl_seconds)
         self.heartbeat = self._heartbeat()
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)
@@ -173,7 +174,8 @@ class WorkerApp:
 
         def state() -> WorkerState:
             return WorkerState(self.cache.capacity, self.cache.free,
-                               [e.resident() for e in self.cache.entries()], self.tasks)
+                               [e.resident() for e in self.cache.entries()], self.tasks,
+                               tuple(self.queues))
 
         settings = self.settings
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,

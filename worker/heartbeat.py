@@ -1,8 +1,11 @@
-"""The worker's registry entry: written at start, refreshed by a heartbeat, removed at exit.
+"""The worker's registry entry: written at start, kept alive by a heartbeat, removed at exit.
 
-The entry has a TTL, so a worker that dies without cleaning up vanishes within it.
-Each beat also runs `on_beat` (the worker's job leases, worker/lease.py), so a lease
-lives exactly as long as the heartbeat does.
+The entry has a TTL, so a worker that dies without cleaning up vanishes within it. A beat
+renews that TTL and the worker's deadline (`Keys.deadlines`) in one small script, whatever
+the pool's size; the entry and the routing index entries it implies (tasks/index.py) are
+written again only when what it says changes, or when it vanished. Each beat also runs
+`on_beat` (the worker's job leases, worker/lease.py), so a lease lives exactly as long as
+the heartbeat does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import redis
 
 from schemas import ResidentModel, WorkerInfo
+from tasks.index import memo_json
 from tasks.keys import Keys
+from tasks.scripts import script
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ class WorkerState:
     free: int
     models: list[ResidentModel]
     tasks: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()  # every queue it consumes: its own tenant shares are drained
+    # to the shared ones when it dies (its own queue always is)
 
 
 class WorkerNameTaken(RuntimeError):
@@ -42,7 +49,7 @@ class WorkerNameTaken(RuntimeError):
 
 
 class Heartbeat:
-    """Publishes this worker's WorkerInfo every `interval` seconds with a `ttl`."""
+    """Keeps this worker's WorkerInfo alive every `interval` seconds with a `ttl`."""
 
     def __init__(self, client: redis.Redis, keys: Keys, worker: tuple[str, str], *,
                  state: Callable[[], WorkerState], timing: tuple[float, float],
@@ -62,14 +69,19 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._published: str | None = None  # the entry last written, less its times
+        self._tasks: tuple[str, ...] = ()  # the tasks the last written entry offers
+        self._scripts = {name: script(client, f"registry_{name}")
+                         for name in ("publish", "beat", "leave")}
 
     def info(self) -> WorkerInfo:
-        state = self._state()
+        return self._info(self._state())
+
+    def _info(self, state: WorkerState) -> WorkerInfo:
         return WorkerInfo(name=self.name, host=socket.gethostname(), pid=os.getpid(),
                           device=self.device, queue=self.keys.worker_queue(self.name),
                           capacity_bytes=state.capacity, free_bytes=state.free,
                           models=tuple(state.models), tasks=state.tasks, started_at=self.started_at,
-                          heartbeat_at=datetime.now(UTC))
+                          heartbeat_at=datetime.now(UTC), ttl_seconds=self.ttl_ms / 1000)
 
     def register(self) -> None:
         """Claim the name; WorkerNameTaken if another live process holds it."""
@@ -82,54 +94,86 @@ class Heartbeat:
                 raise WorkerNameTaken(
                     f"a live worker named {self.name!r} runs on {other.host} (pid {other.pid}); "
                     "stop it or start this one with another --name")
-        self.redis.sadd(self.keys.workers(), self.name)
         self.publish()
 
     def publish(self, force: bool = True) -> None:
-        """Write the entry now; with `force` False only if what it says changed (not its times).
-
-        The heartbeat always writes (the TTL); after a job, a cache hit changes nothing a
-        router reads, so it costs no round trip.
-        """
+        """Write the entry and its routing index entries now; with `force` False only if what
+        it says changed (not its times): after a job, a cache hit changes nothing a router
+        reads, so it costs no round trip."""
         with self._lock:
-            info = self.info()
+            state = self._state()
+            info = self._info(state)
             content = info.model_dump_json(exclude=_TIMES)
             if not force and content == self._published:
                 return
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.set(self.keys.worker(self.name), info.model_dump_json(), px=self.ttl_ms)
-                pipe.sadd(self.keys.workers(), self.name)
-                pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
-                self._failing = True
-                return
-            self._published = content
-            recovered, self._failing = self._failing, False
-        if recovered:
-            log.warning("worker %s: Redis answers again", self.name)
-            self._on_reconnect()
+            recovered = self._guarded(lambda: self._write(info, content, state.queues))
+        self._recovered(recovered)
+
+    def beat(self) -> None:
+        """One beat, what the thread does each interval: renew the entry's TTL and the
+        deadlines (one script), publishing in full instead when what the entry says changed
+        or it vanished; then `on_beat`."""
+        with self._lock:
+            state = self._state()
+            info = self._info(state)
+            content = info.model_dump_json(exclude=_TIMES)
+            recovered = self._guarded(lambda: self._renew(info, content, state.queues))
+        self._recovered(recovered)
+        try:
+            self._on_beat()
+        except Exception:  # a beat must never die
+            log.exception("worker %s: lease renewal failed", self.name)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="modelq-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="modelq-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating and leave the registry."""
+        """Stop beating and leave the registry: the entry and index entries go in one script;
+        the reaper's next turn drains whatever still waits on this worker's own queues."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 1)
         try:
-            self.redis.delete(self.keys.worker(self.name))
-            self.redis.srem(self.keys.workers(), self.name)
+            self._scripts["leave"](keys=[*self._own_keys(), self.keys.reaped()],
+                                   args=[self.name, "leave"])
         except redis.RedisError as exc:
             log.warning("worker %s: could not leave the registry: %s", self.name, exc)
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.publish()
-            try:
-                self._on_beat()
-            except Exception:  # a beat must never die
-                log.exception("worker %s: lease renewal failed", self.name)
+            self.beat()
+
+    def _own_keys(self) -> list[str]:
+        return [self.keys.worker(self.name), self.keys.worker_routes(self.name),
+                self.keys.deadlines()]
+
+    def _renew(self, info: WorkerInfo, content: str, queues: tuple[str, ...]) -> None:
+        if content == self._published and self._scripts["beat"](
+                keys=[self.keys.worker(self.name), self.keys.deadlines(), self.keys.tasks_offered()],
+                args=[self.name, self.ttl_ms, *self._tasks]):
+            return
+        self._write(info, content, queues)  # changed, or the entry vanished: publish in full
+
+    def _write(self, info: WorkerInfo, content: str, queues: tuple[str, ...]) -> None:
+        self._scripts["publish"](
+            keys=[*self._own_keys(), self.keys.tasks_offered()],
+            args=[self.name, info.model_dump_json(), self.ttl_ms,
+                  memo_json(self.keys, info, queues), info.free_bytes])
+        self._published, self._tasks = content, info.tasks
+
+    def _guarded(self, write: Callable[[], None]) -> bool:
+        """Run `write` (a Redis error is logged); whether it is the first success after one."""
+        try:
+            write()
+        except redis.RedisError as exc:
+            log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+            self._failing = True
+            return False
+        recovered, self._failing = self._failing, False
+        return recovered
+
+    def _recovered(self, recovered: bool) -> None:
+        if recovered:  # outside the lock: the Celery binding reconnects its consumer here
+            log.warning("worker %s: Redis answers again", self.name)
+            self._on_reconnect()

@@ -3,10 +3,12 @@
 Loads are routed to one worker's own queue; when that worker dies, the jobs queued
 behind it would wait in a queue nobody consumes. Every live worker runs `maybe_run`
 from its heartbeat; one of them per period takes the turn (`Keys.reaper_turn`, SET NX
-with a TTL) and moves the own queues of its prefix's workers whose registry entry has
-expired, oldest first and one script per queue, onto the matching shared queue
+with a TTL) and reaps its prefix's dead workers: those whose deadline passed
+(`Keys.deadlines`, a sorted set: no scan of the registry or the keyspace). One script per
+dead worker removes its routing index entries and moves each of its own queues (its memo
+lists them, tenant shares included), oldest first, onto the matching shared queue
 (attach/unload jobs then fail cleanly as ModelNotFound: their model died with the
-worker), then runs the sweeps it was given
+worker); then the turn runs the sweeps it was given
 (worker/rescue.py: the message of a job its dead worker was running, put back within
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
@@ -19,27 +21,43 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis
 
-from tasks.keys import Keys, queue_list
+from tasks.connection import text
+from tasks.keys import Keys
 from tasks.scripts import script
 
 log = logging.getLogger(__name__)
 
+BATCH = 100
+"""Dead workers one turn reaps, longest dead first; the rest wait for the next turn."""
+
+WATCH_BATCH = 1000
+"""Reaped workers whose queues one turn looks at again, the soonest forgotten first."""
+
+TASKS_KEPT_SECONDS = 86400.0
+"""How long a task no live worker offers any more stays in `Keys.tasks_offered`."""
+
 
 class Reaper:
-    """Moves orphaned worker queues to the shared queue and runs the rescue sweeps, at most
-    every `every` seconds, on the turns this worker takes."""
+    """Reaps dead workers (their queues moved to the shared ones, their index entries removed)
+    and runs the rescue sweeps, at most every `every` seconds, on the turns this worker takes.
+
+    A reaped worker's own queues are watched for `watch` seconds more (the broker's visibility
+    timeout and a little: a message it puts back late lands on them), then forgotten.
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, every: float, worker: str = "",
-                 sweeps: Sequence[Callable[[], int]] = (),
+                 sweeps: Sequence[Callable[[], int]] = (), watch: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = client
         self.keys = keys
         self.every = every
         self.worker = worker
         self.sweeps = tuple(sweeps)
+        self.watch_ms = int(max(watch, every) * 1000)
         self._clock = clock
         self._next = 0.0
 
@@ -65,23 +83,44 @@ class Reaper:
         return moved
 
     def run(self) -> int:
-        """Move every waiting message of this prefix's dead workers' queues; how many moved.
+        """Reap up to BATCH dead workers of this prefix, then look again at the queues of those
+        reaped before; how many waiting messages moved.
 
-        Each queue moves in one script (tasks/lua/queue_drain.lua), which checks the worker
-        is still gone: one round trip per queue, none per message.
+        Each dead worker goes in one script (tasks/lua/registry_leave.lua), which checks that
+        it is still dead (it may have come back meanwhile); the second look is one script
+        (tasks/lua/registry_watch.lua). No round trip per message, none per live worker.
         """
+        leave = script(self.redis, "registry_leave")
+        seconds, micros = self.redis.time()  # the clock the deadlines were set by
+        now_ms = seconds * 1000 + micros // 1000
+        dead = cast(list[bytes], self.redis.zrangebyscore(
+            self.keys.deadlines(), "-inf", now_ms, start=0, num=BATCH))
         moved = 0
-        drain = script(self.redis, "queue_drain")
-        for raw in self.redis.scan_iter(match=self.keys.worker_queue_pattern(), count=200,
-                                        _type="LIST"):
-            queue = raw.decode() if isinstance(raw, bytes) else str(raw)
-            target = self.keys.orphan_destination(queue)
-            if target is None or self.redis.exists(self.keys.worker(target[0])):
-                continue
-            count = int(drain(keys=[queue_list(queue), queue_list(target[1]),
-                                    self.keys.worker(target[0])]))
-            if count:
-                log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", target[0],
-                            count, queue, target[1])
-            moved += count
-        return moved
+        for name in (text(raw) for raw in dead):
+            reply = cast(list[Any], leave(
+                keys=[self.keys.worker(name), self.keys.worker_routes(name), self.keys.deadlines(),
+                      self.keys.reaped()], args=[name, "reap", self.watch_ms]))
+            for queue, target, count in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
+                moved += self._moved(name, text(queue), text(target), int(count))
+        self.redis.zremrangebyscore(self.keys.tasks_offered(), "-inf",
+                                    now_ms - int(TASKS_KEPT_SECONDS * 1000))
+        return moved + self._watch()
+
+    def _watch(self) -> int:
+        names = [text(raw) for raw in cast(list[bytes], self.redis.zrange(
+            self.keys.reaped(), 0, WATCH_BATCH - 1))]
+        if not names:
+            return 0
+        reply = cast(list[Any], script(self.redis, "registry_watch")(
+            keys=[self.keys.deadlines(), self.keys.reaped(),
+                  *(self.keys.worker_routes(name) for name in names)], args=names))
+        return sum(self._moved(text(name), text(queue), text(target), int(count))
+                   for name, queue, target, count
+                   in zip(reply[::4], reply[1::4], reply[2::4], reply[3::4], strict=True))
+
+    @staticmethod
+    def _moved(name: str, queue: str, target: str, count: int) -> int:
+        if count:
+            log.warning("worker %s is gone: moved %d waiting job(s) from %s to %s", name, count,
+                        queue, target)
+        return count

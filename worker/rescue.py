@@ -180,7 +180,12 @@ class Resend:
         return 1
 
     def _on_broker(self) -> set[str]:
-        """Job ids of every message waiting on a queue or taken and not acked."""
+        """Job ids of every message waiting on a queue or taken and not acked.
+
+        The one SCAN left on a reaper's turn (routing and reaping scan nothing): it runs only
+        when a `queued` record has outlived the grace, and reads every queue list of the
+        prefix, so its cost grows with the pool's queues; a candidate for an index of its own.
+        """
         ids: set[str] = set()
         for raw in cast(Iterable[bytes], self.redis.hvals(UNACKED_HASH)):
             ids.add(message_id(_entry(raw)[0]) or "")
