@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +51,7 @@ def figures(ttl: float = TTL) -> list[Figure]:
         Figure("tenant_queue_ratio", 1.25, "<="),
         Figure("redis_cpu_per_1k_submits_ratio", 1.5, "<="),
         Figure("jobs_not_exactly_one_terminal", 0, "<=", unit="jobs"),
+        Figure("ls_seconds", 1.0, "<=", unit="s"),
     ]
 
 
@@ -135,6 +137,7 @@ class ScaleBench:
             out.update(self.bytes_window(hosts, [j for j in jobs.values()
                                                  for _ in range(self.args.jobs_per_victim)]))
             out.update(self.submit_loop(hosts, victims))
+            out["ls_seconds"] = ls_seconds(self.server.url)
             out.update(hosts.quit())
         finally:
             hosts.close()
@@ -239,6 +242,16 @@ def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[
     report.figure("redis_cpu_per_1k_submits_ratio").add(
         many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
     report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
+    report.figure("ls_seconds").add(many["ls_seconds"])
+
+
+def ls_seconds(url: str) -> float:
+    """Seconds `modelq ls` (the default summary, a fresh process) takes to answer."""
+    env = {**os.environ, "MODELQ_REDIS_URL": url, "COLUMNS": "100"}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "tasks.cli", "ls"], env=env, check=True, timeout=60,
+                   stdout=subprocess.DEVNULL)
+    return round(time.monotonic() - started, 3)
 
 
 def main(argv: list[str] | None = None) -> int:

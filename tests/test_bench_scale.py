@@ -33,7 +33,8 @@ def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> No
     assert set(found) == {f.key for f in figures()}
     for key in ("submit_scale_ratio", "submit_scale_p99_ratio", "redis_cpu_per_1k_submits_ratio"):
         assert 0 < found[key]["median"] < 100, (key, found[key])
-    assert 1_000 < found["registry_bytes_per_submit"]["median"] < 1_000_000  # 16 entries at most
+    assert 0 < found["registry_bytes_per_submit"]["median"] < 4096  # a route, not a registry read
+    assert 0 < found["ls_seconds"]["median"] < 30
     assert 0 < found["reap_seconds"]["median"] < 30 and found["reap_seconds"]["runs"] == 2
     assert found["jobs_not_exactly_one_terminal"]["median"] == 0
     context = report["context"]
