@@ -77,11 +77,9 @@ def _trip(client: Client, job: LoadJob, warm: bool = False) -> float:
 
 
 def _queues(client: Client) -> int:
-    """How many queues the side's worker consumes (kombu's bindings of its prefix)."""
-    found = client.redis.scan_iter(match=f"_kombu.binding.{client.keys.prefix}*", count=1000)
-    control = {f"_kombu.binding.{n}".encode() for n in (client.keys.control_exchange() + ".pidbox",
-                                                         client.keys.event_exchange())}
-    return sum(1 for key in found if key not in control)
+    """How many queues the side's worker consumes, as `celery inspect active_queues` says."""
+    replies = client.app.control.inspect(timeout=5, limit=1).active_queues() or {}
+    return sum(len(queues) for queues in replies.values())
 
 
 def measure(jobs: int = 200, tenants: int = 200, priority: int = 2,
