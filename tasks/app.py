@@ -62,6 +62,10 @@ def create_app(settings: Settings) -> Celery:
             # command timeout (kombu's BRPOP waits 1 s a time, well inside it).
             "socket_timeout": settings.command_timeout_seconds,
             "global_keyprefix": "",
+            # One Redis list per queue, not kombu's four priority lists (no modelq message has
+            # a priority): a worker's BRPOP names each of its queues once, which matters with
+            # tenant shares (hundreds of queues per worker). Any priority lands in that list.
+            "priority_steps": [0],
             **({"master_name": sentinel.master, "sentinel_kwargs": settings.sentinel_kwargs()}
                if sentinel is not None else {}),
         },

@@ -38,6 +38,7 @@ from tasks.registry import Registry, Route, check_model_owner
 from tasks.settings import Settings
 from tasks.store import Store, now, submitted
 from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
+from tasks.turns import announce
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -79,9 +80,9 @@ class Client:
             if limits is not None:  # workers run with a tenants file
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
                 check_model_owner(job, route.tenants)
-            queue = self.registry.queue_for(job, route)  # ModelNotFound, TaskNotFound: refused
+            queue = base = self.registry.queue_for(job, route)  # ModelNotFound, TaskNotFound: refused
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
-                queue = pick_queue(job.tenant, limits, job_id, base=queue)
+                queue = pick_queue(job.tenant, limits, job_id, base=base)
                 self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
         except redis.RedisError as exc:
             self._forget(job_id, job.tenant, route)
@@ -99,6 +100,8 @@ class Client:
         except Exception as exc:
             self._forget(job_id, job.tenant, route)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
+        if limits is not None:  # its share takes its turns (tasks/turns.py)
+            announce(self.redis, self.keys, base, queue, worker_ttl=self.settings.worker_ttl_seconds)
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id, submitted=True)
 

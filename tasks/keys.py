@@ -167,6 +167,15 @@ class Keys:
         first = f"{base if base is not None else self.queue()}.tenant.{tenant}"
         return [first] + [f"{first}.{i}" for i in range(1, priority)]
 
+    def turns(self, queue: str) -> str:
+        """List with a TTL: the tenant shares of `queue` that hold messages, in turn order
+        (tasks/turns.py; the right end has the next turn)."""
+        return f"{self.prefix}:turns:{queue}"
+
+    def turn_members(self, queue: str) -> str:
+        """Set with a TTL: the shares in `turns(queue)`, so each is in it once."""
+        return f"{self.prefix}:turns:{queue}:members"
+
     def orphan_destination(self, queue: str) -> tuple[str, str] | None:
         """(worker name, the same queue under the shared one) for a worker's own queue of this
         prefix, else None: `P.worker.W` maps to `P`, `P.worker.W.tenant.T[.i]` to `P.tenant.T[.i]`."""

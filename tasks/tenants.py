@@ -141,23 +141,17 @@ def publish_limits(client: redis.Redis, keys: Keys, tenants: Tenants) -> None:
     pipe.execute()
 
 
-def all_queues(tenants: Tenants, keys: Keys, own_queue: str) -> list[str]:
-    """The tenant queues a worker consumes: every tenant's share of the shared queue and of
-    its own (kombu polls them round-robin, one message a turn)."""
-    return [q for base in (keys.queue(), own_queue) for name, t in tenants.items()
-            for q in keys.tenant_queues(name, t.priority, base)]
-
-
 def share_waiting(client: redis.Redis, tenants: Tenants, base: str = SHARED_QUEUE) -> int:
     """Move the jobs waiting in queue `base` into their tenants' shares of it; how many moved.
 
     A producer that finds no published limits (no worker with a tenants file has run yet)
     sends every job to the one shared queue, first come first served: a worker calls this
     at start, before it consumes, so that work queued while no worker was up gets the same
-    fair turns as work queued later. Oldest first, each message keeps its place in its
-    tenant's share; messages of no known tenant (or not readable) stay where they were. A
-    worker that dies between taking a message and putting it in a share loses it: the lost
-    job sweep (worker/rescue.py `Resend`) sends it again.
+    fair turns as work queued later (its turns sweep, tasks/turns.py, then finds them).
+    Oldest first, each message keeps its place in its tenant's share; messages of no known
+    tenant (or not readable) stay where they were. A worker that dies between taking a
+    message and putting it in a share loses it: the lost job sweep (worker/rescue.py
+    `Resend`) sends it again.
     """
     if not tenants.multi:
         return 0

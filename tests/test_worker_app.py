@@ -53,3 +53,23 @@ def test_a_worker_app_runs_jobs_without_celery(settings: Settings, models: dict[
     finally:
         app.stop()
     assert redis.Redis.from_url(settings.redis_url).get(Keys().worker("inproc")) is None
+
+
+def test_a_multi_tenant_workers_own_shares_are_drained_when_it_dies(settings: Settings,
+                                                                     tmp_path: Path) -> None:
+    from tasks.tenants import parse_tenants
+    from worker.reaper import Reaper
+
+    tenants = parse_tenants({"tenants": {"acme": {"key": "k" * 32, "priority": 2}}})
+    app = WorkerApp(settings.model_copy(update={"artifact_dir": str(tmp_path / "artifacts")}),
+                    WorkerOptions(name="mt", capacity=2**30), faults=FaultSettings(), tenants=tenants)
+    keys, client = Keys(), redis.Redis.from_url(settings.redis_url)
+    shares = keys.tenant_queues("acme", 2, base=worker_queue("mt"))
+    assert app.queues == ["modelq", worker_queue("mt")]  # it consumes two queues, not the shares
+    assert set(shares) <= set(app.own_queues)
+    app.heartbeat.register()  # registered, never beating: as if it died at once
+    client.lpush(shares[1], "routed-to-mt")
+    client.delete(keys.worker("mt"))
+    client.zadd(keys.deadlines(), {"mt": 1})
+    assert Reaper(client, keys, every=1, worker="other").run() == 1
+    assert client.lrange(keys.tenant_queues("acme", 2)[1], 0, -1) == [b"routed-to-mt"]

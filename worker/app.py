@@ -26,7 +26,8 @@ from tasks.logs import JobContext, set_worker
 from tasks.registry import claim
 from tasks.settings import Settings
 from tasks.store import Store
-from tasks.tenants import Tenants, all_queues, load_tenants, publish_limits, share_waiting
+from tasks.tenants import Tenants, load_tenants, publish_limits, share_waiting
+from tasks.turns import Turns
 from worker import device as devices
 from worker.admission import Admission
 from worker.artifacts import Artifacts, default_root
@@ -92,6 +93,9 @@ class WorkerApp:
         self.keep_alive = KeepAliveTimer(self.cache, self.heartbeat.publish,
                                          settings.keep_alive_check_seconds)
         self.store = Store(self.redis, self.keys, settings.record_ttl_seconds)
+        self.turns = Turns.for_worker(self.redis, self.keys, self.tenants,
+                                      self.keys.worker_queue(self.name),
+                                      worker_ttl=settings.worker_ttl_seconds)
         self.policy = TenantPolicy(self.tenants, settings.roots)
         self.residents = Residents(self.cache, self.identity, self.policy)
         artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
@@ -111,13 +115,14 @@ class WorkerApp:
 
     @property
     def queues(self) -> list[str]:
-        """The queues this worker consumes: the shared one, its own, and their tenant shares."""
-        own = self.keys.worker_queue(self.name)
-        queues = [self.keys.queue(), own]
-        return queues + all_queues(self.tenants, self.keys, own) if self.tenants.multi else queues
+        """The queues this worker consumes: the shared one and its own (their tenant shares
+        reach them by turns, tasks/turns.py)."""
+        return [self.keys.queue(), self.keys.worker_queue(self.name)]
 
     def run(self, payload: Any) -> Outcome:
-        """Run one job message (what the Celery task body calls)."""
+        """Run one job message (what the Celery task body calls), the next tenant's turn
+        taken first: the message just taken leaves room in its queue."""
+        self.turns.take()
         return self.runner.run(payload)
 
     def start(self) -> None:
@@ -129,14 +134,15 @@ class WorkerApp:
         shared = share_waiting(self.redis, self.tenants, base=queue)  # queued with no worker up
         if shared:
             log.info("moved %d job(s) waiting in %s into their tenants' shares", shared, queue)
+        self.turns.sweep()  # the shares that hold messages take their turns from now
         self.heartbeat.register()
         self.heartbeat.start()
         self.keep_alive.start()
         if self.metrics is not None and self.metrics_port is not None:
             self.metrics.serve(self.metrics_port)
-        log.info("worker %s on %s (%s): capacity %d bytes, %d tenant(s), queues %s", self.name,
+        log.info("worker %s on %s (%s): capacity %d bytes, %d tenant(s), queues %s%s", self.name,
                  self.identity.device, self.identity.local_device, self.cache.capacity,
-                 len(self.tenants), ", ".join(self.queues))
+                 len(self.tenants), ", ".join(self.queues), self._shares_text())
 
     def stop(self) -> None:
         """Leave the pool (warm shutdown: the caller lets the running job finish first)."""
@@ -171,11 +177,12 @@ class WorkerApp:
         def on_beat() -> None:  # the heartbeat thread: keep our leases, rescue dead workers' queues
             self.leases.renew()
             self.reaper.maybe_run()
+            self.turns.sweep()  # after the reaper: what it put back on shares takes its turns
 
         def state() -> WorkerState:
             return WorkerState(self.cache.capacity, self.cache.free,
                                [e.resident() for e in self.cache.entries()], self.tasks,
-                               tuple(self.queues))
+                               self.own_queues)
 
         settings = self.settings
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
@@ -188,6 +195,16 @@ class WorkerApp:
         return [Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
                            grace=grace).run,
                 Resend(self.redis, self.keys, celery_send(settings, self.tenants), grace=grace).run]
+
+    @property
+    def own_queues(self) -> tuple[str, ...]:
+        """Every list a producer may send this worker's jobs to: the queues it consumes and
+        their tenant shares. Its registry memo names them, so the reaper drains them all."""
+        return (*self.queues, *(q for shares in self.turns.shares.values() for q in shares))
+
+    def _shares_text(self) -> str:
+        shares = sum(len(s) for s in self.turns.shares.values())
+        return f", and {shares} tenant shares of them by turns" if shares else ""
 
     def _gate(self) -> Gate:
         return SignatureGate(self.tenants, self.store) if self.tenants.multi else OpenGate()
