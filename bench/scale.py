@@ -222,7 +222,7 @@ def tenant_queue_ratio(report: Report) -> None:
         figure.note = "bench/tenant_queues.py is not in this checkout"
         return
     try:
-        figure.add(float(tenant_queues.measure()))
+        figure.add(float(tenant_queues.measure()["tenant_queue_ratio"]))
     except Exception as exc:  # reported as missing, never guessed
         log.exception("bench/tenant_queues.py measure() failed")
         figure.note = f"bench/tenant_queues.py measure() failed: {exc!r}"

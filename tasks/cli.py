@@ -131,7 +131,8 @@ SMALL_POOL = 8
 def ls(show_all: bool, as_json: bool) -> None:
     """Summarize the pool: workers by device and state, models by base, free bytes.
 
-    A pool of up to 8 workers is listed in full; `--all` lists any pool in full.
+    A pool of up to 8 workers is listed in full as tables; `--all` lists any pool in full,
+    a line per worker and per model.
     """
     from tasks.pool_summary import summarize, summary_table
 
@@ -143,8 +144,10 @@ def ls(show_all: bool, as_json: bool) -> None:
     late_after = 2 * client.settings.heartbeat_seconds + 1
     out = render.console()
     out.print(summary_table(summarize(workers, late_after)))
-    if show_all or len(workers) <= SMALL_POOL:
+    if len(workers) <= SMALL_POOL:
         out.print(render.workers_table(workers))
+    elif show_all:  # plain lines: a table of thousands of rows takes seconds to lay out
+        click.echo("\n".join(render.workers_lines(workers)))
 
 
 @main.command()

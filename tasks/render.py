@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from rich import box
@@ -101,6 +102,18 @@ def workers_table(workers: list[WorkerInfo]) -> Table:
     if saved:
         table.caption = f"shared bases save {size(saved)}"
     return table
+
+
+def workers_lines(workers: list[WorkerInfo]) -> Iterator[str]:
+    """The pool as plain lines, a worker and then its models indented under it: what
+    `modelq ls --all` prints for a large pool, where a table would take seconds to lay out."""
+    for worker in workers:
+        yield (f"{worker.name}  {worker.device}  capacity {size(worker.capacity_bytes)}  "
+               f"free {size(worker.free_bytes)}  {len(worker.models)} model(s)")
+        for model in worker.models:
+            tenant = f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
+            yield (f"  {model.model_key}  {model.base}  tenant {tenant}  {size(model.bytes)}"
+                   f"{'  pinned' if model.pinned else ''}  adapters {', '.join(model.adapters) or '-'}")
 
 
 def _table(*columns: tuple[str, dict[str, Any]]) -> Table:

@@ -185,8 +185,8 @@ def test_flower_shows_workers_and_tasks_behind_basic_auth(redis_url: str, client
             assert status == 200
             return {q["name"] for q in (lengths or {}).get("active_queues", [])}
 
-        wait_for(lambda: queue_names() == wanted, timeout=30, what="modelq's queues in Flower")
-        wait_for(lambda: "enabled by remote" in worker.log_text(), timeout=30,
+        wait_for(lambda: queue_names() == wanted, timeout=60, what="modelq's queues in Flower")
+        wait_for(lambda: "enabled by remote" in worker.log_text(), timeout=60,
                  what="Flower enabling task events")
         record = client.submit(LoadJob(model=ModelRef(path=str(models["llama"])))).wait(timeout=120)
         assert record.status is JobStatus.succeeded, record.error

@@ -70,6 +70,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._published: str | None = None  # the entry last written, less its times
         self._tasks: tuple[str, ...] = ()  # the tasks the last written entry offers
+        self._state_written: WorkerState | None = None  # the state the entry last said
         self._scripts = {name: script(client, f"registry_{name}")
                          for name in ("publish", "beat", "leave")}
 
@@ -106,7 +107,7 @@ class Heartbeat:
             content = info.model_dump_json(exclude=_TIMES)
             if not force and content == self._published:
                 return
-            recovered = self._guarded(lambda: self._write(info, content, state.queues))
+            recovered = self._guarded(lambda: self._write(info, content, state))
         self._recovered(recovered)
 
     def beat(self) -> None:
@@ -115,9 +116,7 @@ class Heartbeat:
         or it vanished; then `on_beat`."""
         with self._lock:
             state = self._state()
-            info = self._info(state)
-            content = info.model_dump_json(exclude=_TIMES)
-            recovered = self._guarded(lambda: self._renew(info, content, state.queues))
+            recovered = self._guarded(lambda: self._renew(state))
         self._recovered(recovered)
         try:
             self._on_beat()
@@ -148,19 +147,29 @@ class Heartbeat:
         return [self.keys.worker(self.name), self.keys.worker_routes(self.name),
                 self.keys.deadlines()]
 
-    def _renew(self, info: WorkerInfo, content: str, queues: tuple[str, ...]) -> None:
-        if content == self._published and self._scripts["beat"](
+    def _renew(self, state: WorkerState) -> None:
+        """Renew the entry; publish in full if what it says changed or it vanished. A state
+        equal to the one last written is not even serialized: a beat of an idle worker
+        costs one small script and no JSON."""
+        if state != self._state_written:
+            info = self._info(state)
+            content = info.model_dump_json(exclude=_TIMES)
+            if content != self._published:
+                self._write(info, content, state)
+                return
+            self._state_written = state  # only times changed (a cache hit's last_used)
+        if not self._scripts["beat"](
                 keys=[self.keys.worker(self.name), self.keys.deadlines(), self.keys.tasks_offered()],
                 args=[self.name, self.ttl_ms, *self._tasks]):
-            return
-        self._write(info, content, queues)  # changed, or the entry vanished: publish in full
+            info = self._info(state)  # the entry vanished: publish in full
+            self._write(info, info.model_dump_json(exclude=_TIMES), state)
 
-    def _write(self, info: WorkerInfo, content: str, queues: tuple[str, ...]) -> None:
+    def _write(self, info: WorkerInfo, content: str, state: WorkerState) -> None:
         self._scripts["publish"](
             keys=[*self._own_keys(), self.keys.tasks_offered()],
             args=[self.name, info.model_dump_json(), self.ttl_ms,
-                  memo_json(self.keys, info, queues), info.free_bytes])
-        self._published, self._tasks = content, info.tasks
+                  memo_json(self.keys, info, state.queues), info.free_bytes])
+        self._published, self._tasks, self._state_written = content, info.tasks, state
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         """Run `write` (a Redis error is logged); whether it is the first success after one."""

@@ -10,5 +10,12 @@ if redis.call('PEXPIRE', KEYS[1], ttl) == 0 then return 0 end
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
 redis.call('ZADD', KEYS[2], deadline, ARGV[1])
-for i = 3, #ARGV do redis.call('ZADD', KEYS[3], 'GT', deadline, ARGV[i]) end
+if #ARGV >= 3 then  -- one ZADD for every task it offers
+  local args = {'GT'}
+  for i = 3, #ARGV do
+    args[#args + 1] = deadline
+    args[#args + 1] = ARGV[i]
+  end
+  redis.call('ZADD', KEYS[3], unpack(args))
+end
 return deadline
