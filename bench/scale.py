@@ -28,6 +28,7 @@ import redis
 
 from bench.figures import Figure, Report, percentile
 from bench.scale_hosts import ROOT, SimHosts
+from bench.scale_quiet import quiet_window
 from bench.scale_redis import counters, out_bytes, terminal_check, wait_terminal, write_backlog
 from schemas import JobRecord, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
@@ -52,6 +53,9 @@ def figures(ttl: float = TTL) -> list[Figure]:
         Figure("redis_cpu_per_1k_submits_ratio", 1.5, "<="),
         Figure("jobs_not_exactly_one_terminal", 0, "<=", unit="jobs"),
         Figure("ls_seconds", 1.0, "<=", unit="s"),
+        Figure("submit_scale_ratio_beats_paused", 1.25, "<="),
+        Figure("submit_scale_p99_ratio_beats_paused", 1.5, "<="),
+        Figure("redis_cpu_per_1k_submits_ratio_beats_paused", 1.5, "<="),
     ]
 
 
@@ -136,6 +140,9 @@ class ScaleBench:
             out = {"workers": size, "register_seconds": round(time.monotonic() - started, 1)}
             out.update(self.bytes_window(hosts, [j for j in jobs.values()
                                                  for _ in range(self.args.jobs_per_victim)]))
+            out.update(quiet_window(hosts.tell, self.redis, self.keys,
+                                    lambda job: self.client.submit(job).job_id, self.hits,
+                                    self.ttl, self.job_ids))
             out.update(self.submit_loop(hosts, victims))
             out["ls_seconds"] = ls_seconds(self.server.url)
             out.update(hosts.quit())
@@ -243,6 +250,9 @@ def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[
         many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
     report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
     report.figure("ls_seconds").add(many["ls_seconds"])
+    for key, value in (("submit_scale_ratio", "p50_ms"), ("submit_scale_p99_ratio", "p99_ms"),
+                       ("redis_cpu_per_1k_submits_ratio", "redis_cpu_per_1k")):
+        report.figure(f"{key}_beats_paused").add(many[f"quiet_{value}"] / one[f"quiet_{value}"])
 
 
 def ls_seconds(url: str) -> float:
@@ -320,7 +330,9 @@ def summary(context: dict[str, Any]) -> str:
                          f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['bytes_per_submit']:.0f} B/submit, "
                          f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits, killed {p['killed']}, "
                          f"reaped in {p['reap_seconds']} s, entry {p['entry_bytes']} B, "
-                         f"beats late p99 {p['beat_late_p99_s']} s")
+                         f"beats late p99 {p['beat_late_p99_s']} s; beats paused: submit p50 "
+                         f"{p['quiet_p50_ms']:.2f} ms, p99 {p['quiet_p99_ms']:.2f} ms "
+                         f"({p['quiet_submits']}), Redis CPU {p['quiet_redis_cpu_per_1k']:.3f} s/1k")
     check = context.get("terminal_check", {})
     lines.append(f"terminal check: {check.get('bad')} of {check.get('jobs')} jobs without exactly "
                  f"one terminal record; statuses {check.get('statuses')}")

@@ -35,7 +35,7 @@ from tasks.keys import Keys
 from tasks.settings import Settings
 from tasks.tenants import load_tenants
 from worker.heartbeat import Heartbeat, WorkerState
-from worker.reaper import Reaper
+from worker.reaper import Reaper, reap_every
 from worker.rescue import Redelivery, Resend, celery_send
 
 log = logging.getLogger("bench.scale_sim")
@@ -130,7 +130,7 @@ class Host:
         models = stub_models(name, serves)
         state = WorkerState(CAPACITY, CAPACITY - sum(m.bytes for m in models), models, BUILTIN_TASKS)
         settings, grace = self.settings, self.settings.lost_job_grace_seconds
-        reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds, worker=name,
+        reaper = Reaper(self.redis, self.keys, every=reap_every(settings.worker_ttl_seconds), worker=name,
                         sweeps=[Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
                                            grace=grace).run,
                                 Resend(self.redis, self.keys, send, grace=grace).run])

@@ -40,7 +40,7 @@ from worker.heartbeat import Heartbeat, WorkerState
 from worker.lease import Leases
 from worker.model_tasks import import_task_modules
 from worker.policy import TenantPolicy
-from worker.reaper import Reaper
+from worker.reaper import Reaper, reap_every
 from worker.rescue import Redelivery, Resend, celery_send
 from worker.resident import Residents
 from worker.runner import Runner, RunOptions
@@ -86,7 +86,7 @@ class WorkerApp:
         self.cache = ModelCache(devices.capacity(options.local_device, options.capacity),
                                 on_evict=self.metrics.evicted if self.metrics else None)
         self.leases = Leases(self.redis, self.keys, worker=self.name, ttl=settings.worker_ttl_seconds)
-        self.reaper = Reaper(self.redis, self.keys, every=settings.worker_ttl_seconds,
+        self.reaper = Reaper(self.redis, self.keys, every=reap_every(settings.worker_ttl_seconds),
                              worker=self.name, sweeps=self._sweeps(),
                              watch=settings.visibility_timeout + 2 * settings.worker_ttl_seconds)
         self.heartbeat = self._heartbeat()

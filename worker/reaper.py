@@ -41,6 +41,12 @@ TASKS_KEPT_SECONDS = 86400.0
 """How long a task no live worker offers any more stays in `Keys.tasks_offered`."""
 
 
+def reap_every(worker_ttl: float) -> float:
+    """Seconds between reaper turns: half a worker TTL, so a dead worker's queued jobs are
+    on the shared queue within 1.5 TTLs of its last beat (its deadline, then a turn)."""
+    return worker_ttl / 2
+
+
 class Reaper:
     """Reaps dead workers (their queues moved to the shared ones, their index entries removed)
     and runs the rescue sweeps, at most every `every` seconds, on the turns this worker takes.
