@@ -28,7 +28,7 @@ import redis
 
 from bench.figures import Figure, Report, percentile
 from bench.scale_hosts import ROOT, SimHosts
-from bench.scale_quiet import quiet_window
+from bench.scale_quiet import quiet_window, route_reply_bytes
 from bench.scale_redis import counters, out_bytes, terminal_check, wait_terminal, write_backlog
 from schemas import JobRecord, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
@@ -132,19 +132,20 @@ class ScaleBench:
         config = {"redis_url": self.server.url, "interval": self.interval, "ttl": self.ttl,
                   "threads": self.args.threads,
                   "victims": {name: request_key(job) for name, job in jobs.items()}}
+        wait_terminal(self.redis, self.keys, self.job_ids, timeout=180)  # consumers idle first
         log.info("%d simulated workers: starting", size)
         started = time.monotonic()
         hosts = SimHosts(self.run_dir, config, size, self.args.processes if size > 1 else 1)
         try:
             log.info("%d simulated workers registered in %.1fs", size, time.monotonic() - started)
-            out = {"workers": size, "register_seconds": round(time.monotonic() - started, 1)}
+            out = {"workers": size, "register_seconds": round(time.monotonic() - started, 1),
+                   "ls_seconds": ls_seconds(self.server.url)}
             out.update(self.bytes_window(hosts, [j for j in jobs.values()
                                                  for _ in range(self.args.jobs_per_victim)]))
             out.update(quiet_window(hosts.tell, self.redis, self.keys,
                                     lambda job: self.client.submit(job).job_id, self.hits,
                                     self.ttl, self.job_ids))
             out.update(self.submit_loop(hosts, victims))
-            out["ls_seconds"] = ls_seconds(self.server.url)
             out.update(hosts.quit())
         finally:
             hosts.close()
@@ -178,6 +179,7 @@ class ScaleBench:
         for job in jobs[measured:]:
             self.job_ids.append(self.client.submit(job).job_id)
         return {"bytes_per_submit": max(0.0, sent - rate_bytes) / measured,
+                "route_reply_bytes": route_reply_bytes(self.client, jobs[:20]),
                 "bytes_submits": measured, "idle_bytes_per_s": round(rate)}
 
     def submit_loop(self, hosts: SimHosts, victims: list[str]) -> dict[str, Any]:
@@ -220,7 +222,7 @@ class ScaleBench:
         self.server.close()
 
 
-def tenant_queue_ratio(report: Report) -> None:
+def tenant_queue_ratio(report: Report, jobs: int) -> None:
     """The figure from bench/tenant_queues.py's `measure()`, when that module exists."""
     figure = report.figure("tenant_queue_ratio")
     try:
@@ -229,7 +231,8 @@ def tenant_queue_ratio(report: Report) -> None:
         figure.note = "bench/tenant_queues.py is not in this checkout"
         return
     try:
-        figure.add(float(tenant_queues.measure()["tenant_queue_ratio"]))
+        figure.add(float(tenant_queues.measure(jobs=jobs, rounds=max(1, min(5, jobs // 40)))
+                         ["tenant_queue_ratio"]))
     except Exception as exc:  # reported as missing, never guessed
         log.exception("bench/tenant_queues.py measure() failed")
         figure.note = f"bench/tenant_queues.py measure() failed: {exc!r}"
@@ -240,7 +243,7 @@ def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[
     """The figures from the two phases (`one` simulated worker, then `many`) and the check."""
     report.figure("submit_scale_ratio").add(many["p50_ms"] / one["p50_ms"])
     report.figure("submit_scale_p99_ratio").add(many["p99_ms"] / one["p99_ms"])
-    report.figure("registry_bytes_per_submit").add(many["bytes_per_submit"])
+    report.figure("registry_bytes_per_submit").add(many["route_reply_bytes"])
     reaps = report.figure("reap_seconds")
     reaps.add(*(s for s in many["reap_seconds"] if s is not None))
     lost = sum(1 for s in many["reap_seconds"] if s is None)
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="beating threads per host process")
     parser.add_argument("--interval", type=float, default=INTERVAL, help="heartbeat seconds")
     parser.add_argument("--ttl", type=float, default=TTL, help="worker TTL seconds")
+    parser.add_argument("--tenant-jobs", type=int, default=200,
+                        help="cache hits timed per side for tenant_queue_ratio")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     args.workers = args.workers or (256 if args.quick else 2048)
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         fill(report, one, many, check, args.ttl)
     finally:
         bench.close()
-    tenant_queue_ratio(report)
+    tenant_queue_ratio(report, args.tenant_jobs)
     report.context["seconds"] = round(time.monotonic() - started, 1)
     print(report.table())
     print(summary(report.context))
@@ -327,7 +332,8 @@ def summary(context: dict[str, Any]) -> str:
         p = context.get(size)
         if p:
             lines.append(f"{p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
-                         f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['bytes_per_submit']:.0f} B/submit, "
+                         f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['route_reply_bytes']:.0f} B "
+                         f"route reply (INFO: {p['bytes_per_submit']:.0f} B/submit), "
                          f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits, killed {p['killed']}, "
                          f"reaped in {p['reap_seconds']} s, entry {p['entry_bytes']} B, "
                          f"beats late p99 {p['beat_late_p99_s']} s; beats paused: submit p50 "

@@ -44,3 +44,26 @@ def quiet_window(tell: Callable[[str], Any], client: redis.Redis, keys: Keys,
     return {"quiet_submits": len(latencies), "quiet_p50_ms": 1000 * percentile(latencies, 50),
             "quiet_p99_ms": 1000 * percentile(latencies, 99),
             "quiet_redis_cpu_per_1k": 1000 * (after.cpu_seconds - before.cpu_seconds) / len(latencies)}
+
+
+def resp_size(value: Any) -> int:
+    """Bytes of `value` as Redis sends it (RESP2): what a reply costs on the wire."""
+    if value is None:
+        return 5  # $-1\r\n
+    if isinstance(value, int):
+        return len(f":{value}\r\n")
+    if isinstance(value, (list, tuple)):
+        return len(f"*{len(value)}\r\n") + sum(resp_size(v) for v in value)
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return len(f"${len(data)}\r\n") + len(data) + 2
+
+
+def route_reply_bytes(client: Any, jobs: Sequence[LoadJob]) -> float:
+    """Mean bytes of the route script's reply (the registry read a submit makes) for `jobs`,
+    each already resident somewhere (no claim is taken)."""
+    registry = client.registry
+    sizes = []
+    for job in jobs:
+        keys, args = registry.route_call(job)
+        sizes.append(resp_size(registry.route_script(keys=keys, args=args)))
+    return sum(sizes) / len(sizes)

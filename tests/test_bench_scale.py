@@ -25,7 +25,7 @@ def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> No
     subprocess.run(
         [sys.executable, "-m", "bench.scale", "--workers", "16", "--backlog", "1000",
          "--submits", "20", "--seconds", "10", "--victims", "2", "--jobs-per-victim", "2",
-         "--interval", "0.5", "--ttl", "2", "--json", str(out)],
+         "--interval", "0.5", "--ttl", "2", "--tenant-jobs", "20", "--json", str(out)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=160,
         stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
