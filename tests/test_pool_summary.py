@@ -21,11 +21,12 @@ NOW = datetime.now(UTC)
 
 def _info(name: str, device: str, free: int, bases: tuple[str, ...] = (), *,
           beat_ago: float = 0.0) -> WorkerInfo:
+    now = datetime.now(UTC)  # not the import's time: the suite may run long before this test
     models = tuple(ResidentModel(model_key=f"{name}-{i}", base=base, tenant="acme", bytes=1 << 30,
-                                 last_used=NOW) for i, base in enumerate(bases))
+                                 last_used=now) for i, base in enumerate(bases))
     return WorkerInfo(name=name, host=name.split("-")[0], pid=1, device=device, queue=f"q.{name}",
-                      capacity_bytes=8 << 30, free_bytes=free, models=models, started_at=NOW,
-                      heartbeat_at=NOW - timedelta(seconds=beat_ago))
+                      capacity_bytes=8 << 30, free_bytes=free, models=models, started_at=now,
+                      heartbeat_at=now - timedelta(seconds=beat_ago))
 
 
 def test_summary_counts_states_devices_and_bases() -> None:
