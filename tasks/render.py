@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from schemas import Event, JobRecord, RunResult, WorkerInfo
+from schemas import Event, JobRecord, ResidentModel, RunResult, WorkerInfo
 
 
 def size(n: int | None) -> str:
@@ -88,10 +88,9 @@ def workers_table(workers: list[WorkerInfo]) -> Table:
         pool.add_row(worker.name, worker.device, size(worker.capacity_bytes),
                      size(worker.free_bytes), str(len(worker.models)))
         for model in worker.models:
-            tenant = f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
             where = Text(model.model_key)
             where.append("\n" + "\n".join(_folded(model.base, len(model.model_key))), style="dim")
-            held.add_row(where, worker.name, tenant, size(model.bytes),
+            held.add_row(where, worker.name, _tenant(model), size(model.bytes),
                          "yes" if model.pinned else "no", ", ".join(model.adapters) or "-")
     table = Table.grid()
     table.title = "modelq pool"
@@ -111,9 +110,13 @@ def workers_lines(workers: list[WorkerInfo]) -> Iterator[str]:
         yield (f"{worker.name}  {worker.device}  capacity {size(worker.capacity_bytes)}  "
                f"free {size(worker.free_bytes)}  {len(worker.models)} model(s)")
         for model in worker.models:
-            tenant = f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
-            yield (f"  {model.model_key}  {model.base}  tenant {tenant}  {size(model.bytes)}"
+            yield (f"  {model.model_key}  {model.base}  tenant {_tenant(model)}  {size(model.bytes)}"
                    f"{'  pinned' if model.pinned else ''}  adapters {', '.join(model.adapters) or '-'}")
+
+
+def _tenant(model: ResidentModel) -> str:
+    """Whose a resident model is: its tenant, or the tenants sharing a shared base."""
+    return f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
 
 
 def _table(*columns: tuple[str, dict[str, Any]]) -> Table:

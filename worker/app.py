@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +197,11 @@ class WorkerApp:
                            grace=grace).run,
                 Resend(self.redis, self.keys, celery_send(settings, self.tenants), grace=grace).run]
 
-    @property
+    @cached_property
     def own_queues(self) -> tuple[str, ...]:
         """Every list a producer may send this worker's jobs to: the queues it consumes and
-        their tenant shares. Its registry memo names them, so the reaper drains them all."""
+        their tenant shares (fixed for the worker's life: worked out once, not on every beat).
+        Its registry memo names them, so the reaper drains them all."""
         return (*self.queues, *(q for shares in self.turns.shares.values() for q in shares))
 
     def _shares_text(self) -> str:
