@@ -62,6 +62,11 @@ def create_app(settings: Settings) -> Celery:
             # command timeout (kombu's BRPOP waits 1 s a time, well inside it).
             "socket_timeout": settings.command_timeout_seconds,
             "global_keyprefix": "",
+            # kombu's unacked hash, its index and the restore's mutex, under the prefix: each
+            # deployment restores (and rescues, worker/rescue.py) only its own messages.
+            "unacked_key": keys.unacked(),
+            "unacked_index_key": keys.unacked_index(),
+            "unacked_mutex_key": keys.unacked_mutex(),
             # One Redis list per queue, not kombu's four priority lists (no modelq message has
             # a priority): a worker's BRPOP names each of its queues once, which matters with
             # tenant shares (hundreds of queues per worker). Any priority lands in that list.

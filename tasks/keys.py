@@ -1,7 +1,8 @@
 """The Redis key layout: the one module that knows modelq's key names (no torch).
 
-Nothing else formats a key string. Celery's own broker keys (its queues' lists, named
-by the `Keys.*queue*` methods, also under the prefix) are laid out by kombu.
+Nothing else formats a key string. Celery's own broker keys (its queues' lists and its
+unacked hash, named by the `Keys.*queue*` and `Keys.unacked*` methods, also under the
+prefix) are laid out by kombu.
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ class Keys:
         newest first (worker/quarantine.py)."""
         return f"{self.prefix}:dead-letters"
 
+    def unacked(self) -> str:
+        """Hash (kombu's `unacked_key`, tasks/app.py): delivery tag -> JSON [message, exchange,
+        routing key] of every message a worker of this deployment took and has not acked."""
+        return f"{self.prefix}:unacked"
+
+    def unacked_index(self) -> str:
+        """Sorted set (kombu's `unacked_index_key`): delivery tag -> when it was taken (epoch s)."""
+        return f"{self.prefix}:unacked:index"
+
+    def unacked_mutex(self) -> str:
+        """String with a TTL (kombu's `unacked_mutex_key`): held by the one worker of this
+        deployment whose kombu restores messages past the visibility timeout."""
+        return f"{self.prefix}:unacked:mutex"
+
+    def unacked_pairs(self) -> list[tuple[str, str]]:
+        """(hash, index) pairs the rescue sweeps: this deployment's, then kombu's global ones that
+        earlier versions wrote (entries of this deployment's jobs only are ever restored)."""
+        return [(self.unacked(), self.unacked_index()), (UNACKED_HASH, UNACKED_INDEX)]
+
     def reaper_turn(self) -> str:
         """String with a TTL: the worker whose heartbeat reaps this period (one per pool)."""
         return f"{self.prefix}:reaper:turn"
@@ -197,11 +217,12 @@ def queue_list(queue: str) -> str:
 
 
 UNACKED_HASH = "unacked"
-"""Hash (kombu's Redis transport, no key prefix): delivery tag -> JSON [message, exchange,
-routing key] of every message a consumer took and has not acked."""
+"""Hash: kombu's own name for `Keys.unacked`, global (no prefix), which modelq used before the
+unacked keys moved under the prefix. Nothing writes it now; the rescue still reads it
+(`Keys.unacked_pairs`) so that a job taken by a worker of the earlier version is not lost."""
 
 UNACKED_INDEX = "unacked_index"
-"""Sorted set (kombu's): delivery tag -> when it was taken (epoch seconds)."""
+"""Sorted set: kombu's own name for `Keys.unacked_index`, global; read as `UNACKED_HASH` is."""
 
 
 DEFAULT_KEYS = Keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import urllib.request
@@ -11,10 +12,10 @@ import pytest
 
 from schemas import JobStatus, LoadJob, ModelRef
 from tasks.client import Client
-from tasks.keys import worker_queue
+from tasks.keys import DEFAULT_KEYS, worker_queue
 from tests.support.faults import wait_for
 from tests.support.workers import WorkerPool
-from worker.quarantine import problem
+from worker.quarantine import KEPT_BYTES, entry, problem, read
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +31,11 @@ def envelope(body: str, encoding: str | None = "base64",
 BAD = [envelope("%%% not base64 %%%"), envelope("e30=", encoding="rot13"),
        envelope("e30=", content_type="application/x-python-serialize")]
 
+HUGE = bytes(range(256)) * 4096  # 1 MiB, not UTF-8
+GARBAGE = [b"not json at all", b"\xff\xfe\x00\x1b[31m", b"", HUGE, b"[1, 2]",
+           json.dumps({"body": "e30=", "properties": {}, "content-type": "application/json"})]
+"""Bytes that are no kombu message at all (the last: an envelope without a delivery tag)."""
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -41,21 +47,42 @@ def free_port() -> int:
 def test_problem_names_what_kombu_would_choke_on() -> None:
     assert problem(json.loads(envelope("e30="))) is None
     assert [problem(json.loads(raw)) is not None for raw in BAD] == [True, True, True]
+    assert read(envelope("e30=").encode())[1] is None
+    assert [read(raw)[0] for raw in GARBAGE] == [None] * len(GARBAGE)
+    assert [read(raw)[1] for raw in GARBAGE[2:5]] == [
+        "empty", "not JSON (Expecting value: line 1 column 1 (char 0))", "not a kombu envelope"]
+
+
+def test_a_dead_letter_keeps_the_bytes_whole_up_to_a_limit() -> None:
+    kept = json.loads(entry("q", "why", GARBAGE[1]))
+    assert kept["body_encoding"] == "base64" and base64.b64decode(kept["body"]) == GARBAGE[1]
+    assert kept["size"] == kept["kept"] == len(GARBAGE[1])
+    cut = json.loads(entry("q", "why", b"x" * (KEPT_BYTES + 1)))
+    assert cut["body"] == "x" * KEPT_BYTES and cut["size"] == KEPT_BYTES + 1
 
 
 def test_undecodable_messages_are_moved_aside_and_the_worker_goes_on(
         client: Client, pool: WorkerPool, models: dict[str, Path]) -> None:
     port = free_port()
     worker = pool.start("w1", "--metrics-port", str(port))
-    for raw in [*BAD, "not json at all"]:
-        client.redis.lpush(worker_queue("w1"), raw)
-    dead = client.keys.dead_letters()
-    wait_for(lambda: client.redis.llen(dead) == len(BAD), 30, "the bad messages moved aside")
+    for i, raw in enumerate([*BAD, *GARBAGE]):  # onto both of its queues
+        client.redis.lpush(worker_queue("w1") if i % 2 else DEFAULT_KEYS.queue(), raw)
     record = client.submit(LoadJob(model=ModelRef(path=str(models["llama"])))).wait(120)
     assert record.status is JobStatus.succeeded, record.error
     assert worker.alive()
-    reasons = [json.loads(e)["reason"] for e in client.redis.lrange(dead, 0, -1)]
+    dead = client.keys.dead_letters()
+    count = len(BAD) + len(GARBAGE)
+    wait_for(lambda: client.redis.llen(dead) == count, 30, "the bad messages moved aside")
+    entries = [json.loads(e) for e in client.redis.lrange(dead, 0, -1)]
+    reasons = [e["reason"] for e in entries]
     assert any("not base64" in r for r in reasons) and any("rot13" in r for r in reasons)
-    assert "moved an undecodable message" in worker.log_text()
+    assert {"empty", "not a kombu envelope", "a kombu envelope with no delivery tag"} <= set(reasons)
+    huge = next(e for e in entries if e["size"] == len(HUGE))
+    assert base64.b64decode(huge["body"]) == HUGE[:KEPT_BYTES] and huge["kept"] == KEPT_BYTES
+    assert {e["queue"] for e in entries} == {"modelq", worker_queue("w1")}
+    log_text = worker.log_text()
+    assert log_text.count("moved an undecodable message") == count
+    assert r"(8 bytes: b'\xff\xfe\x00\x1b[31m')" in log_text  # escaped: no terminal escape
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert f"modelq_dead_letters {float(len(BAD))}" in scraped
+    assert f"modelq_dead_letters {float(count)}" in scraped
+    assert f"modelq_dead_lettered_total {float(count)}" in scraped

@@ -29,11 +29,12 @@ def message(job_id: str) -> dict[str, object]:
                            "body_encoding": "base64"}}
 
 
-def taken(client: redis.Redis, job_id: str, queue: str, at: float) -> str:
+def taken(client: redis.Redis, job_id: str, queue: str, at: float,
+          unacked: tuple[str, str] = (KEYS.unacked(), KEYS.unacked_index())) -> str:
     """An unacked entry as kombu writes it when a consumer takes a message off `queue`."""
     tag = uuid.uuid4().hex
-    client.hset(UNACKED_HASH, tag, json.dumps([message(job_id), queue, queue]))
-    client.zadd(UNACKED_INDEX, {tag: at})
+    client.hset(unacked[0], tag, json.dumps([message(job_id), queue, queue]))
+    client.zadd(unacked[1], {tag: at})
     return tag
 
 
@@ -55,7 +56,7 @@ def test_a_dead_workers_running_job_goes_back_once(redis_url: str) -> None:
     waiting = [json.loads(m) for m in client.lrange("modelq", 0, -1)]
     assert [m["headers"]["id"] for m in waiting] == [lost]  # the dead worker's queue -> shared
     assert waiting[0]["headers"]["redelivered"] is True
-    assert client.hlen(UNACKED_HASH) == 2 and client.zcard(UNACKED_INDEX) == 2
+    assert client.hlen(KEYS.unacked()) == 2 and client.zcard(KEYS.unacked_index()) == 2
     assert rescue.run() == 0  # the leased one runs; the young one's taker may be starting it
 
     client.set(KEYS.worker("gone"), "{}")  # a worker still registered is not dead
@@ -73,6 +74,26 @@ def test_a_queued_job_taken_and_never_started_goes_back_after_the_grace(redis_ur
     assert Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start).run() == 0
     assert Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start + 11).run() == 1
     assert client.llen("modelq") == 1
+
+
+def test_an_upgrade_loses_no_job_taken_into_kombus_global_hash(redis_url: str) -> None:
+    """Workers before the unacked keys moved under the prefix wrote kombu's global hash: the
+    rescue still restores this deployment's lost jobs from it, and leaves others' entries."""
+    client = redis.Redis.from_url(redis_url)
+    lost, foreign = uuid.uuid4().hex, uuid.uuid4().hex
+    Store(client, KEYS, 3600).create(record(lost))
+    client.set(KEYS.job(lost), record(lost, JobStatus.running, "gone", 1).model_dump_json())
+    other = Keys("teamb")
+    Store(client, other, 3600).create(record(foreign))
+    client.set(other.job(foreign), record(foreign, JobStatus.running, "gone", 1).model_dump_json())
+    start = time.time()
+    for job_id, queue in ((lost, "modelq"), (foreign, "teamb")):
+        taken(client, job_id, queue, start - 60, (UNACKED_HASH, UNACKED_INDEX))
+    assert Resend(client, KEYS, lambda rec: "", grace=0, clock=lambda: start)._on_broker() >= {lost}
+
+    assert Redelivery(client, KEYS, worker_ttl=10, grace=30, clock=lambda: start).run() == 1
+    assert [json.loads(m)["headers"]["id"] for m in client.lrange("modelq", 0, -1)] == [lost]
+    assert client.hlen(UNACKED_HASH) == 1 and not client.exists("teamb")  # B's entry left alone
 
 
 def test_a_queued_job_with_no_message_is_sent_again_once(redis_url: str) -> None:

@@ -61,7 +61,9 @@ def bind(app: WorkerApp, *, events: bool = False) -> Any:
     `events`: send task events from the start (Celery's `-E`), for `celery events` and Flower.
     """
     celery = create_app(app.settings)
-    celery.conf.broker_transport = transport_for(app.settings)  # undecodable messages moved aside
+    # Undecodable messages moved aside, and counted by the worker's metrics.
+    moved_aside = app.metrics.moved_aside if app.metrics is not None else None
+    celery.conf.broker_transport = transport_for(app.settings, moved_aside)
     control = app.settings.remote_control
     countdown = app.settings.worker_ttl_seconds
 

@@ -87,6 +87,9 @@ class Metrics:
                                     registry=self.registry)
         self.evictions = Counter("modelq_cache_evictions", "Models evicted to make room",
                                  ["device"], registry=self.registry)
+        self.dead_lettered = Counter("modelq_dead_lettered",
+                                     "Queue messages this worker could not decode and moved to "
+                                     "the dead-letter list", registry=self.registry)
         for kind in JobKind:
             for status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
                 self.jobs.labels(kind.value, status.value)  # zeros are series too
@@ -122,6 +125,11 @@ class Metrics:
 
     def evicted(self, count: int = 1) -> None:
         self.evictions.labels(self.device).inc(count)
+
+    # --- the transport (worker/quarantine.py) --------------------------------------------
+
+    def moved_aside(self) -> None:
+        self.dead_lettered.inc()
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
         """Serve /metrics on `port` from a daemon thread."""

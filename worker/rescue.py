@@ -3,7 +3,7 @@
 Two sweeps, run on the reaper's turn (worker/reaper.py), so a lost job waits about a
 worker TTL, not the broker's visibility timeout (`max_load_seconds + 600`):
 
-- `Redelivery`: a message in kombu's unacked hash (tasks/keys.py UNACKED_HASH) whose
+- `Redelivery`: a message in kombu's unacked hash (tasks/keys.py `Keys.unacked_pairs`) whose
   job is `running` with no lease and whose worker has left the registry (a `kill -9`
   mid-load), or is still `queued` long after it was taken (a worker killed between
   taking a message and starting its job), goes back to its queue the way kombu's own
@@ -31,7 +31,7 @@ from schemas import JobRecord, JobStatus
 from schemas.jobs import Envelope
 from tasks.auth import sign
 from tasks.connection import text
-from tasks.keys import UNACKED_HASH, UNACKED_INDEX, Keys, queue_list
+from tasks.keys import Keys, queue_list
 from tasks.settings import Settings
 from tasks.tenants import Tenants, pick_queue
 
@@ -77,13 +77,16 @@ class Redelivery:
 
     def run(self) -> int:
         """Restore every lost job's message; how many were put back."""
+        return sum(self._sweep(unacked, index) for unacked, index in self.keys.unacked_pairs())
+
+    def _sweep(self, unacked: str, index_key: str) -> int:
         now = self._clock()
         index = cast(list[tuple[bytes, float]], self.redis.zrangebyscore(
-            UNACKED_INDEX, "-inf", now - self.worker_ttl, start=0, num=BATCH, withscores=True))
+            index_key, "-inf", now - self.worker_ttl, start=0, num=BATCH, withscores=True))
         if not index:
             return 0
         tags = [text(tag) for tag, _ in index]
-        raws = cast(list[bytes | None], self.redis.hmget(UNACKED_HASH, tags))
+        raws = cast(list[bytes | None], self.redis.hmget(unacked, tags))
         found = [(tag, taken, job_id)
                  for tag, (_, taken), raw in zip(tags, index, raws, strict=True)
                  if (job_id := message_id(_entry(raw)[0])) is not None]
@@ -91,7 +94,7 @@ class Redelivery:
         restored = 0
         for (tag, taken, _), record in zip(found, records, strict=True):
             if record is not None and self._lost(record, now - taken):
-                restored += self._restore(tag, record)
+                restored += self._restore((unacked, index_key), tag, record)
         return restored
 
     def _lost(self, record: JobRecord, age: float) -> bool:
@@ -103,22 +106,23 @@ class Redelivery:
             return False
         return record.worker is None or not self.redis.exists(self.keys.worker(record.worker))
 
-    def _restore(self, tag: str, record: JobRecord) -> int:
+    def _restore(self, unacked: tuple[str, str], tag: str, record: JobRecord) -> int:
         """Move entry `tag` from the unacked hash back onto a queue, as kombu's restore does."""
         moved: list[str] = []
+        unacked_hash, index = unacked
 
         def restore(pipe: Any) -> None:
-            message, _exchange, routing_key = _entry(pipe.hget(UNACKED_HASH, tag))
+            message, _exchange, routing_key = _entry(pipe.hget(unacked_hash, tag))
             destination = self._destination(routing_key) if message is not None else None
             pipe.multi()
-            pipe.zrem(UNACKED_INDEX, tag)
-            pipe.hdel(UNACKED_HASH, tag)
+            pipe.zrem(index, tag)
+            pipe.hdel(unacked_hash, tag)
             if message is not None and destination is not None:
                 _mark_redelivered(message)
                 pipe.rpush(queue_list(destination), json.dumps(message))  # taken next (BRPOP)
                 moved[:] = [destination]
 
-        self.redis.transaction(restore, UNACKED_HASH)
+        self.redis.transaction(restore, unacked_hash)
         if moved:
             what = (f"its worker {record.worker} is gone" if record.status is JobStatus.running
                     else "the worker that took it never started it")
@@ -187,8 +191,9 @@ class Resend:
         prefix, so its cost grows with the pool's queues; a candidate for an index of its own.
         """
         ids: set[str] = set()
-        for raw in cast(Iterable[bytes], self.redis.hvals(UNACKED_HASH)):
-            ids.add(message_id(_entry(raw)[0]) or "")
+        for unacked, _ in self.keys.unacked_pairs():
+            for raw in cast(Iterable[bytes], self.redis.hvals(unacked)):
+                ids.add(message_id(_entry(raw)[0]) or "")
         for pattern in self.keys.queue_patterns():
             for name in self.redis.scan_iter(match=pattern, count=500, _type="LIST"):
                 for raw in cast(list[bytes], self.redis.lrange(name, 0, -1)):
