@@ -135,13 +135,13 @@ def aligned(headings: Sequence[str], rows: Sequence[Sequence[str]], width: int) 
     the first column left-aligned and folded (a base path is as long as it is), the others
     right-aligned. What a summary prints instead of a rich table, which costs an import and
     tens of milliseconds to lay out."""
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headings)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headings)]
     rest = sum(widths[1:]) + 2 * (len(widths) - 1)
     widths[0] = max(len(headings[0]), min(widths[0], width - rest))
     for row in (headings, *rows):
         first, *more = _folded(row[0], widths[0])
-        rest_cells = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
-        yield "  ".join([first.ljust(widths[0]), *rest_cells])
+        right = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
+        yield "  ".join([first.ljust(widths[0]), *right])
         yield from more
 
 

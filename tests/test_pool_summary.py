@@ -14,7 +14,7 @@ import redis
 from schemas import ResidentModel, WorkerInfo
 from tasks.client import Client
 from tasks.keys import Keys
-from tasks.pool_summary import Listed, listed, read_pool, summarize
+from tasks.pool_summary import Listed, listed, read_pool, summarize, summary_lines
 from tasks.settings import Settings
 from worker.heartbeat import Heartbeat, WorkerState
 
@@ -45,6 +45,12 @@ def test_summary_counts_states_devices_and_bases() -> None:
     assert dict(summary.devices["cpu"].states) == {"ready": 1}
     assert list(summary.bases) == ["llama", "qwen"]  # most copies first
     assert summary.bases["llama"].copies == 3 and summary.bases["llama"].workers == {"a-0", "a-1", "b-1"}
+
+
+def test_an_empty_pool_summarizes_as_its_title_and_headings() -> None:
+    lines = list(summary_lines(summarize([], late_after=5), width=80))
+    assert lines == ["modelq pool: 0 worker(s) on 0 host(s), 0 resident model(s)",
+                     "device  ready  full  late  workers  capacity  free"]
 
 
 def _register(url: str, count: int, base: str = "org/base-7b") -> None:
