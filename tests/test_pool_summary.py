@@ -111,3 +111,16 @@ def test_ls_summary_fits_the_terminal_and_folds_long_bases(redis_url: str) -> No
             break
         rebuilt += line  # the base folded under itself, whole
     assert rebuilt == base, out
+
+
+def test_ls_on_a_large_pool_imports_no_schemas_rich_or_client(redis_url: str) -> None:
+    """What keeps `modelq ls` fast at pool scale (bench.scale's ls_seconds): it starts without
+    the modules that cost most to import, and parses entries without validating them."""
+    _register(redis_url, 12)  # past SMALL_POOL: the summary only, plain lines
+    code = ("import sys\nfrom tasks.cli import main\ntry:\n    main(['ls'])\nexcept SystemExit:\n"
+            "    pass\nprint('IMPORTED', sorted(m for m in ('schemas', 'rich', 'tasks.client', "
+            "'celery', 'kombu') if m in sys.modules))")
+    env = {**os.environ, "MODELQ_REDIS_URL": redis_url, "COLUMNS": "100"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, check=True).stdout
+    assert "12 worker(s)" in out and "IMPORTED []" in out, out
