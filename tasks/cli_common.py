@@ -1,5 +1,6 @@
 """What the `modelq` commands share: exit codes, the command's Settings and Client, errors,
-and submitting a job and reporting how it ended (no torch)."""
+and submitting a job and reporting how it ended (no torch). Schemas, the client and rich
+are imported where used: every command imports this module, and `modelq ls` must start fast."""
 
 from __future__ import annotations
 
@@ -7,24 +8,14 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from schemas import (
-    AccessDenied,
-    BrokerUnavailable,
-    InvalidJob,
-    JobRecord,
-    JobStatus,
-    ModelNotFound,
-    QuotaExceeded,
-    TaskNotFound,
-    TimedOut,
-    parse_job,
-)
-from tasks import render
 from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from schemas import JobRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 OK, FAILED, INVALID, TIMED_OUT, UNREACHABLE = 0, 1, 2, 3, 4
@@ -51,11 +42,15 @@ def client_of_command() -> Any:
 
 
 def fail(message: str, code: int) -> NoReturn:
+    from tasks import render
+
     render.console(stderr=True).print(f"[red]error:[/red] {message}")
     sys.exit(code)
 
 
 def exit_for(record: JobRecord) -> int:
+    from schemas import JobStatus
+
     return OK if record.status is JobStatus.succeeded else FAILED
 
 
@@ -77,11 +72,23 @@ def show(record: JobRecord, as_json: bool) -> None:
     if as_json:
         click.echo(record.model_dump_json(indent=2))
     else:
+        from tasks import render
+
         render.console().print(render.record_table(record))
 
 
 def submit(job: dict[str, Any]) -> Any:
     """Validate and submit `job`; exit 2 (invalid, refused) or 4 (Redis away) with nothing enqueued."""
+    from schemas import (
+        AccessDenied,
+        BrokerUnavailable,
+        InvalidJob,
+        ModelNotFound,
+        QuotaExceeded,
+        TaskNotFound,
+        parse_job,
+    )
+
     try:
         return client_of_command().submit(parse_job(job))
     except InvalidJob as exc:
@@ -94,6 +101,8 @@ def submit(job: dict[str, Any]) -> Any:
 
 def submit_and_report(job: dict[str, Any], wait: bool, timeout: float | None, as_json: bool) -> None:
     """Submit `job`; print its id (or record), or wait and exit with how it ended."""
+    from schemas import TimedOut
+
     handle = submit(job)
     if not wait:
         if as_json:

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import click
 
-from schemas.refs import is_local_path
 from tasks.cli_common import INVALID, adapter_arg, fail, local_ref, submit_and_report, tenant_option
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,6 +51,8 @@ def load_options(command: F) -> F:
 
 def load_spec(ref: str, tenant: str, flags: dict[str, Any]) -> dict[str, Any]:
     """A load job's JSON from REF and the `load_options` flags."""
+    from schemas.refs import is_local_path  # here: `modelq ls` imports this module, not schemas
+
     model: dict[str, Any] = ({"path": local_ref(ref)} if os.path.isdir(ref) or is_local_path(ref)
                              else {"repo_id": ref})
     if flags.get("revision"):

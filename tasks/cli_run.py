@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 
-from schemas import JobStatus, RunResult, TimedOut
 from tasks.cli_common import (
     INVALID,
     TIMED_OUT,
@@ -94,6 +93,8 @@ def run(task: str, ref: str | None, model_key: str | None, adapters: tuple[str, 
 def generate(model: str, prompt: str, adapters: tuple[str, ...], max_new_tokens: int, tenant: str,
              timeout: float | None, as_json: bool, **flags: Any) -> None:
     """Complete PROMPT greedily on MODEL (a resident model's key, or a REF to load) and print it."""
+    from schemas import JobStatus, RunResult, TimedOut  # here: the CLI starts without schemas
+
     handle = submit({"kind": "run", "task": "modelq.generate", "tenant": tenant,
                      "model": _target(model, None, tenant, flags), "adapters": list(adapters) or None,
                      "kwargs": {"prompts": prompt, "max_new_tokens": max_new_tokens}})

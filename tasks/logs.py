@@ -17,9 +17,10 @@ import sys
 import warnings
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas import JobRecord
+if TYPE_CHECKING:  # every `modelq` command configures logging: it starts without schemas
+    from schemas import JobRecord
 
 _job_id: ContextVar[str | None] = ContextVar("modelq_job_id", default=None)
 _tenant: ContextVar[str | None] = ContextVar("modelq_tenant", default=None)

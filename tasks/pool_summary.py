@@ -1,26 +1,97 @@
 """`modelq ls`'s summary of a pool: workers by device and state, models by base, free bytes.
 
 At thousands of workers a line per worker is a wall nobody reads; the summary is a few
-lines whatever the pool's size (`modelq ls --all` lists every worker and model). No torch.
+lines whatever the pool's size (`modelq ls --all` lists every worker and model). No torch,
+and no schemas: `modelq ls` answers within a second at 2,048 workers, a fresh process each
+time, so it reads the entries with json.loads into the few fields it shows (`Listed`)
+instead of importing and validating the full contract (`WorkerInfo`, which `--json` prints).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
-from rich.table import Table
+from tasks.render import aligned, size
 
-from schemas import WorkerInfo
-from tasks.render import size
+if TYPE_CHECKING:
+    from tasks.settings import Settings
 
 STATES = ("ready", "full", "late")
 """A live worker's state: `ready` has free bytes, `full` has none, `late` missed a beat
 (its heartbeat is older than the lateness bound: it may be stuck, or dying)."""
 
 
-def state(worker: WorkerInfo, late_after: float, at: datetime | None = None) -> str:
+@dataclass(frozen=True, slots=True)
+class ListedModel:
+    """A resident model as `modelq ls` shows it (the fields of schemas.ResidentModel it reads)."""
+
+    model_key: str
+    base: str
+    tenant: str
+    bytes: int
+    pinned: bool
+    adapters: tuple[str, ...]
+    shared_by: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A live worker as `modelq ls` shows it (the fields of schemas.WorkerInfo it reads)."""
+
+    name: str
+    host: str
+    device: str
+    capacity_bytes: int
+    free_bytes: int
+    heartbeat_at: datetime
+    models: tuple[ListedModel, ...]
+
+
+def listed(entry: dict[str, Any], deadline_ms: float | None = None) -> Listed:
+    """A worker's registry entry (WorkerInfo as JSON, decoded) as ls shows it; its beat time
+    from its deadline (as `Registry.workers` reads it) when the entry has a TTL."""
+    ttl = entry.get("ttl_seconds")
+    if deadline_ms is not None and ttl is not None:
+        beat = datetime.fromtimestamp(deadline_ms / 1000, tz=UTC) - timedelta(seconds=ttl)
+    else:
+        beat = datetime.fromisoformat(entry["heartbeat_at"])
+    models = tuple(ListedModel(m["model_key"], m["base"], m["tenant"], m["bytes"],
+                               m.get("pinned", False), tuple(m.get("adapters", ())),
+                               tuple(m.get("shared_by", ()))) for m in entry.get("models", ()))
+    return Listed(entry["name"], entry["host"], entry["device"], entry["capacity_bytes"],
+                  entry["free_bytes"], beat, models)
+
+
+def read_pool(settings: Settings) -> list[Listed]:
+    """The live workers by name, in one round trip (the registry_list script: O(workers), a
+    listing, never on a job's path). A tenant's client sees the pool as tasks/tenants.py
+    says it may, through the validated path."""
+    if settings.tenant is not None:
+        from tasks.client import Client
+
+        return [listed(w.model_dump(mode="json")) for w in Client(settings).workers()]
+    from tasks.connection import connect, text
+    from tasks.keys import Keys
+    from tasks.scripts import script
+
+    keys = Keys(settings.key_prefix)
+    reply = cast(list[Any], script(connect(settings), "registry_list")(
+        keys=[keys.deadlines()], args=[keys.worker("")]))
+    entries = sorted((text(name), float(deadline), raw) for name, deadline, raw
+                     in zip(reply[::3], reply[1::3], reply[2::3], strict=True) if raw)
+    try:
+        return [listed(json.loads(raw), deadline) for _, deadline, raw in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"a worker entry under {keys.worker('*')} does not read as a modelq "
+                         f"worker's ({exc!r}): is a worker of another modelq version here?") from exc
+
+
+def state(worker: Listed, late_after: float, at: datetime | None = None) -> str:
     """`worker`'s state (one of STATES), `late_after` seconds being a missed beat."""
     age = ((at or datetime.now(UTC)) - worker.heartbeat_at).total_seconds()
     if age > late_after:
@@ -65,7 +136,7 @@ def device_kind(device: str) -> str:
     return device.split(":", 1)[0] or "?"
 
 
-def summarize(workers: list[WorkerInfo], late_after: float) -> PoolSummary:
+def summarize(workers: list[Listed], late_after: float) -> PoolSummary:
     """The pool's summary, each worker's state judged with `late_after` (seconds)."""
     now = datetime.now(UTC)
     devices: dict[str, DeviceRow] = defaultdict(DeviceRow)
@@ -86,27 +157,18 @@ def summarize(workers: list[WorkerInfo], late_after: float) -> PoolSummary:
                        len({w.host for w in workers}))
 
 
-def summary_table(summary: PoolSummary, top: int = 20) -> Table:
-    """The summary as tables: devices, then the `top` bases by copies."""
-    grid = Table.grid()
-    grid.title = (f"modelq pool: {summary.workers} worker(s) on {summary.hosts} host(s), "
-                  f"{sum(b.copies for b in summary.bases.values())} resident model(s)")
-    devices = Table(pad_edge=False, box=None)
-    for heading in ("device", *STATES, "workers", "capacity", "free"):
-        devices.add_column(heading, justify="left" if heading == "device" else "right")
-    for kind, row in summary.devices.items():
-        devices.add_row(kind, *(str(row.states[s]) for s in STATES), str(sum(row.states.values())),
-                        size(row.capacity), size(row.free))
-    grid.add_row(devices)
-    if summary.bases:
-        bases = Table(pad_edge=False, box=None, title_justify="left")
-        for heading in ("base", "copies", "workers", "tenants", "bytes"):
-            bases.add_column(heading, overflow="fold", justify="left" if heading == "base" else "right")
-        for base, held in list(summary.bases.items())[:top]:
-            bases.add_row(base, str(held.copies), str(len(held.workers)), str(len(held.tenants)),
-                          size(held.bytes))
-        grid.add_row("")
-        grid.add_row(bases)
-        if len(summary.bases) > top:
-            grid.add_row(f"... and {len(summary.bases) - top} more base(s): `modelq ls --all`")
-    return grid
+def summary_lines(summary: PoolSummary, width: int, top: int = 20) -> Iterator[str]:
+    """The summary as plain lines within `width` columns: devices, then the `top` bases by copies."""
+    yield (f"modelq pool: {summary.workers} worker(s) on {summary.hosts} host(s), "
+           f"{sum(b.copies for b in summary.bases.values())} resident model(s)")
+    yield from aligned(("device", *STATES, "workers", "capacity", "free"), [
+        (kind, *(str(row.states[s]) for s in STATES), str(sum(row.states.values())),
+         size(row.capacity), size(row.free)) for kind, row in summary.devices.items()], width)
+    if not summary.bases:
+        return
+    yield ""
+    yield from aligned(("base", "copies", "workers", "tenants", "bytes"), [
+        (base, str(held.copies), str(len(held.workers)), str(len(held.tenants)), size(held.bytes))
+        for base, held in list(summary.bases.items())[:top]], width)
+    if len(summary.bases) > top:
+        yield f"... and {len(summary.bases) - top} more base(s): `modelq ls --all`"

@@ -1,17 +1,21 @@
-"""How the CLI shows records, events and the pool to a person (no torch)."""
+"""How the CLI shows records, events and the pool to a person (no torch).
+
+Schemas and rich are imported by the functions that use them: `modelq ls` on a large pool
+prints plain lines (`columns`, `workers_lines`) and must start within a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
-from schemas import Event, JobRecord, ResidentModel, RunResult, WorkerInfo
+    from schemas import Event, JobRecord
+    from tasks.pool_summary import Listed, ListedModel
 
 
 def size(n: int | None) -> str:
@@ -26,6 +30,10 @@ def size(n: int | None) -> str:
 
 
 def record_table(record: JobRecord) -> Table:
+    from rich.table import Table
+
+    from schemas import RunResult
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -75,10 +83,13 @@ def event_line(event: Event) -> str:
     return "  ".join(parts)
 
 
-def workers_table(workers: list[WorkerInfo]) -> Table:
+def workers_table(workers: list[Listed]) -> Table:
     """The pool: a table of workers, then one of resident models (each model's base under
     its key). Made to be read at 80 columns: headings are never cut, a model key is never
     broken (it is what `unload` and `attach` take), and long bases and adapter lists wrap."""
+    from rich.table import Table
+    from rich.text import Text
+
     pool = _table(("worker", {}), ("device", {}), ("capacity", {}), ("free", {}),
                   ("models", {"justify": "right"}))
     fold = {"overflow": "fold"}
@@ -103,7 +114,7 @@ def workers_table(workers: list[WorkerInfo]) -> Table:
     return table
 
 
-def workers_lines(workers: list[WorkerInfo]) -> Iterator[str]:
+def workers_lines(workers: list[Listed]) -> Iterator[str]:
     """The pool as plain lines, a worker and then its models indented under it: what
     `modelq ls --all` prints for a large pool, where a table would take seconds to lay out."""
     for worker in workers:
@@ -114,12 +125,30 @@ def workers_lines(workers: list[WorkerInfo]) -> Iterator[str]:
                    f"{'  pinned' if model.pinned else ''}  adapters {', '.join(model.adapters) or '-'}")
 
 
-def _tenant(model: ResidentModel) -> str:
+def _tenant(model: ListedModel) -> str:
     """Whose a resident model is: its tenant, or the tenants sharing a shared base."""
     return f"shared: {', '.join(model.shared_by)}" if model.shared_by else model.tenant
 
 
+def aligned(headings: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> Iterator[str]:
+    """`rows` under `headings` as plain aligned lines within `width` columns where they fit:
+    the first column left-aligned and folded (a base path is as long as it is), the others
+    right-aligned. What a summary prints instead of a rich table, which costs an import and
+    tens of milliseconds to lay out."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headings)]
+    rest = sum(widths[1:]) + 2 * (len(widths) - 1)
+    widths[0] = max(len(headings[0]), min(widths[0], width - rest))
+    for row in (headings, *rows):
+        first, *more = _folded(row[0], widths[0])
+        right = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
+        yield "  ".join([first.ljust(widths[0]), *right])
+        yield from more
+
+
 def _table(*columns: tuple[str, dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for heading, options in columns:
         table.add_column(heading, min_width=len(heading), **options)
@@ -132,4 +161,6 @@ def _folded(text: str, width: int) -> list[str]:
 
 
 def console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
