@@ -183,7 +183,10 @@ def test_flower_shows_workers_and_tasks_behind_basic_auth(redis_url: str, client
         def queue_names() -> set[str]:
             status, lengths = get(f"{base}/api/queues/length", auth)
             assert status == 200
-            return {q["name"] for q in (lengths or {}).get("active_queues", [])}
+            names = {q["name"] for q in (lengths or {}).get("active_queues", [])}
+            if names != wanted:  # a reply later than Flower's inspect timeout (1 s) was missed
+                get(f"{base}/api/workers?refresh=1", auth)  # on a loaded host: ask again
+            return names
 
         wait_for(lambda: queue_names() == wanted, timeout=60, what="modelq's queues in Flower")
         wait_for(lambda: "enabled by remote" in worker.log_text(), timeout=60,
