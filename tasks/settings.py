@@ -122,7 +122,7 @@ class Settings(BaseSettings):
 
     artifact_dir: str | None = None
     """Where quantized weights are saved for reuse by the workers of this host
-    (default ~/.cache/modelq/artifacts)."""
+    (default: `home`/artifacts, so MODELQ_HOME moves them too)."""
 
     keep_alive_check_seconds: float = Field(default=1.0, gt=0)
     """How often a worker unloads models whose keep-alive has passed."""

@@ -138,9 +138,9 @@ def _rss(pid: int) -> int:
 
 def test_memory_returns_after_unload_and_quantized_artifacts_are_reused(
         client: Client, pool: WorkerPool, tmp_path: Path) -> None:
-    artifacts = tmp_path / "artifacts"
+    artifacts = tmp_path / "home" / "artifacts"  # the default place, under MODELQ_HOME
     base = build_model("llama", tmp_path / "base", hidden=512, layers=4, vocab=4096)  # ~55 MB fp32
-    worker = pool.start("mem", "--capacity", "2GiB", env={"MODELQ_ARTIFACT_DIR": str(artifacts)})
+    worker = pool.start("mem", "--capacity", "2GiB", env={"MODELQ_HOME": str(artifacts.parent)})
 
     def cycle(**extra: Any) -> Any:
         loaded = client.submit(_load(base, **extra)).wait(timeout=120)

@@ -31,7 +31,7 @@ from tasks.tenants import Tenants, load_tenants, publish_limits, share_waiting
 from tasks.turns import Turns
 from worker import device as devices
 from worker.admission import Admission
-from worker.artifacts import Artifacts, default_root
+from worker.artifacts import Artifacts
 from worker.attempt import Outcome, RunHooks, RunObserver
 from worker.cache import KeepAliveTimer, ModelCache
 from worker.faults import AllocationFaults, Faults, FaultSettings
@@ -99,7 +99,8 @@ class WorkerApp:
                                       worker_ttl=settings.worker_ttl_seconds)
         self.policy = TenantPolicy(self.tenants, settings.roots)
         self.residents = Residents(self.cache, self.identity, self.policy)
-        artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir else default_root())
+        artifacts = Artifacts(Path(settings.artifact_dir) if settings.artifact_dir
+                              else settings.home / "artifacts")
         admission = Admission(self.cache, options.local_device, artifacts,
                               AllocationFaults(faults.fail_alloc))
         self.handlers = handler_table(self.residents, admission, claim=self._claim,

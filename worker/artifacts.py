@@ -29,16 +29,11 @@ log = logging.getLogger(__name__)
 MARKER = "modelq-artifact.json"  # written last inside the temp folder: what the artifact is
 
 
-def default_root() -> Path:
-    """Where artifacts go when Settings.artifact_dir (MODELQ_ARTIFACT_DIR) is unset."""
-    return Path.home() / ".cache" / "modelq" / "artifacts"
-
-
 class Artifacts:
     """The artifact folders under `root`."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root or default_root()
+    def __init__(self, root: Path) -> None:
+        self.root = root  # Settings.artifact_dir, else `home`/artifacts (worker/app.py)
 
     @staticmethod
     def eligible(job: LoadJob) -> bool:
