@@ -13,8 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from schemas import AccessDenied, InvalidJob, JobRecord, WorkerInfo, parse_job
@@ -44,13 +45,20 @@ def as_default_tenant(api_key: str | None) -> str:
     return "default"
 
 
-async def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
-                  x_api_key: Annotated[str | None, Header()] = None) -> str:
+BEARER = HTTPBearer(auto_error=False, scheme_name="TenantBearer", description=(
+    "A tenant's key (its `key` in the tenants file) as `Authorization: Bearer KEY`; X-API-Key "
+    "does as well. Without a tenants file the gateway acts for tenant 'default' and needs none."))
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="TenantApiKey", description=(
+    "A tenant's key as `X-API-Key: KEY` (a bearer token wins when a request has both)."))
+
+
+async def _tenant(request: Request,
+                  bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+                  x_api_key: Annotated[str | None, Security(API_KEY)] = None) -> str:
     """The caller's tenant, from `Authorization: Bearer KEY` or `X-API-Key: KEY` (a key check
-    is CPU only: it runs on the event loop, never waiting on a thread)."""
-    key = x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
+    is CPU only: it runs on the event loop, never waiting on a thread). The two are security
+    schemes, so the OpenAPI says which operations take a key and how."""
+    key = bearer.credentials.strip() if bearer is not None else x_api_key
     authenticate: Authenticate = request.app.state.authenticate
     try:
         return authenticate(key or None)
@@ -89,7 +97,7 @@ def create_gateway(settings: Settings, authenticate: Authenticate = as_default_t
     jobs = _Jobs(settings, client or Client(settings), tenants, Documented(app))
     streams = EventStreams(lambda: connect_async(settings, MAX_FOLLOWERS + 16), Keys(settings.key_prefix))
     install_errors(app, settings)
-    install_openapi(app)
+    install_openapi(app, keyless=authenticate is as_default_tenant)
     _job_routes(app, jobs)
     _event_routes(app, streams)
     _pool_routes(app, jobs.modelq, streams)

@@ -70,13 +70,16 @@ def _renamed(components: dict[str, Any]) -> set[str]:
     return {name.removesuffix("-Input") for name in components if name.endswith("-Input")}
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Make `app.openapi()` publish the job schemas that the submit routes reference."""
+def install_openapi(app: FastAPI, *, keyless: bool = False) -> None:
+    """Make `app.openapi()` publish the job schemas that the submit routes reference.
+
+    `keyless`: the gateway acts for one tenant and needs no key (no tenants file), so each
+    secured operation also lists the empty requirement: a key is optional there."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description,
                               routes=app.routes, tags=app.openapi_tags)
-            app.openapi_schema = with_job_schemas(doc)
+            app.openapi_schema = _key_optional(with_job_schemas(doc)) if keyless else with_job_schemas(doc)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -101,7 +104,26 @@ def with_job_schemas(doc: dict[str, Any]) -> dict[str, Any]:
         components[name + "-Input" if name in renamed else name] = schema
     _with_shortcuts(components, renamed)
     resolved: dict[str, Any] = _render(doc, renamed)
-    return _one_error_shape(resolved)
+    return _challenged(_one_error_shape(resolved))
+
+
+def _challenged(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with the `WWW-Authenticate: Bearer` header every 401 carries (tasks/gateway_http.py)."""
+    challenge = {"description": "`Bearer`: send a tenant's key", "schema": {"type": "string"}}
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["responses"]["401"]["headers"] = {"WWW-Authenticate": challenge}
+    return doc
+
+
+def _key_optional(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with `{}` (no key) among each secured operation's alternatives."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            if operation.get("security"):
+                operation["security"].append({})
+    return doc
 
 
 def _one_error_shape(doc: dict[str, Any]) -> dict[str, Any]:

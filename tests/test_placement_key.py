@@ -34,3 +34,19 @@ def test_max_memory_that_places_nothing_makes_no_new_copy(client: Client, pool: 
             break
         time.sleep(0.2)
     assert resident == list(keys)
+
+
+def test_a_strategy_whose_budgets_place_alike_makes_no_new_copy(client: Client, pool: WorkerPool,
+                                                                 models: dict[str, Path]) -> None:
+    """'auto' is resolved to its map before loading: two generous cpu budgets are one map."""
+    pool.start("onestrategy")  # default settings, a cpu worker
+    path = str(models["llama"])
+    placements = [{"device_map": "auto", "max_memory": {"cpu": "20GiB"}},
+                  {"device_map": "auto", "max_memory": {"cpu": "30GiB"}}]
+    records = [client.submit(LoadJob.model_validate({"model": path, "placement": p})).wait(timeout=120)
+               for p in placements]
+    assert all(r.status is JobStatus.succeeded for r in records), [r.error for r in records]
+    results = [r.result for r in records if r.result is not None]
+    assert len({r.model_key for r in results}) == 1
+    assert [r.cache_hit for r in results] == [False, True]
+    assert results[0].device_map == {"": "cpu"}

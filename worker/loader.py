@@ -45,7 +45,8 @@ def resolved_placement(placement: PlacementSpec, device: str) -> dict[str, Any]:
     for a strategy only: so every such placement resolves to its map, with every module on
     one device written `{"": device}` (no device_map at all, `"cpu"` on a cpu worker,
     `{"": "cuda"}` on a GPU worker, whatever their max_memory). A strategy ("auto", ...)
-    depends on the budgets and the model's size: it is kept as asked, budgets included.
+    reaches here already resolved to its map (worker/placement.py); one that could not be
+    resolved before loading is kept as asked, budgets included.
     """
     args = placement_args(placement, device)
     device_map = args["device_map"]

@@ -19,6 +19,7 @@ from worker.admission import Admission
 from worker.cache import Entry, release_memory
 from worker.errors import translate
 from worker.handlers import Claim, Handler
+from worker.placement import Placements
 from worker.progress import Reporter
 from worker.resident import Residents
 from worker.resolve import Resolved, Source, resolve
@@ -28,8 +29,10 @@ class LoadHandler(Handler):
     """Runs load jobs against one worker's cache."""
 
     def __init__(self, residents: Residents, admission: Admission,
-                 claim: Callable[[LoadJob], Claim] | None = None) -> None:
+                 claim: Callable[[LoadJob], Claim] | None = None,
+                 placements: Placements | None = None) -> None:
         self.residents = residents
+        self.placements = placements or Placements()  # strategies resolved to maps: one key per map
         self.cache = residents.cache
         self.policy = residents.policy
         self.admission = admission
@@ -73,15 +76,16 @@ class LoadHandler(Handler):
         resolved = resolve(job.model, trust_remote_code=job.trust_remote_code, access=access,
                            tqdm_class=reporter.tqdm_class())
         check_cancel(reporter)
-        key = loader.model_key(self.policy.identity(resolved.base, job), job,
-                               self.residents.identity.local_device)
+        device = self.residents.identity.local_device
+        placed = self.placements.concrete(resolved, job, device)  # keyed and loaded by its map
+        key = loader.model_key(self.policy.identity(resolved.base, job), placed, device)
         self.cache.busy = key
         entry = self.cache.get(key)
         cache_hit = entry is not None
         if entry is None:
             plain = job.dtype is DType.auto and not job.quantization.quantized
             self._charge(job.tenant, estimate.weights_bytes(resolved.base.path) if plain else 0)
-            entry = self._load_new(key, resolved, job, reporter, access)
+            entry = self._load_new(key, resolved, placed, reporter, access)
         elif entry.tenant == SHARED_TENANT and job.tenant not in entry.shared_by:
             self._charge(job.tenant, entry.bytes)
         attached = self._attach_all(entry, resolved, job, reporter, access, fresh=not cache_hit)
@@ -167,8 +171,9 @@ class LoadHandler(Handler):
                            access=self.policy.access(job.tenant))
         if resolved.adapter is not None:
             return None
-        entry = self.cache.peek(loader.model_key(resolved.base.identity, job,
-                                                 self.residents.identity.local_device))
+        device = self.residents.identity.local_device
+        placed = self.placements.concrete(resolved, job, device)
+        entry = self.cache.peek(loader.model_key(resolved.base.identity, placed, device))
         if entry is None or wanted not in entry.request_keys:  # the folder changed since
             return None
         return self.residents.info(entry, True, time.monotonic() - started, measure=False)
