@@ -171,7 +171,8 @@ class ScaleBench:
         count, seconds = self.args.submits, self.args.seconds
         least = min(seconds, self.args.min_seconds if self.args.min_seconds is not None
                     else 2 * self.ttl)
-        rates = [background_rate(self.redis, self.args.background_seconds or self.ttl)]
+        commands: dict[str, Any] = {}  # what the pool's background runs in Redis
+        rates = [background_rate(self.redis, self.args.background_seconds or self.ttl, commands)]
         timings: list[tuple[float, float]] = []
         watch: ReapWatch | None = None
         before = counters(self.redis)
@@ -198,7 +199,7 @@ class ScaleBench:
                 **windowed(timings, self.ttl / 2),
                 **net_cpu(after.cpu_seconds - before.cpu_seconds, loop_seconds, rates,
                           len(timings)),
-                "killed": len(victims),
+                "background_commands": commands, "killed": len(victims),
                 "reap_seconds": [watch.seconds.get(self.keys.worker_queue(v)) for v in victims]}
 
     def close(self) -> None:

@@ -22,12 +22,27 @@ from bench.figures import percentile
 from bench.scale_redis import counters
 
 
-def background_rate(client: redis.Redis, seconds: float) -> float:
-    """Redis CPU seconds per second over `seconds` with nothing submitted by the bench."""
+def background_rate(client: redis.Redis, seconds: float,
+                    commands: dict[str, Any] | None = None) -> float:
+    """Redis CPU seconds per second over `seconds` with nothing submitted by the bench; into
+    `commands`, if given, the calls per second and µs per call of each command run then."""
+    stats = _commandstats(client)
     before, begun = counters(client), time.perf_counter()
     time.sleep(seconds)
-    after = counters(client)
-    return (after.cpu_seconds - before.cpu_seconds) / (time.perf_counter() - begun)
+    after, took = counters(client), time.perf_counter() - begun
+    if commands is not None:
+        for name, (calls, usec) in _commandstats(client).items():
+            calls -= stats.get(name, (0, 0))[0]
+            usec -= stats.get(name, (0, 0))[1]
+            if calls > 0:
+                commands[name] = {"per_s": round(calls / took, 1), "us": round(usec / calls, 1)}
+    return (after.cpu_seconds - before.cpu_seconds) / took
+
+
+def _commandstats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    stats: dict[str, Any] = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in stats.items()}
 
 
 def windowed(timings: list[tuple[float, float]], span: float) -> dict[str, Any]:
