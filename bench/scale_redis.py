@@ -1,12 +1,14 @@
 """What `python -m bench.scale` reads and writes in Redis besides the real code paths.
 
 The backlog (a million job records, written by one server-side loop from a real record),
-Redis's own counters (bytes sent, CPU seconds) and the check that every job the bench
-submitted ended in exactly one terminal record. Key names come from tasks/keys.py.
+Redis's own counters (bytes sent, CPU seconds), the watch on dead workers' queues, and the
+check that every job the bench submitted ended in exactly one terminal record. Key names
+come from tasks/keys.py.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,3 +111,21 @@ def wait_terminal(client: redis.Redis, keys: Keys, job_ids: Sequence[str],
         if waiting:
             time.sleep(0.5)
     return len(waiting)
+
+
+class ReapWatch(threading.Thread):
+    """Seconds from each dead worker's last beat until its own queue is empty (its jobs moved
+    to the shared queue: nothing else takes from a dead worker's queue)."""
+
+    def __init__(self, client: redis.Redis, deaths: dict[str, float], timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.deaths, self.timeout = client, deaths, timeout
+        self.seconds: dict[str, float] = {}
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(self.seconds) < len(self.deaths) and time.monotonic() < deadline:
+            for queue, died in self.deaths.items():
+                if queue not in self.seconds and not self.redis.llen(queue):
+                    self.seconds[queue] = time.time() - died
+            time.sleep(0.1)

@@ -8,6 +8,12 @@ rescue sweeps a real worker runs) on its beats. A few scheduler threads beat eve
 worker once per heartbeat interval, staggered, instead of a thread per worker. Nothing
 here consumes a queue: the bench's real `modelq worker` processes do that.
 
+The process lowers its own CPU priority first (`os.nice(config["nice"])`, 10 by default):
+it stands in for other machines, whose Python would not compete for the bench machine's
+cores with the producer being timed, the consumers and Redis. Its beats still reach Redis,
+and cost it, as a real pool's do; `stats` reports how late they ran (at nice 19 they ran
+up to 17 s late on a saturated 2-core machine, the pool lapsing: not a pool any more).
+
 Control is one line at a time on stdin, each answered with one JSON line on stdout:
 `pause` (no beat in flight when it answers), `resume`, `kill NAME` (that worker's beats
 stop, as if its process died: its entry lapses after the TTL; the answer holds the wall
@@ -20,6 +26,7 @@ import hashlib
 import heapq
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -219,7 +226,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s sim %(levelname)s %(message)s")
     with open(sys.argv[1]) as file:
-        host = Host(json.load(file))
+        config = json.load(file)
+    os.nice(config.get("nice", 10))
+    host = Host(config)
     host.register()
     print(json.dumps({"ready": len(host.workers)}), flush=True)
     for line in sys.stdin:

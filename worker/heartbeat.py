@@ -69,7 +69,8 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._published: str | None = None  # the entry last written, less its times
-        self._tasks: tuple[str, ...] = ()  # the tasks the last written entry offers
+        self._beat_args: list[Any] = []  # the beat script's ARGV: name, TTL, the tasks offered
+        self._beat_keys = [keys.worker(self.name), keys.deadlines(), keys.tasks_offered()]
         self._state_written: WorkerState | None = None  # the state the entry last said
         self._scripts = {name: script(client, f"registry_{name}")
                          for name in ("publish", "beat", "leave")}
@@ -150,7 +151,7 @@ class Heartbeat:
     def _renew(self, state: WorkerState) -> None:
         """Renew the entry; publish in full if what it says changed or it vanished. A state
         equal to the one last written is not even serialized: a beat of an idle worker
-        costs one small script and no JSON."""
+        costs one small script, its keys and arguments built once, and no JSON."""
         if state != self._state_written:
             info = self._info(state)
             content = info.model_dump_json(exclude=_TIMES)
@@ -158,9 +159,7 @@ class Heartbeat:
                 self._write(info, content, state)
                 return
             self._state_written = state  # only times changed (a cache hit's last_used)
-        if not self._scripts["beat"](
-                keys=[self.keys.worker(self.name), self.keys.deadlines(), self.keys.tasks_offered()],
-                args=[self.name, self.ttl_ms, *self._tasks]):
+        if not self._scripts["beat"](keys=self._beat_keys, args=self._beat_args):
             info = self._info(state)  # the entry vanished: publish in full
             self._write(info, info.model_dump_json(exclude=_TIMES), state)
 
@@ -169,7 +168,8 @@ class Heartbeat:
             keys=[*self._own_keys(), self.keys.tasks_offered()],
             args=[self.name, info.model_dump_json(), self.ttl_ms,
                   memo_json(self.keys, info, state.queues), info.free_bytes])
-        self._published, self._tasks, self._state_written = content, info.tasks, state
+        self._published, self._state_written = content, state
+        self._beat_args = [self.name, self.ttl_ms, *info.tasks]
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         """Run `write` (a Redis error is logged); whether it is the first success after one."""
