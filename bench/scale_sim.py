@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import inspect
 import json
 import logging
 import os
@@ -98,6 +99,14 @@ def beat(worker: SimWorker, side: ThreadPoolExecutor) -> None:
     worker.last_beat = time.time()
 
 
+def _reaping(reaper: Reaper) -> dict[str, Any]:
+    """How this checkout's Heartbeat takes the reaper: its bid inside the beat script, or (before
+    that) a call of its own from `on_beat`."""
+    if "reaper" in inspect.signature(Heartbeat).parameters:
+        return {"reaper": reaper}
+    return {"on_beat": reaper.maybe_run}
+
+
 def _quiet(call: Callable[[], int]) -> None:
     try:
         call()
@@ -143,7 +152,7 @@ class Host:
                                 Resend(self.redis, self.keys, send, grace=grace).run])
         heartbeat = Heartbeat(self.redis, self.keys, (name, "cuda:0"), state=lambda: state,
                               timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
-                              on_beat=reaper.maybe_run)
+                              **_reaping(reaper))
         return SimWorker(heartbeat, reaper.maybe_run, due)
 
     def register(self) -> None:

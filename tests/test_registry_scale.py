@@ -111,6 +111,33 @@ def test_the_reaper_drains_a_dead_workers_queues_from_its_memo_without_a_scan(
     assert calls(client, "scan") == scans
 
 
+def test_a_beat_carries_the_reaper_bid_and_one_worker_a_period_takes_the_turn(
+        redis_url: str, client: redis.Redis) -> None:
+    Pool(client).add("dead", 10)
+    client.lpush(KEYS.worker_queue("dead"), "orphan")
+    client.delete(KEYS.worker("dead"))
+    client.zadd(KEYS.deadlines(), {"dead": 1})
+    counted = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+        redis_url, connection_class=Counting))
+    beats = []
+    for name in ("a", "b"):
+        reaper = Reaper(counted, KEYS, every=60, worker=name)
+        beats.append(Heartbeat(counted, KEYS, (name, "cpu"), state=lambda: WorkerState(1, 1, []),
+                               timing=(1, 30), reaper=reaper))
+        beats[-1].register()
+    trips = Counting.trips
+    beats[1].beat()  # b's period came first: its beat script won the turn, then it reaped
+    assert client.get(KEYS.reaper_turn()) == b"b"
+    assert client.lrange(KEYS.queue(), 0, -1) == [b"orphan"]
+    reap_trips = Counting.trips - trips
+    trips = Counting.trips
+    beats[0].beat()  # a bid in its beat and lost: one round trip, nothing else
+    assert Counting.trips - trips == 1 < reap_trips
+    trips = Counting.trips
+    beats[1].beat()  # within b's period: no bid at all
+    assert Counting.trips - trips == 1 and client.get(KEYS.reaper_turn()) == b"b"
+
+
 class Counting(Connection):
     """A connection that counts the round trips made on it."""
 

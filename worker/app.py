@@ -176,9 +176,8 @@ class WorkerApp:
         return metrics
 
     def _heartbeat(self) -> Heartbeat:
-        def on_beat() -> None:  # the heartbeat thread: keep our leases, rescue dead workers' queues
+        def on_beat() -> None:  # the heartbeat thread, after the reaper's turn if it won one
             self.leases.renew()
-            self.reaper.maybe_run()
             self.turns.sweep()  # after the reaper: what it put back on shares takes its turns
 
         def state() -> WorkerState:
@@ -189,7 +188,8 @@ class WorkerApp:
         settings = self.settings
         return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
                          timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
-                         on_beat=on_beat, on_reconnect=lambda: self.on_reconnect())
+                         on_beat=on_beat, reaper=self.reaper,
+                         on_reconnect=lambda: self.on_reconnect())
 
     def _sweeps(self) -> list[Callable[[], int]]:
         """What the reaper's turn runs besides moving orphaned queues (worker/rescue.py)."""

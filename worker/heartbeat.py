@@ -2,10 +2,10 @@
 
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it. A beat
 renews that TTL and the worker's deadline (`Keys.deadlines`) in one small script, whatever
-the pool's size; the entry and the routing index entries it implies (tasks/index.py) are
-written again only when what it says changes, or when it vanished. Each beat also runs
-`on_beat` (the worker's job leases, worker/lease.py), so a lease lives exactly as long as
-the heartbeat does.
+the pool's size, and carries the worker's bid for the pool's reaper turn (worker/reaper.py);
+the entry and the routing index entries it implies (tasks/index.py) are written again only
+when what it says changes, or when it vanished. Each beat also runs `on_beat` (the worker's
+job leases, worker/lease.py), so a lease lives exactly as long as the heartbeat does.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from schemas import ResidentModel, WorkerInfo
 from tasks.index import memo_json
 from tasks.keys import Keys
 from tasks.scripts import script
+from worker.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,14 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, keys: Keys, worker: tuple[str, str], *,
                  state: Callable[[], WorkerState], timing: tuple[float, float],
-                 on_beat: Callable[[], None] = lambda: None,
+                 on_beat: Callable[[], None] = lambda: None, reaper: Reaper | None = None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.name, self.device = worker  # the worker's name and its device as configured
         self._state = state
-        self._on_beat = on_beat  # leases renewed, dead workers' queues rescued
+        self._on_beat = on_beat  # leases renewed, tenant turns swept
+        self._reaper = reaper  # bids for the pool's reaper turn ride on the beat script
         self._on_reconnect = on_reconnect  # called once Redis answers again after an outage
         self._failing = False
         self.interval, ttl = timing  # (seconds between beats, seconds the entry lives)
@@ -69,8 +71,9 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._published: str | None = None  # the entry last written, less its times
-        self._beat_args: list[Any] = []  # the beat script's ARGV: name, TTL, the tasks offered
-        self._beat_keys = [keys.worker(self.name), keys.deadlines(), keys.tasks_offered()]
+        self._beat_args: list[Any] = []  # the beat script's ARGV: name, TTL, bid, the tasks
+        self._beat_keys = [keys.worker(self.name), keys.deadlines(), keys.tasks_offered(),
+                           keys.reaper_turn()]
         self._state_written: WorkerState | None = None  # the state the entry last said
         self._scripts = {name: script(client, f"registry_{name}")
                          for name in ("publish", "beat", "leave")}
@@ -113,16 +116,22 @@ class Heartbeat:
 
     def beat(self) -> None:
         """One beat, what the thread does each interval: renew the entry's TTL and the
-        deadlines (one script), publishing in full instead when what the entry says changed
-        or it vanished; then `on_beat`."""
+        deadlines and bid for the reaper's turn (one script), publishing in full instead when
+        what the entry says changed or it vanished; then the reaper's turn if won (a beat
+        that published bids on its own), then `on_beat`."""
+        won: list[bool] = []  # [whether the beat script won the turn], empty if it did not run
         with self._lock:
             state = self._state()
-            recovered = self._guarded(lambda: self._renew(state))
+            recovered = self._guarded(lambda: self._renew(state, won))
         self._recovered(recovered)
         try:
+            if self._reaper is not None and won == [True]:
+                self._reaper.take()
+            elif self._reaper is not None and not won:  # it published instead: bid on its own
+                self._reaper.maybe_run()
             self._on_beat()
         except Exception:  # a beat must never die
-            log.exception("worker %s: lease renewal failed", self.name)
+            log.exception("worker %s: lease renewal or reaping failed", self.name)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="modelq-heartbeat", daemon=True)
@@ -148,7 +157,7 @@ class Heartbeat:
         return [self.keys.worker(self.name), self.keys.worker_routes(self.name),
                 self.keys.deadlines()]
 
-    def _renew(self, state: WorkerState) -> None:
+    def _renew(self, state: WorkerState, won: list[bool]) -> None:
         """Renew the entry; publish in full if what it says changed or it vanished. A state
         equal to the one last written is not even serialized: a beat of an idle worker
         costs one small script, its keys and arguments built once, and no JSON."""
@@ -159,7 +168,11 @@ class Heartbeat:
                 self._write(info, content, state)
                 return
             self._state_written = state  # only times changed (a cache hit's last_used)
-        if not self._scripts["beat"](keys=self._beat_keys, args=self._beat_args):
+        args = self._beat_args
+        args[2] = self._reaper.bid_ms() if self._reaper is not None else 0
+        deadline, turn = self._scripts["beat"](keys=self._beat_keys, args=args)
+        won.append(bool(turn))
+        if not deadline:
             info = self._info(state)  # the entry vanished: publish in full
             self._write(info, info.model_dump_json(exclude=_TIMES), state)
 
@@ -169,7 +182,7 @@ class Heartbeat:
             args=[self.name, info.model_dump_json(), self.ttl_ms,
                   memo_json(self.keys, info, state.queues), info.free_bytes])
         self._published, self._state_written = content, state
-        self._beat_args = [self.name, self.ttl_ms, *info.tasks]
+        self._beat_args = [self.name, self.ttl_ms, 0, *info.tasks]
 
     def _guarded(self, write: Callable[[], None]) -> bool:
         """Run `write` (a Redis error is logged); whether it is the first success after one."""

@@ -1,14 +1,14 @@
 """Hands the jobs of dead workers to live ones, so none waits for a worker that is gone.
 
 Loads are routed to one worker's own queue; when that worker dies, the jobs queued
-behind it would wait in a queue nobody consumes. Every live worker runs `maybe_run`
-from its heartbeat; one of them per period takes the turn (`Keys.reaper_turn`, SET NX
-with a TTL) and reaps its prefix's dead workers: those whose deadline passed
-(`Keys.deadlines`, a sorted set: no scan of the registry or the keyspace). One script per
-dead worker removes its routing index entries and moves each of its own queues (its memo
-lists them, tenant shares included), oldest first, onto the matching shared queue
-(attach/unload jobs then fail cleanly as ModelNotFound: their model died with the
-worker); then the turn runs the sweeps it was given
+behind it would wait in a queue nobody consumes. Every live worker bids once a period
+from its heartbeat (inside the beat's own script: `bid_ms`, `take`); one of them per period
+takes the turn (`Keys.reaper_turn`, SET NX with a TTL) and reaps its prefix's dead workers:
+those whose deadline passed (`Keys.deadlines`, a sorted set: no scan of the registry or the
+keyspace). One script per dead worker removes its routing index entries and moves each of
+its own queues (its memo lists them, tenant shares included), oldest first, onto the
+matching shared queue (attach/unload jobs then fail cleanly as ModelNotFound: their model
+died with the worker); then the turn runs the sweeps it was given
 (worker/rescue.py: the message of a job its dead worker was running, put back within
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
@@ -67,16 +67,34 @@ class Reaper:
         self._clock = clock
         self._next = 0.0
 
-    def maybe_run(self) -> int:
-        """Reap if this worker's period came and it won the pool's turn; how many jobs moved."""
+    def bid_ms(self) -> int:
+        """The turn's TTL (ms) to bid with if this worker's period came, else 0; a bid starts
+        the next period. The heartbeat bids inside its beat script (worker/heartbeat.py):
+        every live worker bids once a period, so a bid of its own would be a pool-wide round
+        trip per period and worker. The turn lapses a little before the next period, so a
+        lone worker never misses one."""
         if self._clock() < self._next:
             return 0
         self._next = self._clock() + self.every
+        return max(1, int(self.every * 900))
+
+    def maybe_run(self) -> int:
+        """Bid for the pool's turn if this worker's period came, and take it if won; how many
+        jobs moved (the bid on its own, for a beat that could not carry it)."""
+        ttl_ms = self.bid_ms()
+        if not ttl_ms:
+            return 0
         try:
-            # The turn lapses a little before the next period, so a lone worker never misses one.
-            if not self.redis.set(self.keys.reaper_turn(), self.worker or "-", nx=True,
-                                  px=max(1, int(self.every * 900))):
+            if not self.redis.set(self.keys.reaper_turn(), self.worker or "-", nx=True, px=ttl_ms):
                 return 0
+        except redis.RedisError as exc:
+            log.warning("could not look for orphaned queues: %s", exc)
+            return 0
+        return self.take()
+
+    def take(self) -> int:
+        """The turn this worker won: reap, then run the sweeps; how many jobs moved."""
+        try:
             moved = self.run()
         except redis.RedisError as exc:
             log.warning("could not look for orphaned queues: %s", exc)
