@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import raw_celery, rss
-from bench.__main__ import figures
+from bench.__main__ import figures, queue_phase
 from bench.env import ROOT, WORKER_ENV, Bench, big_lora, variant, variant_lora
 from bench.figures import Figure, Report, percentile
 from bench.inprocess import InProcess
@@ -162,3 +162,19 @@ def test_task_and_load_phases_fill_their_figures(tmp_path: Path) -> None:
              "artifact_cache_speedup", "peak_rss_ratio"]
     assert [key for key in owned if not report.figure(key).available] == []
     assert report.context["tasks"]["generated"]  # the worker's text matched the in-process one
+
+
+@pytest.mark.e2e
+def test_queue_phase_notes_both_sides_own_figures(tmp_path: Path) -> None:
+    """The queue ratios come with what they divide (each side's p50 and jobs/s): the ratios
+    alone move with the host's load."""
+    report = Report(figures())
+    tasks = task_model(tmp_path, "tasks", {"hidden": 64, "layers": 2, "vocab": 256})
+    tiny = write_model(TINY, tmp_path / "models" / "tiny")
+    counts = {"latency_rounds": 1, "jobs_per_round": 3, "batches": 1, "batch_size": 4}
+    with Bench(cache=tmp_path) as bench:
+        queue_phase(bench, report, tiny, 1, counts, tasks)
+    assert report.figure("queue_overhead_ratio").available
+    assert report.figure("throughput_ratio").available
+    assert "ms (cache hit) /" in report.figure("queue_overhead_ratio").note
+    assert report.figure("throughput_ratio").note.endswith(" jobs/s")
