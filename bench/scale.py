@@ -58,6 +58,13 @@ def figures(ttl: float = TTL) -> list[Figure]:
     ]
 
 
+def renice(pid: int, nice: int) -> None:
+    """Set every thread of process `pid` to niceness `nice` (Linux keeps it per thread; threads
+    started later inherit their creator's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 class ScaleBench:
     """One Redis, the real consumers, and the phases measured against them."""
 
@@ -96,6 +103,8 @@ class ScaleBench:
             if record.status is not JobStatus.succeeded:
                 raise RuntimeError(f"warm-up load failed: {record.error}")
             self.hits.append(job)
+        for worker in self.pool:  # they stand in for GPU hosts: the producer and Redis go first
+            renice(worker.pid, self.args.consumer_nice)
         assert record is not None
         return record
 
@@ -270,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, default=2, help="real `modelq worker` processes")
     parser.add_argument("--processes", type=int, default=2, help="simulated worker host processes")
     parser.add_argument("--threads", type=int, default=4, help="beating threads per host process")
+    parser.add_argument("--consumer-nice", type=int, default=19,
+                        help="CPU niceness of the consumers (GPU hosts, other machines in a real pool)")
     parser.add_argument("--sim-nice", type=int, default=10,
                         help="CPU niceness of the simulated hosts (other machines in a real pool)")
     parser.add_argument("--interval", type=float, default=INTERVAL, help="heartbeat seconds")
@@ -285,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
         "load_average": os.getloadavg(), "workers": args.workers, "backlog": args.backlog,
         "heartbeat_seconds": args.interval, "worker_ttl_seconds": args.ttl, "consumers": args.consumers,
+        "nice": {"consumers": args.consumer_nice, "simulated": args.sim_nice},
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])})
     started = time.monotonic()
     (CACHE / "scale").mkdir(parents=True, exist_ok=True)

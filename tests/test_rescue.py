@@ -118,3 +118,33 @@ def test_a_queued_job_with_no_message_is_sent_again_once(redis_url: str) -> None
     assert [r.job_id for r in sent] == [lost] and sent[0].job == JOB  # the record's own job
     assert client.zscore(KEYS.unstarted(), running) is None  # started: pruned
     assert resend.run() == 0  # seen just now: looked at again after another grace
+
+
+def test_a_long_backlog_is_not_read_whole_and_a_share_is_still_searched(redis_url: str) -> None:
+    """The old queued jobs' messages sit at the taking end of the queues: Resend finds them
+    there without a SCAN or a read of the whole backlog; one on a tenant share (not among the
+    queues it reads first) is found by the full listing, so it is not sent twice."""
+    client = redis.Redis.from_url(redis_url)
+    store = Store(client, KEYS, 3600)
+    old = [uuid.uuid4().hex for _ in range(3)]
+    for job_id in old:
+        store.create(record(job_id))
+    client.lpush("modelq", *(json.dumps(message(job_id)) for job_id in old))  # taken first
+    client.lpush("modelq", *(json.dumps(message(uuid.uuid4().hex)) for _ in range(3000)))
+    sent: list[JobRecord] = []
+    clock = [time.time() + 31]
+    resend = Resend(client, KEYS, lambda rec: sent.append(rec) or "modelq", grace=30,
+                    clock=lambda: clock[0])
+    before = client.info("commandstats")
+    assert resend.run() == 0 and sent == []
+    after = client.info("commandstats")
+    assert after.get("cmdstat_scan", {}).get("calls", 0) == before.get("cmdstat_scan", {}).get("calls", 0)
+    read = after["cmdstat_lrange"]["calls"] - before.get("cmdstat_lrange", {}).get("calls", 0)
+    assert read == 1  # one chunk of the shared queue's oldest messages
+
+    shared = uuid.uuid4().hex
+    store.create(record(shared))
+    client.lpush(KEYS.tenant_queues("acme")[0], json.dumps(message(shared)))
+    clock[0] += 61
+    assert resend.run() == 0 and sent == []  # found on the share by the full listing
+    assert client.info("commandstats")["cmdstat_scan"]["calls"] > 0

@@ -11,7 +11,9 @@ worker TTL, not the broker's visibility timeout (`max_load_seconds + 600`):
   was a dead worker's own.
 - `Resend`: a `queued` record older than a grace period whose message is in no queue and
   no unacked entry (a Redis failure between writing the record and sending its message)
-  is sent again, built from the record alone and signed for its tenant.
+  is sent again, built from the record alone and signed for its tenant. It looks for the
+  old jobs' messages where they wait, oldest first, and stops when it has found them: a
+  long backlog is not read whole on every turn.
 
 Either may deliver a job twice in a rare race; the runner's lease and record checks make
 a second delivery harmless (worker/runner.py). This module never changes a job record.
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 """Entries one sweep looks at, oldest first; the rest wait for the next turn."""
+
+CHUNK = 500
+"""Messages read from a queue at a time, and queues read in one round trip, by `Resend`."""
 
 Send = Callable[[JobRecord], str]
 """Sends a job's message again, built from its record; returns the queue it went to."""
@@ -168,7 +173,7 @@ class Resend:
                    and r.status is JobStatus.queued]
         if not waiting:
             return 0
-        present = self._on_broker()
+        present = self._on_broker({r.job_id for r in waiting})
         lost = [r for r in waiting if r.job_id not in present]
         self.redis.zadd(index, {r.job_id: now for r in waiting}, xx=True)  # seen: next look later
         return sum(self._send(record) for record in lost)
@@ -183,22 +188,49 @@ class Resend:
                     record.job_id, self._clock() - record.created_at.timestamp(), queue)
         return 1
 
-    def _on_broker(self) -> set[str]:
-        """Job ids of every message waiting on a queue or taken and not acked.
+    def _on_broker(self, wanted: set[str] | None = None) -> set[str]:
+        """Job ids of messages waiting on a queue or taken and not acked: all of them, or enough
+        to tell which of `wanted` have one.
 
-        The one SCAN left on a reaper's turn (routing and reaping scan nothing): it runs only
-        when a `queued` record has outlived the grace, and reads every queue list of the
-        prefix, so its cost grows with the pool's queues; a candidate for an index of its own.
+        For `wanted`, it looks where waiting jobs are: the unacked hashes, then the shared
+        queue and every registered worker's own queue, each read from the end messages are
+        taken from, oldest first (the jobs asked about are old ones), and left once every
+        wanted id is found: a busy pool's backlog costs a few reads, not a read of every
+        message. Only an id still missing then (a message truly lost, or one on a tenant
+        share) makes it list every queue of the prefix with SCAN and read them whole.
         """
         ids: set[str] = set()
         for unacked, _ in self.keys.unacked_pairs():
             for raw in cast(Iterable[bytes], self.redis.hvals(unacked)):
                 ids.add(message_id(_entry(raw)[0]) or "")
+        if wanted is not None:
+            workers = cast(list[bytes], self.redis.zrange(self.keys.deadlines(), 0, -1))
+            names = [self.keys.queue(), *(self.keys.worker_queue(text(w)) for w in workers)]
+            for start in range(0, len(names), CHUNK):
+                if wanted <= ids:
+                    return ids
+                self._oldest(names[start:start + CHUNK], ids, wanted)
+            if wanted <= ids:
+                return ids
         for pattern in self.keys.queue_patterns():
             for name in self.redis.scan_iter(match=pattern, count=500, _type="LIST"):
                 for raw in cast(list[bytes], self.redis.lrange(name, 0, -1)):
                     ids.add(message_id(_loads(raw)) or "")
         return ids
+
+    def _oldest(self, names: list[str], ids: set[str], wanted: set[str]) -> None:
+        """Read queues `names` into `ids`, CHUNK messages at a time from their taking end, one
+        round trip per step for all of them, until each is read or every wanted id found."""
+        end = -1
+        while names and not wanted <= ids:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.lrange(queue_list(name), end - CHUNK + 1, end)
+            chunks = cast(list[list[bytes]], pipe.execute())
+            for chunk in chunks:
+                ids.update(message_id(_loads(raw)) or "" for raw in chunk)
+            names = [name for name, chunk in zip(names, chunks, strict=True) if len(chunk) == CHUNK]
+            end -= CHUNK
 
 
 def _loads(raw: bytes | str | None) -> Any:
