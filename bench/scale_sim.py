@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import inspect
 import json
 import logging
 import os
@@ -99,14 +98,6 @@ def beat(worker: SimWorker, side: ThreadPoolExecutor) -> None:
     worker.last_beat = time.time()
 
 
-def _reaping(reaper: Reaper) -> dict[str, Any]:
-    """How this checkout's Heartbeat takes the reaper: its bid inside the beat script, or (before
-    that) a call of its own from `on_beat`."""
-    if "reaper" in inspect.signature(Heartbeat).parameters:
-        return {"reaper": reaper}
-    return {"on_beat": reaper.maybe_run}
-
-
 def _quiet(call: Callable[[], int]) -> None:
     try:
         call()
@@ -150,9 +141,14 @@ class Host:
                         sweeps=[Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
                                            grace=grace).run,
                                 Resend(self.redis, self.keys, send, grace=grace).run])
+        timing = (settings.heartbeat_seconds, settings.worker_ttl_seconds)
         heartbeat = Heartbeat(self.redis, self.keys, (name, "cuda:0"), state=lambda: state,
-                              timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
-                              **_reaping(reaper))
+                              timing=timing)
+        if hasattr(heartbeat, "reaper"):  # this checkout's beat script carries the turn's bid
+            heartbeat.reaper = reaper
+        else:  # earlier checkouts: the reaper bids from on_beat, a round trip of its own
+            heartbeat = Heartbeat(self.redis, self.keys, (name, "cuda:0"), state=lambda: state,
+                                  timing=timing, on_beat=reaper.maybe_run)
         return SimWorker(heartbeat, reaper.maybe_run, due)
 
     def register(self) -> None:

@@ -123,7 +123,8 @@ def test_a_beat_carries_the_reaper_bid_and_one_worker_a_period_takes_the_turn(
     for name in ("a", "b"):
         reaper = Reaper(counted, KEYS, every=60, worker=name)
         beats.append(Heartbeat(counted, KEYS, (name, "cpu"), state=lambda: WorkerState(1, 1, []),
-                               timing=(1, 30), reaper=reaper))
+                               timing=(1, 30)))
+        beats[-1].reaper = reaper
         beats[-1].register()
     trips = Counting.trips
     beats[1].beat()  # b's period came first: its beat script won the turn, then it reaped

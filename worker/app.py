@@ -186,10 +186,11 @@ class WorkerApp:
                                self.own_queues)
 
         settings = self.settings
-        return Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
-                         timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
-                         on_beat=on_beat, reaper=self.reaper,
-                         on_reconnect=lambda: self.on_reconnect())
+        heartbeat = Heartbeat(self.redis, self.keys, (self.name, self.identity.device), state=state,
+                              timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds),
+                              on_beat=on_beat, on_reconnect=lambda: self.on_reconnect())
+        heartbeat.reaper = self.reaper
+        return heartbeat
 
     def _sweeps(self) -> list[Callable[[], int]]:
         """What the reaper's turn runs besides moving orphaned queues (worker/rescue.py)."""

@@ -54,14 +54,14 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, keys: Keys, worker: tuple[str, str], *,
                  state: Callable[[], WorkerState], timing: tuple[float, float],
-                 on_beat: Callable[[], None] = lambda: None, reaper: Reaper | None = None,
+                 on_beat: Callable[[], None] = lambda: None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.name, self.device = worker  # the worker's name and its device as configured
         self._state = state
         self._on_beat = on_beat  # leases renewed, tenant turns swept
-        self._reaper = reaper  # bids for the pool's reaper turn ride on the beat script
+        self.reaper: Reaper | None = None  # set by the owner: its bids ride on the beat script
         self._on_reconnect = on_reconnect  # called once Redis answers again after an outage
         self._failing = False
         self.interval, ttl = timing  # (seconds between beats, seconds the entry lives)
@@ -125,10 +125,10 @@ class Heartbeat:
             recovered = self._guarded(lambda: self._renew(state, won))
         self._recovered(recovered)
         try:
-            if self._reaper is not None and won == [True]:
-                self._reaper.take()
-            elif self._reaper is not None and not won:  # it published instead: bid on its own
-                self._reaper.maybe_run()
+            if self.reaper is not None and won == [True]:
+                self.reaper.take()
+            elif self.reaper is not None and not won:  # it published instead: bid on its own
+                self.reaper.maybe_run()
             self._on_beat()
         except Exception:  # a beat must never die
             log.exception("worker %s: lease renewal or reaping failed", self.name)
@@ -169,7 +169,7 @@ class Heartbeat:
                 return
             self._state_written = state  # only times changed (a cache hit's last_used)
         args = self._beat_args
-        args[2] = self._reaper.bid_ms() if self._reaper is not None else 0
+        args[2] = self.reaper.bid_ms() if self.reaper is not None else 0
         deadline, turn = self._scripts["beat"](keys=self._beat_keys, args=args)
         won.append(bool(turn))
         if not deadline:
