@@ -141,14 +141,12 @@ class Host:
                         sweeps=[Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
                                            grace=grace).run,
                                 Resend(self.redis, self.keys, send, grace=grace).run])
-        timing = (settings.heartbeat_seconds, settings.worker_ttl_seconds)
         heartbeat = Heartbeat(self.redis, self.keys, (name, "cuda:0"), state=lambda: state,
-                              timing=timing)
+                              timing=(settings.heartbeat_seconds, settings.worker_ttl_seconds))
         if hasattr(heartbeat, "reaper"):  # this checkout's beat script carries the turn's bid
             heartbeat.reaper = reaper
         else:  # earlier checkouts: the reaper bids from on_beat, a round trip of its own
-            heartbeat = Heartbeat(self.redis, self.keys, (name, "cuda:0"), state=lambda: state,
-                                  timing=timing, on_beat=reaper.maybe_run)
+            heartbeat._on_beat = reaper.maybe_run
         return SimWorker(heartbeat, reaper.maybe_run, due)
 
     def register(self) -> None:

@@ -13,9 +13,10 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
+from tasks.registry_entries import beat_at
 from tasks.render import aligned, size
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def listed(entry: dict[str, Any], deadline_ms: float | None = None) -> Listed:
     from its deadline (as `Registry.workers` reads it) when the entry has a TTL."""
     ttl = entry.get("ttl_seconds")
     if deadline_ms is not None and ttl is not None:
-        beat = datetime.fromtimestamp(deadline_ms / 1000, tz=UTC) - timedelta(seconds=ttl)
+        beat = beat_at(deadline_ms, ttl)
     else:
         beat = datetime.fromisoformat(entry["heartbeat_at"])
     models = tuple(ListedModel(m["model_key"], m["base"], m["tenant"], m["bytes"],
@@ -75,17 +76,14 @@ def read_pool(settings: Settings) -> list[Listed]:
         from tasks.client import Client
 
         return [listed(w.model_dump(mode="json")) for w in Client(settings).workers()]
-    from tasks.connection import connect, text
+    from tasks.connection import connect
     from tasks.keys import Keys
-    from tasks.scripts import script
+    from tasks.registry_entries import live_entries
 
     keys = Keys(settings.key_prefix)
-    reply = cast(list[Any], script(connect(settings), "registry_list")(
-        keys=[keys.deadlines()], args=[keys.worker("")]))
-    entries = sorted((text(name), float(deadline), raw) for name, deadline, raw
-                     in zip(reply[::3], reply[1::3], reply[2::3], strict=True) if raw)
     try:
-        return [listed(json.loads(raw), deadline) for _, deadline, raw in entries]
+        return [listed(json.loads(raw), deadline)
+                for deadline, raw in live_entries(connect(settings), keys)]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"a worker entry under {keys.worker('*')} does not read as a modelq "
                          f"worker's ({exc!r}): is a worker of another modelq version here?") from exc

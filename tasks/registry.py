@@ -16,7 +16,6 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis
@@ -35,6 +34,7 @@ from schemas import (
 from schemas.tenants import SHARED_TENANT
 from tasks.connection import text
 from tasks.keys import Keys
+from tasks.registry_entries import beat_at, live_entries
 from tasks.scripts import script
 
 CANDIDATES = 32
@@ -68,18 +68,14 @@ class Registry:
         self.keys = keys
         self.claim_ms = claim_seconds * 1000
         self.route_script = script(client, "route")  # public: the client pipelines it
-        self._list_script = script(client, "registry_list")
         self._parsed: dict[bytes, WorkerInfo] = {}  # frozen entries by their JSON
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers by name (one round trip, O(workers): a listing, not routing)."""
-        reply = cast(list[Any], self._list_script(keys=[self.keys.deadlines()],
-                                                  args=[self.keys.worker("")]))
-        entries = sorted((text(name), float(deadline), raw) for name, deadline, raw
-                         in zip(reply[::3], reply[1::3], reply[2::3], strict=True) if raw)
+        entries = live_entries(self.redis, self.keys)
         if len(self._parsed) > 2 * len(entries) + 64:
             self._parsed.clear()
-        return [self._info(raw, deadline) for _, deadline, raw in entries]
+        return [self._info(raw, deadline) for deadline, raw in entries]
 
     def _info(self, raw: bytes, deadline_ms: float) -> WorkerInfo:
         """An entry parsed (the same bytes parse once), its beat time from its deadline."""
@@ -88,8 +84,7 @@ class Registry:
             info = self._parsed[raw] = WorkerInfo.model_validate_json(raw)
         if info.ttl_seconds is None:
             return info
-        beat = datetime.fromtimestamp(deadline_ms / 1000, tz=UTC) - timedelta(seconds=info.ttl_seconds)
-        return info.model_copy(update={"heartbeat_at": beat})
+        return info.model_copy(update={"heartbeat_at": beat_at(deadline_ms, info.ttl_seconds)})
 
     def holder(self, model_key: str) -> WorkerInfo | None:
         """The live worker where `model_key` is resident, if any (from the model's index)."""
