@@ -7,6 +7,11 @@ objects, many per process (bench/scale_sim.py); the jobs are consumed by two rea
 `modelq worker` processes holding a tiny model. Some simulated workers are killed (their
 beats stop) while jobs flow, with loads queued behind them, which the reaper must hand to
 the live workers; at the end every job submitted must have exactly one terminal record.
+
+The two sizes are measured in `--rounds` rounds (default 3), in turn: 1 then N, N then 1,
+1 then N, ... Each round gives one sample of every ratio and a figure is the median of its
+round's samples: a host whose speed drifts by tens of percent over minutes (a shared VM)
+moves both sizes of a round alike, and alternating the order cancels a steady drift.
 Progress goes to stderr; the table to stdout.
 """
 
@@ -16,6 +21,7 @@ import argparse
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,17 +114,19 @@ class ScaleBench:
         assert record is not None
         return record
 
-    def victim_jobs(self, size: int, victims: list[str]) -> dict[str, LoadJob]:
+    def victim_jobs(self, tag: str, victims: list[str]) -> dict[str, LoadJob]:
+        """A load per victim that only it serves: a model no one loaded before (`tag` names the
+        round and size)."""
         from bench.env import variant
 
-        return {name: LoadJob(model=ModelRef(path=str(variant(self.tiny, f"scale-{size}-{name}"))))
+        return {name: LoadJob(model=ModelRef(path=str(variant(self.tiny, f"scale-{tag}-{name}"))))
                 for name in victims}
 
-    def phase(self, size: int) -> dict[str, Any]:
+    def phase(self, size: int, round_: int = 0) -> dict[str, Any]:
         """Submits with `size` simulated workers: bytes (beats paused), then latency and Redis
         CPU (beats running), killing the victims a third of the way in."""
         victims = [f"sim-{i:05d}" for i in range(min(self.args.victims, size))]
-        jobs = self.victim_jobs(size, victims)
+        jobs = self.victim_jobs(f"r{round_}-{size}", victims)
         config = {"redis_url": self.server.url, "interval": self.interval, "ttl": self.ttl,
                   "threads": self.args.threads, "nice": self.args.sim_nice,
                   "victims": {name: request_key(job) for name, job in jobs.items()}}
@@ -128,7 +136,7 @@ class ScaleBench:
         hosts = SimHosts(self.run_dir, config, size, self.args.processes if size > 1 else 1)
         try:
             log.info("%d simulated workers registered in %.1fs", size, time.monotonic() - started)
-            out = {"workers": size, "register_seconds": round(time.monotonic() - started, 1),
+            out = {"workers": size, "round": round_, "register_seconds": round(time.monotonic() - started, 1),
                    "ls_seconds": ls_seconds(self.server.url)}
             out.update(self.bytes_window(hosts, [j for j in jobs.values()
                                                  for _ in range(self.args.jobs_per_victim)]))
@@ -175,8 +183,9 @@ class ScaleBench:
     def submit_loop(self, hosts: SimHosts, victims: list[str]) -> dict[str, Any]:
         """Cache-hit submits back to back, heartbeats running, for `--submits` and at least
         `--min-seconds` (two worker TTLs: every window holds the same share of reaper turns),
-        at most `--seconds`; victims killed a third in. The pool's background Redis CPU is
-        measured just before and after, nothing submitted (bench/scale_windows.py)."""
+        at most `--seconds`; victims killed a third in. Redis CPU is counted until the
+        consumers ran the last of them; the pool's background Redis CPU is measured just before
+        and after that, nothing submitted and the consumers idle (bench/scale_windows.py)."""
         count, seconds = self.args.submits, self.args.seconds
         least = min(seconds, self.args.min_seconds if self.args.min_seconds is not None
                     else 2 * self.ttl)
@@ -198,7 +207,11 @@ class ScaleBench:
             started = time.perf_counter()
             self.job_ids.append(self.client.submit(job).job_id)
             timings.append((started - begun, time.perf_counter() - started))
-        loop_seconds, after = time.perf_counter() - begun, counters(self.redis)
+        loop_seconds = time.perf_counter() - begun
+        # the consumers (niced) run the last cache hits after the loop: their Redis work counts
+        # until they caught up, and the background window after starts with them idle
+        wait_terminal(self.redis, self.keys, self.job_ids[-20:], timeout=180)
+        drained_seconds, after = time.perf_counter() - begun, counters(self.redis)
         assert watch is not None
         watch.join()
         rates.append(background_rate(self.redis, self.args.background_seconds or self.ttl))
@@ -206,8 +219,9 @@ class ScaleBench:
         return {"submits": len(timings), "p50_all_ms": 1000 * percentile(latencies, 50),
                 "p99_all_ms": 1000 * percentile(latencies, 99),
                 **windowed(timings, self.ttl / 2),
-                **net_cpu(after.cpu_seconds - before.cpu_seconds, loop_seconds, rates,
+                **net_cpu(after.cpu_seconds - before.cpu_seconds, drained_seconds, rates,
                           len(timings)),
+                "submit_seconds": round(loop_seconds, 2),
                 "background_commands": commands, "killed": len(victims),
                 "reap_seconds": [watch.seconds.get(self.keys.worker_queue(v)) for v in victims]}
 
@@ -233,9 +247,9 @@ def tenant_queue_ratio(report: Report, jobs: int) -> None:
         figure.note = f"bench/tenant_queues.py measure() failed: {exc!r}"
 
 
-def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[str, Any],
-         ttl: float) -> None:
-    """The figures from the two phases (`one` simulated worker, then `many`) and the check."""
+def fill(report: Report, one: dict[str, Any], many: dict[str, Any], ttl: float) -> None:
+    """One round's samples of the figures, from its two phases (`one` simulated worker and
+    `many`)."""
     report.figure("submit_scale_ratio").add(many["p50_ms"] / one["p50_ms"])
     report.figure("submit_scale_p99_ratio").add(many["p99_ms"] / one["p99_ms"])
     report.figure("registry_bytes_per_submit").add(many["route_reply_bytes"])
@@ -243,25 +257,29 @@ def fill(report: Report, one: dict[str, Any], many: dict[str, Any], check: dict[
     reaps.add(*(s for s in many["reap_seconds"] if s is not None))
     lost = sum(1 for s in many["reap_seconds"] if s is None)
     if lost:
-        reaps.note = f"{lost} dead worker queue(s) not emptied within {6 * ttl + 30:.0f}s"
+        reaps.note = "; ".join(filter(None, [reaps.note, f"{lost} dead worker queue(s) not "
+                                             f"emptied within {6 * ttl + 30:.0f}s"]))
     report.figure("redis_cpu_per_1k_submits_ratio").add(
         many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
     report.figure("redis_cpu_per_1k_submits_ratio_gross").add(
         many["redis_cpu_per_1k_gross"] / one["redis_cpu_per_1k_gross"])
-    report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
     report.figure("ls_seconds").add(many["ls_seconds"])
     for key, value in (("submit_scale_ratio", "p50_ms"), ("submit_scale_p99_ratio", "p99_ms"),
                        ("redis_cpu_per_1k_submits_ratio", "redis_cpu_per_1k")):
         report.figure(f"{key}_beats_paused").add(many[f"quiet_{value}"] / one[f"quiet_{value}"])
 
 
-def ls_seconds(url: str) -> float:
-    """Seconds `modelq ls` (the default summary, a fresh process) takes to answer."""
+def ls_seconds(url: str, tries: int = 3) -> float:
+    """Seconds `modelq ls` (the default summary, a fresh process) takes to answer: the median
+    of `tries`, one at a time (a single try on a loaded 2-core host swings by a third)."""
     env = {**os.environ, "MODELQ_REDIS_URL": url, "COLUMNS": "100"}
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "tasks.cli", "ls"], env=env, check=True, timeout=60,
-                   stdout=subprocess.DEVNULL)
-    return round(time.monotonic() - started, 3)
+    took = []
+    for _ in range(tries):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "tasks.cli", "ls"], env=env, check=True, timeout=60,
+                       stdout=subprocess.DEVNULL)
+        took.append(time.monotonic() - started)
+    return round(statistics.median(took), 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 workers, a 100,000-record backlog")
     parser.add_argument("--workers", type=int, help="simulated workers (default 2048, quick 256)")
     parser.add_argument("--backlog", type=int, help="job records written first (default 1,000,000)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of both sizes, in alternating order (each a sample)")
     parser.add_argument("--submits", type=int, default=300, help="timed submits per size")
     parser.add_argument("--seconds", type=float, default=60, help="at most this long per size")
     parser.add_argument("--min-seconds", type=float, help="at least this long per size (2 TTLs)")
@@ -310,13 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         report.context.update(backlog_seconds=round(seconds, 1),
                               backlog_record_bytes=len(template.model_dump_json()),
                               redis_keys=bench.redis.dbsize())
-        one = bench.phase(1)
-        many = bench.phase(args.workers)
+        rounds = []
+        for r in range(args.rounds):  # 1 then N, N then 1, ...: a drifting host cancels out
+            sizes = (1, args.workers) if r % 2 == 0 else (args.workers, 1)
+            done = {size: bench.phase(size, r) for size in sizes}
+            rounds.append({"one": done[1], "many": done[args.workers]})
+            fill(report, rounds[-1]["one"], rounds[-1]["many"], args.ttl)
+            report.context.update(rounds=rounds)
         left = wait_terminal(bench.redis, bench.keys, bench.job_ids, timeout=180)
         check = terminal_check(bench.redis, bench.keys, bench.job_ids)
-        report.context.update(one=one, many=many, terminal_check=check, unfinished=left,
-                              jobs_flowed=len(bench.job_ids))
-        fill(report, one, many, check, args.ttl)
+        report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
+        report.context.update(terminal_check=check, unfinished=left, jobs_flowed=len(bench.job_ids))
     finally:
         bench.close()
     tenant_queue_ratio(report, args.tenant_jobs)
@@ -332,10 +356,9 @@ def summary(context: dict[str, Any]) -> str:
     """The raw figures behind the ratios, one line per size."""
     lines = [f"backlog {context.get('backlog')} records written in {context.get('backlog_seconds')}s "
              f"({context.get('redis_keys')} keys); {context.get('jobs_flowed')} jobs submitted"]
-    for size in ("one", "many"):
-        p = context.get(size)
+    for p in (phase for r in context.get("rounds", []) for phase in (r["one"], r["many"])):
         if p:
-            lines.append(f"{p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
+            lines.append(f"round {p['round']}, {p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
                          f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['route_reply_bytes']:.0f} B "
                          f"route reply (INFO: {p['bytes_per_submit']:.0f} B/submit), "
                          f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits net "
