@@ -1,13 +1,15 @@
 """How `python -m bench.scale` reads a submit's cost with the pool's beats running.
 
-Redis CPU: Redis's CPU counter over the submit loop is the gross figure; the pool's own
-background (its beats, reaper turns and the consumers' polls, the same whether anyone
-submits or not) is measured in a window of the same pool just before and just after the
-loop, nothing submitted, and its rate times the loop's length is taken off: the net figure
-is what the submits cost Redis. Latency: the loop is cut into windows of equal length
-(half a worker TTL each: one reaper turn per window), and the figures are the medians of
-the windows' p50 and p99, so one window where a dead worker's loads or a reaper turn
-landed does not decide them alone.
+Redis CPU: Redis's CPU counter from the submit loop's start until the consumers ran its
+last job is the gross figure; the pool's own background (its beats, reaper turns and the
+consumers' polls, the same whether anyone submits or not) is measured in a window of the
+same pool just before the loop and just after that, nothing submitted and the consumers
+idle, and its rate times the counted span is taken off: the net figure is what the submits
+and the jobs they started cost Redis. (The window after once started while the niced
+consumers still ran the loop's last jobs, which counted their Redis work as background.)
+Latency: the loop is cut into windows of equal length (half a worker TTL each: one reaper
+turn per window), and the figures are the medians of the windows' p50 and p99, so one
+window where a dead worker's loads or a reaper turn landed does not decide them alone.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ def windowed(timings: list[tuple[float, float]], span: float) -> dict[str, Any]:
             "p50_ms": statistics.median(p50s), "p99_ms": statistics.median(p99s)}
 
 
-def net_cpu(gross_seconds: float, loop_seconds: float, rates: list[float],
+def net_cpu(gross_seconds: float, span_seconds: float, rates: list[float],
             submits: int) -> dict[str, Any]:
-    """Redis CPU seconds per 1,000 submits, gross and net of the background `rates` (CPU
-    seconds per second, measured before and after the loop)."""
+    """Redis CPU seconds per 1,000 submits, gross (`gross_seconds` over `span_seconds`) and
+    net of the background `rates` (CPU seconds per second, measured before and after)."""
     rate = sum(rates) / len(rates)
-    net = max(0.0, gross_seconds - rate * loop_seconds)
+    net = max(0.0, gross_seconds - rate * span_seconds)
     return {"redis_cpu_per_1k_gross": 1000 * gross_seconds / submits,
             "redis_cpu_per_1k": 1000 * net / submits,
             "background_cpu_per_s": [round(r, 4) for r in rates],
-            "loop_seconds": round(loop_seconds, 2)}
+            "counted_seconds": round(span_seconds, 2)}
