@@ -9,8 +9,8 @@ beats stop) while jobs flow, with loads queued behind them, which the reaper mus
 the live workers; at the end every job submitted must have exactly one terminal record.
 
 The two sizes are measured in `--rounds` rounds (default 3), in turn: 1 then N, N then 1,
-1 then N, ... Each round gives one sample of every ratio and a figure is the median of its
-round's samples: a host whose speed drifts by tens of percent over minutes (a shared VM)
+1 then N, ... Each round gives one sample of every ratio and a figure is the median of the
+rounds' samples: a host whose speed drifts by tens of percent over minutes (a shared VM)
 moves both sizes of a round alike, and alternating the order cancels a steady drift.
 Progress goes to stderr; the table to stdout.
 """
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(context: dict[str, Any]) -> str:
-    """The raw figures behind the ratios, one line per size."""
+    """The raw figures behind the ratios, one line per phase (a size in a round)."""
     lines = [f"backlog {context.get('backlog')} records written in {context.get('backlog_seconds')}s "
              f"({context.get('redis_keys')} keys); {context.get('jobs_flowed')} jobs submitted"]
     for p in (phase for r in context.get("rounds", []) for phase in (r["one"], r["many"])):
