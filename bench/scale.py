@@ -330,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         report.context.update(backlog_seconds=round(seconds, 1),
                               backlog_record_bytes=len(template.model_dump_json()),
                               redis_keys=bench.redis.dbsize())
-        rounds = []
+        rounds: list[dict[str, Any]] = []
+        report.context.update(rounds=rounds)
         for r in range(args.rounds):  # 1 then N, N then 1, ...: a drifting host cancels out
             sizes = (1, args.workers) if r % 2 == 0 else (args.workers, 1)
             done = {size: bench.phase(size, r) for size in sizes}
             rounds.append({"one": done[1], "many": done[args.workers]})
-            fill(report, rounds[-1]["one"], rounds[-1]["many"], args.ttl)
-            report.context.update(rounds=rounds)
+            fill(report, done[1], done[args.workers], args.ttl)
         left = wait_terminal(bench.redis, bench.keys, bench.job_ids, timeout=180)
         check = terminal_check(bench.redis, bench.keys, bench.job_ids)
         report.figure("jobs_not_exactly_one_terminal").add(check["bad"])
@@ -357,16 +357,15 @@ def summary(context: dict[str, Any]) -> str:
     lines = [f"backlog {context.get('backlog')} records written in {context.get('backlog_seconds')}s "
              f"({context.get('redis_keys')} keys); {context.get('jobs_flowed')} jobs submitted"]
     for p in (phase for r in context.get("rounds", []) for phase in (r["one"], r["many"])):
-        if p:
-            lines.append(f"round {p['round']}, {p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
-                         f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['route_reply_bytes']:.0f} B "
-                         f"route reply (INFO: {p['bytes_per_submit']:.0f} B/submit), "
-                         f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits net "
-                         f"({p['redis_cpu_per_1k_gross']:.3f} gross), killed {p['killed']}, "
-                         f"reaped in {p['reap_seconds']} s, entry {p['entry_bytes']} B, "
-                         f"beats late p99 {p['beat_late_p99_s']} s; beats paused: submit p50 "
-                         f"{p['quiet_p50_ms']:.2f} ms, p99 {p['quiet_p99_ms']:.2f} ms "
-                         f"({p['quiet_submits']}), Redis CPU {p['quiet_redis_cpu_per_1k']:.3f} s/1k")
+        lines.append(f"round {p['round']}, {p['workers']} workers: submit p50 {p['p50_ms']:.2f} ms, p99 "
+                     f"{p['p99_ms']:.2f} ms ({p['submits']}), {p['route_reply_bytes']:.0f} B "
+                     f"route reply (INFO: {p['bytes_per_submit']:.0f} B/submit), "
+                     f"Redis CPU {p['redis_cpu_per_1k']:.3f} s/1k submits net "
+                     f"({p['redis_cpu_per_1k_gross']:.3f} gross), killed {p['killed']}, "
+                     f"reaped in {p['reap_seconds']} s, entry {p['entry_bytes']} B, "
+                     f"beats late p99 {p['beat_late_p99_s']} s; beats paused: submit p50 "
+                     f"{p['quiet_p50_ms']:.2f} ms, p99 {p['quiet_p99_ms']:.2f} ms "
+                     f"({p['quiet_submits']}), Redis CPU {p['quiet_redis_cpu_per_1k']:.3f} s/1k")
     check = context.get("terminal_check", {})
     lines.append(f"terminal check: {check.get('bad')} of {check.get('jobs')} jobs without exactly "
                  f"one terminal record; statuses {check.get('statuses')}")
