@@ -23,10 +23,10 @@ _CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from schemas import LoadJob, ModelRef
-from worker import loader
-from worker.artifacts import Artifacts
-from worker.progress import Reporter
-from worker.resolve import resolve
+from worker.models import loader
+from worker.models.artifacts import Artifacts
+from worker.jobs.progress import Reporter
+from worker.models.resolve import resolve
 folder, root, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 job = LoadJob(model=ModelRef(path=folder), quantization="nf4")
 resolved = resolve(job.model)

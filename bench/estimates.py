@@ -1,4 +1,4 @@
-"""Estimate error table: predicted bytes (worker/estimate.py) against the loaded footprint.
+"""Estimate error table: predicted bytes (worker/models/estimate.py) against the loaded footprint.
 
 For three architectures (llama, qwen2 with biases and tied embeddings, sharded
 mistral), every dtype and bitsandbytes setting, with and without a LoRA adapter,
@@ -39,11 +39,11 @@ def run() -> list[dict[str, Any]]:
     from transformers.utils import logging as hf_logging
 
     from schemas import AdapterSpec, LoadJob, ModelRef
-    from worker import adapters as peft_adapters
-    from worker import loader
-    from worker.estimate import estimate
-    from worker.progress import Reporter
-    from worker.resolve import fetch, resolve
+    from worker.models import adapters as peft_adapters
+    from worker.models import loader
+    from worker.models.estimate import estimate
+    from worker.jobs.progress import Reporter
+    from worker.models.resolve import fetch, resolve
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -71,7 +71,7 @@ def _from_pretrained(path: str, quant: str, device: str) -> Any:
 
     from schemas import QuantizationSpec
     from schemas.specs import DType
-    from worker.loader import bnb_config
+    from worker.models.loader import bnb_config
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "use_safetensors": True, "device_map": device}
     if quant != "none":

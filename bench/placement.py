@@ -1,4 +1,4 @@
-"""What resolving a device_map strategy before loading costs (worker/placement.py).
+"""What resolving a device_map strategy before loading costs (worker/models/placement.py).
 
 A load with `device_map="auto"` now builds the model on the meta device once more, before
 from_pretrained does, to key the load by the map it resolves to. This prints that cost for
@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas import LoadJob
-from worker import loader
-from worker.placement import strategy_map
-from worker.progress import Reporter
-from worker.resolve import Resolved, Source, resolve
+from worker.models import loader
+from worker.models.placement import strategy_map
+from worker.jobs.progress import Reporter
+from worker.models.resolve import Resolved, Source, resolve
 
 LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
               "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,

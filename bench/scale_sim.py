@@ -1,9 +1,9 @@
 """Simulated workers for `python -m bench.scale`: many real heartbeats in one process, no torch.
 
-`python -m bench.scale_sim CONFIG.json` registers one `worker.heartbeat.Heartbeat` per
+`python -m bench.scale_sim CONFIG.json` registers one `worker.recovery.heartbeat.Heartbeat` per
 name in the config (the real class, against the real Redis), each describing a stub
 cache of four resident models (a ~1.5 KB entry, as a worker holding four models writes)
-and the built-in task names, and each with its own real `worker.reaper.Reaper` (with the
+and the built-in task names, and each with its own real `worker.recovery.reaper.Reaper` (with the
 rescue sweeps a real worker runs) on its beats. A few scheduler threads beat every
 worker once per heartbeat interval, staggered, instead of a thread per worker. Nothing
 here consumes a queue: the bench's real `modelq worker` processes do that.
@@ -41,9 +41,9 @@ from tasks.connection import connect
 from tasks.keys import Keys
 from tasks.settings import Settings
 from tasks.tenants import load_tenants
-from worker.heartbeat import Heartbeat, WorkerState
-from worker.reaper import Reaper, reap_every
-from worker.rescue import Redelivery, Resend, celery_send
+from worker.recovery.heartbeat import Heartbeat, WorkerState
+from worker.recovery.reaper import Reaper, reap_every
+from worker.recovery.rescue import Redelivery, Resend, celery_send
 
 log = logging.getLogger("bench.scale_sim")
 
@@ -89,11 +89,11 @@ def beat(worker: SimWorker, side: ThreadPoolExecutor) -> None:
     indexes and on_beat in one call) if present, else `publish()` with the reaper's turn
     handed to `side` (threads of its own, so that one slow reap, a SCAN of the keyspace, does
     not hold up the beats of every worker this thread serves)."""
-    one = getattr(worker.heartbeat, "beat", None)
+    one = getattr(worker.recovery.heartbeat, "beat", None)
     if callable(one):
         one()
     else:
-        worker.heartbeat.publish()
+        worker.recovery.heartbeat.publish()
         side.submit(_quiet, worker.on_beat)
     worker.last_beat = time.time()
 
@@ -101,7 +101,7 @@ def beat(worker: SimWorker, side: ThreadPoolExecutor) -> None:
 def _quiet(call: Callable[[], int]) -> None:
     try:
         call()
-    except Exception:  # a beat must never die, as in worker/heartbeat.py
+    except Exception:  # a beat must never die, as in worker/recovery/heartbeat.py
         log.exception("reaper turn failed")
 
 
@@ -151,7 +151,7 @@ class Host:
 
     def register(self) -> None:
         for worker in self.workers.values():
-            worker.heartbeat.register()
+            worker.recovery.heartbeat.register()
             worker.last_beat = time.time()
         for thread in self.threads:
             thread.start()
@@ -221,7 +221,7 @@ class Host:
         self.side.shutdown(wait=True, cancel_futures=True)
         for worker in self.workers.values():
             if worker.alive:
-                worker.heartbeat.stop()
+                worker.recovery.heartbeat.stop()
         return out
 
 

@@ -46,9 +46,9 @@ def connect(settings: Settings, *, blocking: bool = False) -> redis.Redis:
         return redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **options)
     failover = Retry(ExponentialBackoff(cap=1.0, base=0.1), 2,
                      supported_errors=(redis.ConnectionError,))
-    sentinels = Sentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+    sentinels = Sentinel(list(target.nodes),
                          sentinel_kwargs=settings.sentinel_kwargs())
-    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinels.master_for(
         target.master, db=target.db, username=target.username, password=target.password,
         retry=failover, **options)
     return master
@@ -70,7 +70,7 @@ def connect_async(settings: Settings, max_connections: int = 100) -> redis.async
         return redis.asyncio.Redis.from_url(settings.redis_url, **options)
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-    sentinels = AsyncSentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+    sentinels = AsyncSentinel(list(target.nodes),
                               sentinel_kwargs=settings.sentinel_kwargs())
     master: redis.asyncio.Redis = sentinels.master_for(
         target.master, db=target.db, username=target.username, password=target.password, **options)

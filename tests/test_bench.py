@@ -26,7 +26,7 @@ from schemas import AttachAdapterJob, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool
-from worker.resolve import fingerprint
+from worker.models.resolve import fingerprint
 
 
 def test_table_and_json_say_median_min_max_target_and_pass(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from schemas import Cancelled, InvalidJob
 from tests.support.models import TOKENIZER_LINES, build_lora, build_model
-from worker.adapter_tasks import ADAPTER_FILES
-from worker.model_tasks import TaskContext, TaskHooks, call_task
-from worker.task_io import TokenizerCache, paths_under
+from worker.modeltasks.builtin.lora import ADAPTER_FILES
+from worker.modeltasks.registry import TaskContext, TaskHooks, call_task
+from worker.modeltasks.io import TokenizerCache, paths_under
 
 LIMIT = 1 << 20
 PROMPTS = ["the quick brown fox", "to be or not"]

@@ -25,7 +25,7 @@ from tasks.app import create_app, default_app
 from tasks.client import Client
 from tasks.keys import worker_queue
 from tasks.settings import Settings
-from tests.support.faults import wait_for
+from tests.support.fault_waits import wait_for
 from tests.support.tenancy import tenant_client, write_tenants
 from tests.support.workers import WorkerPool
 

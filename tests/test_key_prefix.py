@@ -16,7 +16,7 @@ from schemas import JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
 from tasks.keys import Keys
 from tasks.settings import Settings
-from tests.support.faults import wait_for, wait_stage
+from tests.support.fault_waits import wait_for, wait_stage
 from tests.support.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e

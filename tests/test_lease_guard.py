@@ -1,4 +1,4 @@
-"""worker/lease.py against the real redis-server, and worker/guard.py's stage and cancel checks."""
+"""worker/jobs/lease.py against the real redis-server, and worker/jobs/guard.py's stage and cancel checks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import redis
 from schemas import Cancelled, LoadJob, Stage
 from tasks.keys import Keys
 from tasks.settings import Settings
-from worker.faults import Faults
-from worker.guard import CANCEL_POLL_SECONDS, GuardHooks, JobGuard, Opened, Watchdog
-from worker.lease import Leases
+from worker.fault_hooks import Faults
+from worker.jobs.guard import CANCEL_POLL_SECONDS, GuardHooks, JobGuard, Opened, Watchdog
+from worker.jobs.lease import Leases
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""worker/loader.py: the BitsAndBytesConfig a spec becomes, placement arguments, model
+"""worker/models/loader.py: the BitsAndBytesConfig a spec becomes, placement arguments, model
 keys, the device-map summary, and what a loaded model is reported as."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec
 from schemas.specs import DType
-from worker import loader
-from worker.estimate import estimate
-from worker.progress import Reporter
-from worker.resolve import resolve
+from worker.models import loader
+from worker.models.estimate import estimate
+from worker.jobs.progress import Reporter
+from worker.models.resolve import resolve
 
 
 def test_bnb_config_int8() -> None:

@@ -65,7 +65,7 @@ def test_worker_metrics_and_json_logs(client: Client, pool: WorkerPool, models: 
     lines = [json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{")]
     done = [line for line in lines if line.get("job_id") == first.job_id and "succeeded" in line["message"]]
     assert done and done[0]["tenant"] == "acme" and done[0]["worker"] == "m1"
-    assert done[0]["level"] == "INFO" and done[0]["logger"] == "worker.attempt"
+    assert done[0]["level"] == "INFO" and done[0]["logger"] == "worker.jobs.attempt"
 
 
 def test_json_formatter_carries_extra_and_context(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""worker/model_tasks.py: registering and calling tasks in process (no Redis): lookup, arguments,
+"""worker/modeltasks/registry.py: registering and calling tasks in process (no Redis): lookup, arguments,
 JSON results and their limit, errors wrapped or passed through, adapters activated for a call
 and put back, the hooks a task gets (tokenizer, paths, progress, cancel)."""
 
@@ -21,8 +21,8 @@ from schemas import AccessDenied, Cancelled, InvalidJob, ResultTooLarge, TaskFai
 from schemas.errors import UnsupportedModel
 from tests.support.models import build_lora, build_model
 from worker import TaskContext, model_task
-from worker.model_tasks import REGISTRY, TaskHooks, TaskRegistry, call_task, import_task_modules
-from worker.task_io import TokenizerCache, paths_under
+from worker.modeltasks.registry import REGISTRY, TaskHooks, TaskRegistry, call_task, import_task_modules
+from worker.modeltasks.io import TokenizerCache, paths_under
 
 LIMIT = 1 << 20
 
@@ -140,7 +140,7 @@ def test_an_exception_in_the_task_is_task_failed_with_the_traceback_in_the_log(
     def broken(ctx: TaskContext) -> None:
         raise ValueError("missing column\nsecond line")
     registry.register("acme.broken", broken)
-    with caplog.at_level(logging.ERROR, logger="worker.model_tasks"), pytest.raises(TaskFailed) as err:
+    with caplog.at_level(logging.ERROR, logger="worker.modeltasks.registry"), pytest.raises(TaskFailed) as err:
         call_task(_ctx(torch.nn.Linear(1, 1)), "acme.broken", [], {}, LIMIT, registry=registry)
     assert err.value.message == "task acme.broken raised ValueError: missing column"
     assert err.value.details == {"task": "acme.broken", "exception_type": "ValueError",
@@ -255,7 +255,7 @@ def test_the_tokenizer_is_loaded_once_per_model_and_its_absence_is_clear(
 
 
 def _real_tokenizer(folder: Path, key: str) -> Any:
-    from worker.task_io import load_tokenizer
+    from worker.modeltasks.io import load_tokenizer
 
     return load_tokenizer(folder, key)
 

@@ -1,4 +1,4 @@
-"""worker/placement.py: a device_map strategy resolved to the map from_pretrained makes of it,
+"""worker/models/placement.py: a device_map strategy resolved to the map from_pretrained makes of it,
 so budgets that place a model alike share a key and budgets that split it do not."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 
 from schemas import InvalidJob, LoadJob
 from tests.support.models import build_remote_code_model
-from worker import loader
-from worker.placement import Placements, strategy_map
-from worker.progress import Reporter
-from worker.resolve import Resolved, Source, fingerprint, resolve
+from worker.models import loader
+from worker.models.placement import Placements, strategy_map
+from worker.jobs.progress import Reporter
+from worker.models.resolve import Resolved, Source, fingerprint, resolve
 
 
 def _job(path: Path, placement: dict[str, Any], **extra: Any) -> LoadJob:

@@ -16,7 +16,7 @@ from tasks.client import Client
 from tasks.keys import Keys
 from tasks.pool_summary import Listed, listed, read_pool, summarize, summary_lines
 from tasks.settings import Settings
-from worker.heartbeat import Heartbeat, WorkerState
+from worker.recovery.heartbeat import Heartbeat, WorkerState
 
 NOW = datetime.now(UTC)
 

@@ -16,8 +16,8 @@ from tasks.keys import Keys
 from tasks.registry import Registry, request_key
 from tasks.settings import Settings
 from tests.support.registry import NOW, Pool, resident
-from worker.heartbeat import Heartbeat, WorkerNameTaken, WorkerState
-from worker.reaper import Reaper
+from worker.recovery.heartbeat import Heartbeat, WorkerNameTaken, WorkerState
+from worker.recovery.reaper import Reaper
 
 KEYS = Keys()
 

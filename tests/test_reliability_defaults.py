@@ -18,7 +18,7 @@ from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client, JobHandle
 from tasks.settings import Settings
 from tasks.store import now
-from tests.support.faults import started_events, wait_stage
+from tests.support.fault_waits import started_events, wait_stage
 from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -13,9 +13,9 @@ import pytest
 from schemas import JobStatus, LoadJob, ModelRef
 from tasks.client import Client
 from tasks.keys import DEFAULT_KEYS, worker_queue
-from tests.support.faults import wait_for
+from tests.support.fault_waits import wait_for
 from tests.support.workers import WorkerPool
-from worker.quarantine import KEPT_BYTES, entry, problem, read
+from worker.recovery.quarantine import KEPT_BYTES, entry, problem, read
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ import pytest
 from schemas import BrokerUnavailable, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
 from tasks.settings import Settings
-from tests.support.faults import wait_for
+from tests.support.fault_waits import wait_for
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool
 

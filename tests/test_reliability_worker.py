@@ -1,7 +1,7 @@
 """Worker faults end to end: kill -9 mid-load, crash loops, long loads, SIGTERM, cancel, timeout,
 and a poisoned CUDA context, each against real `modelq worker` subprocesses.
 
-Faults are cued by the test hooks in worker/faults.py (a stage delay, and model paths
+Faults are cued by the test hooks in worker/fault_hooks.py (a stage delay, and model paths
 carrying a fault marker); the visibility timeout is 4 s so redelivery is quick to see.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from schemas import AdapterSpec, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
 from tasks.keys import SHARED_QUEUE
-from tests.support.faults import (
+from tests.support.fault_waits import (
     fault_env,
     marked_model,
     resident_copies,
@@ -26,7 +26,7 @@ from tests.support.faults import (
 )
 from tests.support.workers import WorkerPool, WorkerProcess
 from worker.app import EXIT_POISONED
-from worker.faults import CUDA_MARKER, KILL_MARKER
+from worker.fault_hooks import CUDA_MARKER, KILL_MARKER
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""worker/rescue.py against a real Redis, on a fake clock: which lost jobs go back, and where."""
+"""worker/recovery/rescue.py against a real Redis, on a fake clock: which lost jobs go back, and where."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import redis
 from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelRef
 from tasks.keys import UNACKED_HASH, UNACKED_INDEX, Keys
 from tasks.store import Store, now
-from worker.rescue import Redelivery, Resend
+from worker.recovery.rescue import Redelivery, Resend
 
 KEYS = Keys()
 JOB = LoadJob(model=ModelRef(path="/models/tiny"))

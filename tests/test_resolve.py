@@ -1,4 +1,4 @@
-"""worker/resolve.py: local folders, adapter auto-detection, the refusals, and hub ids
+"""worker/models/resolve.py: local folders, adapter auto-detection, the refusals, and hub ids
 resolved offline from a hub cache built by tests/support/models.build_hub_cache."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.support.models import (
     build_remote_code_model,
     build_unknown_arch,
 )
-from worker.resolve import fingerprint, resolve
+from worker.models.resolve import fingerprint, resolve
 
 
 def _ref(path: Path) -> ModelRef:

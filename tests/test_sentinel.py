@@ -20,7 +20,7 @@ from schemas import JobStatus, LoadJob, ModelRef, Stage
 from tasks.app import create_app
 from tasks.client import Client
 from tasks.settings import Settings
-from tests.support.faults import wait_for, wait_stage
+from tests.support.fault_waits import wait_for, wait_stage
 from tests.support.redis_server import RedisServer
 from tests.support.sentinel import SentinelServer
 from tests.support.workers import WorkerPool

@@ -61,7 +61,7 @@ def test_messages_that_reach_a_share_without_an_announce_are_found_by_the_sweep(
         client: Client, tmp_path: Path) -> None:
     turns = _turns(client.redis, tmp_path)
     own_share = KEYS.tenant_queues("small", 2, KEYS.worker_queue("w1"))[1]
-    client.redis.rpush(own_share, b"restored")  # as kombu or worker/rescue.py put one back
+    client.redis.rpush(own_share, b"restored")  # as kombu or worker/recovery/rescue.py put one back
     assert turns.take() == 0  # not in the ring: nothing to take
     assert turns.sweep() == 1
     assert client.redis.lrange(KEYS.worker_queue("w1"), 0, -1) == [b"restored"]

@@ -14,8 +14,8 @@ from tasks.keys import Keys, worker_queue
 from tasks.settings import Settings
 from tasks.store import now, submitted
 from worker.app import WorkerApp, WorkerOptions
-from worker.attempt import Outcome
-from worker.faults import FaultSettings
+from worker.jobs.attempt import Outcome
+from worker.fault_hooks import FaultSettings
 
 
 def _deliver(app: WorkerApp, client: Client, job: Job | dict[str, object]) -> JobRecord:
@@ -58,7 +58,7 @@ def test_a_worker_app_runs_jobs_without_celery(settings: Settings, models: dict[
 def test_a_multi_tenant_workers_own_shares_are_drained_when_it_dies(settings: Settings,
                                                                      tmp_path: Path) -> None:
     from tasks.tenants import parse_tenants
-    from worker.reaper import Reaper
+    from worker.recovery.reaper import Reaper
 
     tenants = parse_tenants({"tenants": {"acme": {"key": "k" * 32, "priority": 2}}})
     app = WorkerApp(settings.model_copy(update={"artifact_dir": str(tmp_path / "artifacts")}),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.model_tasks import (
+    from worker.modeltasks.registry import (
         TaskContext,
         TaskHooks,
         TaskOutcome,
@@ -25,7 +25,7 @@ __all__ = ["TaskContext", "TaskHooks", "TaskOutcome", "TaskRegistry", "call_task
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from worker import model_tasks
+        from worker.modeltasks import registry as model_tasks
 
         return getattr(model_tasks, name)
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

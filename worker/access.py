@@ -1,7 +1,7 @@
 """What one job may read and fetch: its tenant's roots, pickle weights, its hub token.
 
 An `Access` is built by the tenant policy (worker/policy.py) for each job and handed
-down to resolution and loading (worker/resolve.py, worker/loader.py) and to run tasks'
+down to resolution and loading (worker/models/resolve.py, worker/models/loader.py) and to run tasks'
 path resolver as an argument: no ambient state says whose job is running. A
 single-tenant worker's is `rooted(MODELQ_ROOTS)`: `OPEN` when that is unset.
 """

@@ -30,28 +30,28 @@ from tasks.store import Store
 from tasks.tenants import Tenants, load_tenants, publish_limits, share_waiting
 from tasks.turns import Turns
 from worker import device as devices
-from worker.admission import Admission
-from worker.artifacts import Artifacts
-from worker.attempt import Outcome, RunHooks, RunObserver
-from worker.cache import KeepAliveTimer, ModelCache
-from worker.faults import AllocationFaults, Faults, FaultSettings
-from worker.gate import Gate, OpenGate, SignatureGate
+from worker.models.admission import Admission
+from worker.models.artifacts import Artifacts
+from worker.jobs.attempt import Outcome, RunHooks, RunObserver
+from worker.models.cache import KeepAliveTimer, ModelCache
+from worker.fault_hooks import AllocationFaults, Faults, FaultSettings
+from worker.jobs.gate import Gate, OpenGate, SignatureGate
 from worker.handlers import handler_table
-from worker.heartbeat import Heartbeat, WorkerState
-from worker.lease import Leases
-from worker.model_tasks import import_task_modules
+from worker.recovery.heartbeat import Heartbeat, WorkerState
+from worker.jobs.lease import Leases
+from worker.modeltasks.registry import import_task_modules
 from worker.policy import TenantPolicy
-from worker.reaper import Reaper, reap_every
-from worker.rescue import Redelivery, Resend, celery_send
-from worker.resident import Residents
-from worker.runner import Runner, RunOptions
+from worker.recovery.reaper import Reaper, reap_every
+from worker.recovery.rescue import Redelivery, Resend, celery_send
+from worker.models.residents import Residents
+from worker.jobs.runner import Runner, RunOptions
 
 log = logging.getLogger(__name__)
 
 EXIT_POISONED = 70
 """Exit status after a CUDA error made the device context unusable."""
 EXIT_STUCK = 71
-"""Exit status after a job stayed stuck past its deadline (worker/guard.py)."""
+"""Exit status after a job stayed stuck past its deadline (worker/jobs/guard.py)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class WorkerApp:
         return heartbeat
 
     def _sweeps(self) -> list[Callable[[], int]]:
-        """What the reaper's turn runs besides moving orphaned queues (worker/rescue.py)."""
+        """What the reaper's turn runs besides moving orphaned queues (worker/recovery/rescue.py)."""
         settings, grace = self.settings, self.settings.lost_job_grace_seconds
         return [Redelivery(self.redis, self.keys, worker_ttl=settings.worker_ttl_seconds,
                            grace=grace).run,

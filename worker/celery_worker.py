@@ -24,8 +24,8 @@ import redis
 from tasks.app import TASK_RUN, create_app
 from tasks.settings import Settings
 from worker.app import EXIT_POISONED, WorkerApp, WorkerOptions
-from worker.attempt import Outcome
-from worker.quarantine import transport_for
+from worker.jobs.attempt import Outcome
+from worker.recovery.quarantine import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -162,5 +162,5 @@ def import_model_stack() -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    import worker.adapters  # noqa: F401
-    import worker.loader  # noqa: F401
+    import worker.models.adapters  # noqa: F401
+    import worker.models.loader  # noqa: F401

@@ -126,7 +126,7 @@ class Metrics:
     def evicted(self, count: int = 1) -> None:
         self.evictions.labels(self.device).inc(count)
 
-    # --- the transport (worker/quarantine.py) --------------------------------------------
+    # --- the transport (worker/recovery/quarantine.py) --------------------------------------------
 
     def moved_aside(self) -> None:
         self.dead_lettered.inc()

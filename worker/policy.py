@@ -30,8 +30,8 @@ from schemas.errors import AccessDenied, ModelNotFound, QuotaExceeded, RemoteCod
 from schemas.tenants import SHARED_TENANT, Tenant
 from tasks.tenants import Tenants
 from worker.access import Access, real_roots, rooted
-from worker.cache import Entry
-from worker.resolve import Source
+from worker.models.cache import Entry
+from worker.models.resolve import Source
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import redis
 from schemas import LoadJob, ResidentModel
 from tasks.keys import Keys
 from tasks.registry import request_key
-from worker.heartbeat import Heartbeat, WorkerState
+from worker.recovery.heartbeat import Heartbeat, WorkerState
 
 NOW = datetime.now(UTC)
 KEY = "ab" * 16

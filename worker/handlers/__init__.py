@@ -1,7 +1,7 @@
 """Job kinds as handlers: one table from a job's kind to what runs it on a worker.
 
 A new kind is one new `Handler` subclass and one entry in `handler_table`. The runner
-(worker/runner.py) looks the handler up by `job.kind` and asks it what it needs around
+(worker/jobs/runner.py) looks the handler up by `job.kind` and asks it what it needs around
 the run: the stage the job opens with, the ref that errors name, its timeout, the routing
 claims its final record drops, and a cache answer that lets it skip the full run.
 """
@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from schemas import LoadJob, ModelInfo, RunResult, Stage
-from worker.admission import Admission
-from worker.cache import ModelCache
-from worker.progress import Reporter
-from worker.resident import Residents
+from worker.models.admission import Admission
+from worker.models.cache import ModelCache
+from worker.jobs.progress import Reporter
+from worker.models.residents import Residents
 
 MAX_RESULT_BYTES = 1 << 20
 """A run job's result, as JSON, is at most this many bytes (Settings.max_result_bytes)."""

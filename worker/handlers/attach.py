@@ -11,10 +11,10 @@ import time
 
 from schemas import AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
-from worker.cache import release_memory
+from worker.models.cache import release_memory
 from worker.handlers import Handler
-from worker.progress import Reporter
-from worker.resident import Residents
+from worker.jobs.progress import Reporter
+from worker.models.residents import Residents
 
 
 class AttachHandler(Handler):

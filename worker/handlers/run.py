@@ -2,7 +2,7 @@
 
 The model is the task's alone while it runs: the worker's solo pool runs one job at a
 time, and the entry is marked busy so that nothing evicts it. The task's adapters are
-set for the call and restored after it (worker/model_tasks.py `call_task`), unless the
+set for the call and restored after it (worker/modeltasks/registry.py `call_task`), unless the
 task changes them on purpose; then the entry learns what the model now carries.
 """
 
@@ -19,15 +19,15 @@ from transformers import PreTrainedTokenizerBase
 
 from schemas import AccessDenied, ModelInfo, RunJob, RunResult, Stage
 from schemas.tenants import SHARED_TENANT
-from worker import adapters
+from worker.models import adapters
 from worker.access import Access
-from worker.cache import Entry
+from worker.models.cache import Entry
 from worker.handlers import Claim, Handler
 from worker.handlers.load import LoadHandler, check_cancel
-from worker.model_tasks import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
-from worker.progress import Reporter
-from worker.resident import Residents
-from worker.task_io import PathResolver, load_tokenizer
+from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
+from worker.jobs.progress import Reporter
+from worker.models.residents import Residents
+from worker.modeltasks.io import PathResolver, load_tokenizer
 
 ADAPTER_TASKS = frozenset({"modelq.add_adapter", "modelq.train_adapter", "modelq.save_adapter"})
 """Built-in tasks that name adapters: a tenant runs them only on its own (private) models."""

@@ -5,7 +5,7 @@ Every attempt ends in a terminal record: succeeded, failed with an ErrorInfo, or
 cancelled. Deliveries are at least once, so each one is checked before it starts anything:
 
 - a job that already ended: nothing to do (no second effect);
-- a job whose lease (worker/lease.py) a live worker holds: `Outcome.busy`, the
+- a job whose lease (worker/jobs/lease.py) a live worker holds: `Outcome.busy`, the
   task body hands the message back with a countdown (the first delivery is still
   running: a load that outlived the broker's visibility timeout);
 - a job left `running` with no live lease: its worker died; this is attempt N+1,
@@ -32,11 +32,11 @@ import redis
 from schemas import Envelope, JobRecord, JobStatus, Progress, WorkerLost, decode_envelope
 from schemas.errors import InvalidJob, ModelqError
 from tasks.store import Started, Store, submitted
-from worker.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver
-from worker.faults import Faults
-from worker.gate import Gate, OpenGate
+from worker.jobs.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver
+from worker.fault_hooks import Faults
+from worker.jobs.gate import Gate, OpenGate
 from worker.handlers import Handler
-from worker.lease import Leases
+from worker.jobs.lease import Leases
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it. A beat
 renews that TTL and the worker's deadline (`Keys.deadlines`) in one small script, whatever
-the pool's size, and carries the worker's bid for the pool's reaper turn (worker/reaper.py);
+the pool's size, and carries the worker's bid for the pool's reaper turn (worker/recovery/reaper.py);
 the entry and the routing index entries it implies (tasks/index.py) are written again only
 when what it says changes, or when it vanished. Each beat also runs `on_beat` (the worker's
-job leases, worker/lease.py), so a lease lives exactly as long as the heartbeat does.
+job leases, worker/jobs/lease.py), so a lease lives exactly as long as the heartbeat does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from schemas import ResidentModel, WorkerInfo
 from tasks.index import memo_json
 from tasks.keys import Keys
 from tasks.scripts import script
-from worker.reaper import Reaper
+from worker.recovery.reaper import Reaper
 
 log = logging.getLogger(__name__)
 

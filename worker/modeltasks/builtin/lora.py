@@ -3,7 +3,7 @@
 Adding the first adapter to a plain model wraps it in a PeftModel: the task puts
 the wrapper in ``ctx.model`` and `call_task` reports the model as replaced (peft
 injects the LoRA layers into the base's modules in place, so the old object must
-not be used on its own afterwards). Training is in worker/train_task.py.
+not be used on its own afterwards). Training is in worker/modeltasks/builtin/train.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from schemas.errors import InvalidJob
 from schemas.jobs import check_adapter_name
-from worker.model_tasks import TaskContext, model_task
-from worker.task_adapters import adapter_parameters, set_active
+from worker.modeltasks.registry import TaskContext, model_task
+from worker.modeltasks.activation import adapter_parameters, set_active
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

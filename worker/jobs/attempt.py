@@ -22,13 +22,13 @@ from schemas import Cancelled, ErrorInfo, JobRecord, JobStatus, Progress, Stage,
 from schemas.errors import JobNotFound, ModelqError
 from schemas.jobs import Job
 from tasks.store import Store
-from worker.cache import release_memory
+from worker.models.cache import release_memory
 from worker.errors import poisons_process, scrub, translate
-from worker.faults import Faults
-from worker.guard import GuardHooks, JobGuard, Opened
+from worker.fault_hooks import Faults
+from worker.jobs.guard import GuardHooks, JobGuard, Opened
 from worker.handlers import Claim, Handler
-from worker.lease import Leases
-from worker.steps import StepSender
+from worker.jobs.lease import Leases
+from worker.jobs.progress import StepSender
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Recorder:
     def report(self, job_id: str, stage: Stage, progress: Progress | None, message: str | None,
                metrics: dict[str, float] | None = None) -> None:
         """A stage or progress event; a task's step (with `metrics`) is sent off this thread
-        (worker/steps.py), anything else after the steps already handed over."""
+        (worker/jobs/progress.py), anything else after the steps already handed over."""
         if metrics is not None:
             self.steps.send(lambda: self.store.report(job_id, stage, progress, message,
                                                       metrics=metrics))

@@ -5,7 +5,7 @@ itself. A `JobGuard` builds the job's Reporter: every stage change and every
 (throttled) progress tick first checks the deadline (TimedOut) and the cancel
 flag (Cancelled; read from Redis at most every CANCEL_POLL_SECONDS), so a long weight
 load stops within a tick, not at its end.
-Test hooks (worker/faults.py) run on each stage change.
+Test hooks (worker/fault_hooks.py) run on each stage change.
 
 If the job's thread never reaches a check (stuck in native code), the watchdog
 calls `on_stuck` GRACE_SECONDS after the deadline: a thread can't be interrupted
@@ -27,8 +27,8 @@ from types import TracebackType
 
 from schemas import Cancelled, Progress, Stage, TimedOut
 from schemas.jobs import Job
-from worker.faults import Faults
-from worker.progress import Reporter
+from worker.fault_hooks import Faults
+from worker.jobs.progress import Reporter
 
 log = logging.getLogger(__name__)
 

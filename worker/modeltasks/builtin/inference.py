@@ -2,7 +2,7 @@
 
 Both run one prompt (one request) at a time, so their numbers are exactly what
 the same call on the model in process gives: no padding enters a forward pass.
-Adapter tasks (add, train, save) are in worker/adapter_tasks.py.
+Adapter tasks (add, train, save) are in worker/modeltasks/builtin/lora.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from schemas.errors import InvalidJob
-from worker.model_tasks import TaskContext, model_task
+from worker.modeltasks.registry import TaskContext, model_task
 
 Request = str | Sequence[str]
 

@@ -13,7 +13,7 @@ production Settings) drives them, and production leaves all of it unset:
 - `MODELQ_TEST_FAIL_ALLOC=N` makes the first N cold loads of the worker raise
   MemoryError, standing in for an allocation failure (`AllocationFaults`).
 
-This module only injects faults; it never handles them (that is worker/runner.py).
+This module only injects faults; it never handles them (that is worker/jobs/runner.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import AttachAdapterJob, LoadJob, Stage
 from schemas.jobs import Job
-from worker.progress import Reporter
+from worker.jobs.progress import Reporter
 
 log = logging.getLogger(__name__)
 

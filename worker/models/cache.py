@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from schemas import InsufficientMemory, ModelInfo, ResidentModel
-from worker.resolve import Source
+from worker.models.resolve import Source
 
 log = logging.getLogger(__name__)
 

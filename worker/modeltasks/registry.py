@@ -31,8 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from schemas.errors import InvalidJob, ModelqError, ResultTooLarge, TaskFailed, TaskNotFound
 from schemas.jobs import check_task_name
-from worker import task_adapters
-from worker.task_io import PathResolver, no_paths, no_tokenizer, to_json
+from worker.modeltasks import activation as task_adapters
+from worker.modeltasks.io import PathResolver, no_paths, no_tokenizer, to_json
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))} (line {line})"
 
 
-REGISTRY = TaskRegistry(builtins=("worker.builtin_tasks", "worker.adapter_tasks", "worker.train_task"))
+REGISTRY = TaskRegistry(builtins=("worker.modeltasks.builtin.inference", "worker.modeltasks.builtin.lora", "worker.modeltasks.builtin.train"))
 """The worker's tasks: the built-in ones, and those of modules named by --tasks."""
 
 

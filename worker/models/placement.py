@@ -27,8 +27,8 @@ from transformers.utils.generic import ContextManagers
 from schemas import LoadJob, PlacementSpec
 from schemas.errors import ModelqError
 from schemas.specs import DEVICE_MAP_STRATEGIES, DType
-from worker.loader import TORCH_DTYPES, bnb_config, placement_args
-from worker.resolve import Resolved
+from worker.models.loader import TORCH_DTYPES, bnb_config, placement_args
+from worker.models.resolve import Resolved
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Helpers for fault tests and benches: worker settings that make faults quick to see, and waits.
 
-Shared by tests/test_reliability_*.py and bench/faults.py; nothing here starts processes
+Shared by tests/test_reliability_*.py and bench/reliability.py; nothing here starts processes
 (tests/support/workers.py does) or knows key names beyond tasks/keys.py.
 """
 
@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from schemas import JobRecord, Stage
 from tasks.client import Client
-from worker.faults import CUDA_MARKER, KILL_MARKER
+from worker.fault_hooks import CUDA_MARKER, KILL_MARKER
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """Faults, repeated: what each one costs in lost or doubled jobs (the answer must be none).
 
-`python -m bench.faults` starts its own redis-server and real `modelq worker` processes
-with the test hooks of worker/faults.py, and repeats each fault:
+`python -m bench.reliability` starts its own redis-server and real `modelq worker` processes
+with the test hooks of worker/fault_hooks.py, and repeats each fault:
 
 - kill9:     `kill -9` of the worker mid-load (20 times); the job must complete on
              another worker as attempt 2, leaving exactly one resident copy;
@@ -28,7 +28,7 @@ from typing import Any
 from schemas import JobStatus, LoadJob, ModelInfo, ModelNotFound, ModelRef, Stage, UnloadJob
 from tasks.client import Client
 from tasks.settings import Settings
-from tests.support.faults import (
+from tests.support.fault_waits import (
     fault_env,
     marked_model,
     resident_copies,
@@ -40,7 +40,7 @@ from tests.support.models import build_model
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool, WorkerProcess
 from worker.app import EXIT_POISONED
-from worker.faults import CUDA_MARKER, KILL_MARKER
+from worker.fault_hooks import CUDA_MARKER, KILL_MARKER
 
 
 class Fleet:

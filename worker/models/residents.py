@@ -15,13 +15,14 @@ import torch
 
 from schemas import BaseModelInfo, LoadJob, ModelInfo, ModelRef, Stage
 from schemas.errors import AdapterIncompatible, InvalidJob
-from worker import adapters, loader
+from worker.models import adapters
+from worker.models import loader
 from worker.access import Access
-from worker.cache import Entry, ModelCache
+from worker.models.cache import Entry, ModelCache
 from worker.device import WorkerIdentity
 from worker.policy import TenantPolicy
-from worker.progress import Reporter
-from worker.resolve import ADAPTER_CONFIG, CONFIG, Source, base_of, fetch, read_json
+from worker.jobs.progress import Reporter
+from worker.models.resolve import ADAPTER_CONFIG, CONFIG, Source, base_of, fetch, read_json
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ keyspace). One script per dead worker removes its routing index entries and move
 its own queues (its memo lists them, tenant shares included), oldest first, onto the
 matching shared queue (attach/unload jobs then fail cleanly as ModelNotFound: their model
 died with the worker); then the turn runs the sweeps it was given
-(worker/rescue.py: the message of a job its dead worker was running, put back within
+(worker/recovery/rescue.py: the message of a job its dead worker was running, put back within
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
 
@@ -69,7 +69,7 @@ class Reaper:
 
     def bid_ms(self) -> int:
         """The turn's TTL (ms) to bid with if this worker's period came, else 0; a bid starts
-        the next period. The heartbeat bids inside its beat script (worker/heartbeat.py):
+        the next period. The heartbeat bids inside its beat script (worker/recovery/heartbeat.py):
         every live worker bids once a period, so a bid of its own would be a pool-wide round
         trip per period and worker. The turn lapses a little before the next period, so a
         lone worker never misses one."""

@@ -1,4 +1,4 @@
-"""worker/steps.py: step events leave the job's thread, keep their order, and a flush waits
+"""worker/jobs/progress.py: step events leave the job's thread, keep their order, and a flush waits
 for them; a failing write is logged, not raised."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.steps import StepSender
+from worker.jobs.progress import StepSender
 
 
 def test_writes_run_in_order_off_the_callers_thread_and_flush_waits() -> None:

@@ -1,8 +1,8 @@
 """Admitting a new model into the cache: estimate, make room, load (from an artifact if any), retry OOM once.
 
-The steps around one cache-miss load: predict its bytes (worker/estimate.py),
+The steps around one cache-miss load: predict its bytes (worker/models/estimate.py),
 evict idle models if that makes room or fail with InsufficientMemory, load the
-quantized artifact when this host has one (worker/artifacts.py) or quantize on
+quantized artifact when this host has one (worker/models/artifacts.py) or quantize on
 load and save one, and on an out-of-memory error free what the load took, evict
 every idle model and try once more before failing cleanly.
 """
@@ -17,14 +17,15 @@ from transformers import PreTrainedModel
 
 from schemas import InsufficientMemory, LoadJob
 from schemas.errors import ModelqError
-from worker import estimate, loader
+from worker.models import estimate
+from worker.models import loader
 from worker.access import OPEN, Access
-from worker.artifacts import Artifacts
-from worker.cache import ModelCache, release_memory
+from worker.models.artifacts import Artifacts
+from worker.models.cache import ModelCache, release_memory
 from worker.errors import translate
-from worker.faults import AllocationFaults
-from worker.progress import Reporter
-from worker.resolve import Resolved, fetch
+from worker.fault_hooks import AllocationFaults
+from worker.jobs.progress import Reporter
+from worker.models.resolve import Resolved, fetch
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Puts back the jobs that a dead worker or a lost send left with no live message.
 
-Two sweeps, run on the reaper's turn (worker/reaper.py), so a lost job waits about a
+Two sweeps, run on the reaper's turn (worker/recovery/reaper.py), so a lost job waits about a
 worker TTL, not the broker's visibility timeout (`max_load_seconds + 600`):
 
 - `Redelivery`: a message in kombu's unacked hash (tasks/keys.py `Keys.unacked_pairs`) whose
@@ -16,7 +16,7 @@ worker TTL, not the broker's visibility timeout (`max_load_seconds + 600`):
   long backlog is not read whole on every turn.
 
 Either may deliver a job twice in a rare race; the runner's lease and record checks make
-a second delivery harmless (worker/runner.py). This module never changes a job record.
+a second delivery harmless (worker/jobs/runner.py). This module never changes a job record.
 """
 
 from __future__ import annotations

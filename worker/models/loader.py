@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec, QuantMethod
 from schemas.specs import DEVICE_MAP_STRATEGIES, DType
 from worker.access import OPEN, Access
-from worker.progress import Reporter, transformers_bars
-from worker.resolve import Resolved
+from worker.jobs.progress import Reporter, transformers_bars
+from worker.models.resolve import Resolved
 
 TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16,
                 DType.float16: torch.float16}
@@ -45,7 +45,7 @@ def resolved_placement(placement: PlacementSpec, device: str) -> dict[str, Any]:
     for a strategy only: so every such placement resolves to its map, with every module on
     one device written `{"": device}` (no device_map at all, `"cpu"` on a cpu worker,
     `{"": "cuda"}` on a GPU worker, whatever their max_memory). A strategy ("auto", ...)
-    reaches here already resolved to its map (worker/placement.py); one that could not be
+    reaches here already resolved to its map (worker/models/placement.py); one that could not be
     resolved before loading is kept as asked, budgets included.
     """
     args = placement_args(placement, device)
@@ -108,7 +108,7 @@ def load(resolved: Resolved, job: LoadJob, device: str, reporter: Reporter,
          access: Access = OPEN, artifact: Path | None = None) -> PreTrainedModel:
     """from_pretrained with the job's settings; weight loading reported as it goes.
 
-    `artifact` is a folder of already-quantized weights (worker/artifacts.py): its
+    `artifact` is a folder of already-quantized weights (worker/models/artifacts.py): its
     config.json carries the quantization, so none is applied again.
     """
     kwargs: dict[str, Any] = {

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from schemas.errors import AdapterIncompatible, InvalidJob, UnsafeWeights
 from worker.errors import translate
-from worker.resolve import ADAPTER_CONFIG, Source, read_json
+from worker.models.resolve import ADAPTER_CONFIG, Source, read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The tasks modelq ships: inference (generate, loglikelihood), lora (add, save) and train."""
