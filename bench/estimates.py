@@ -39,10 +39,10 @@ def run() -> list[dict[str, Any]]:
     from transformers.utils import logging as hf_logging
 
     from schemas import AdapterSpec, LoadJob, ModelRef
+    from worker.jobs.progress import Reporter
     from worker.models import adapters as peft_adapters
     from worker.models import loader
     from worker.models.estimate import estimate
-    from worker.jobs.progress import Reporter
     from worker.models.resolve import fetch, resolve
 
     hf_logging.set_verbosity_error()

@@ -30,9 +30,9 @@ def run(cycles: int = CYCLES) -> dict[str, Any]:
 
     from schemas import LoadJob, ModelRef, UnloadJob
     from tests.support.models import build_model
-    from worker.models.cache import ModelCache
     from worker.handlers import local_handlers
     from worker.jobs.progress import Reporter
+    from worker.models.cache import ModelCache
 
     hf_logging.disable_progress_bar()
     reporter = Reporter(lambda *_: None, lambda: False)

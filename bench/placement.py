@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas import LoadJob
+from worker.jobs.progress import Reporter
 from worker.models import loader
 from worker.models.placement import strategy_map
-from worker.jobs.progress import Reporter
 from worker.models.resolve import Resolved, Source, resolve
 
 LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from schemas import Cancelled, InvalidJob
 from tests.support.models import TOKENIZER_LINES, build_lora, build_model
 from worker.modeltasks.builtin.lora import ADAPTER_FILES
-from worker.modeltasks.registry import TaskContext, TaskHooks, call_task
 from worker.modeltasks.io import TokenizerCache, paths_under
+from worker.modeltasks.registry import TaskContext, TaskHooks, call_task
 
 LIMIT = 1 << 20
 PROMPTS = ["the quick brown fox", "to be or not"]

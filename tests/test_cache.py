@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from schemas import BaseModelInfo, InsufficientMemory, LoadJob, ModelInfo, ModelRef
+from worker.jobs.progress import Reporter
 from worker.models import loader
 from worker.models.cache import Entry, ModelCache
 from worker.models.estimate import _model_bytes, estimate
-from worker.jobs.progress import Reporter
 from worker.models.resolve import CONFIG, Source, read_json, resolve
 
 

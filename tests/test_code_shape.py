@@ -82,3 +82,57 @@ def test_producer_layers_import_without_torch(package: str) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+MAX_FOLDER_MODULES = 12  # not counting __init__.py: a folder larger than this is split by concern
+FOLDER_RULE_PACKAGES = ("schemas", "worker")  # tasks/ is next (its cli and gateway modules)
+
+
+def test_no_folder_holds_more_than_a_dozen_modules() -> None:
+    crowded = {}
+    for package in FOLDER_RULE_PACKAGES:
+        for folder in [ROOT / package, *(p for p in (ROOT / package).rglob("*") if p.is_dir())]:
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            if len(modules) > MAX_FOLDER_MODULES:
+                crowded[str(folder.relative_to(ROOT))] = len(modules)
+    assert not crowded, f"folders with more than {MAX_FOLDER_MODULES} modules: {crowded}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    """Modules a module imports when it is imported (or type-checked): its top-level
+    statements and `if TYPE_CHECKING:` blocks, not imports inside functions."""
+    found: set[str] = set()
+    nodes: list[ast.stmt] = list(tree.body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If):
+            nodes.extend(node.body + node.orelse)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No import circle, counting type-only imports: a circle means two modules own one thing."""
+    graph = {_module_name(p): _top_level_imports(ast.parse(p.read_text())) for p in _sources()}
+    graph = {m: {i for i in imports if i in graph and i != m} for m, imports in graph.items()}
+    circles = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            module, path = stack.pop()
+            for nxt in graph[module]:
+                if nxt == start and len(path) > 1:
+                    circles.append(" -> ".join((*path, nxt)))
+                elif nxt not in seen and not nxt.startswith(path[0] + "."):
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert not circles, f"import circles: {sorted(set(circles))[:5]}"

@@ -11,9 +11,9 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
 from schemas import InvalidJob, LoadJob, PlacementSpec, QuantizationSpec
 from schemas.specs import DType
+from worker.jobs.progress import Reporter
 from worker.models import loader
 from worker.models.estimate import estimate
-from worker.jobs.progress import Reporter
 from worker.models.resolve import resolve
 
 

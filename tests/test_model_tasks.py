@@ -21,8 +21,8 @@ from schemas import AccessDenied, Cancelled, InvalidJob, ResultTooLarge, TaskFai
 from schemas.errors import UnsupportedModel
 from tests.support.models import build_lora, build_model
 from worker import TaskContext, model_task
-from worker.modeltasks.registry import REGISTRY, TaskHooks, TaskRegistry, call_task, import_task_modules
 from worker.modeltasks.io import TokenizerCache, paths_under
+from worker.modeltasks.registry import REGISTRY, TaskHooks, TaskRegistry, call_task, import_task_modules
 
 LIMIT = 1 << 20
 
@@ -140,7 +140,8 @@ def test_an_exception_in_the_task_is_task_failed_with_the_traceback_in_the_log(
     def broken(ctx: TaskContext) -> None:
         raise ValueError("missing column\nsecond line")
     registry.register("acme.broken", broken)
-    with caplog.at_level(logging.ERROR, logger="worker.modeltasks.registry"), pytest.raises(TaskFailed) as err:
+    with caplog.at_level(logging.ERROR, logger="worker.modeltasks.registry"), \
+            pytest.raises(TaskFailed) as err:
         call_task(_ctx(torch.nn.Linear(1, 1)), "acme.broken", [], {}, LIMIT, registry=registry)
     assert err.value.message == "task acme.broken raised ValueError: missing column"
     assert err.value.details == {"task": "acme.broken", "exception_type": "ValueError",

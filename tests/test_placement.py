@@ -10,9 +10,9 @@ import pytest
 
 from schemas import InvalidJob, LoadJob
 from tests.support.models import build_remote_code_model
+from worker.jobs.progress import Reporter
 from worker.models import loader
 from worker.models.placement import Placements, strategy_map
-from worker.jobs.progress import Reporter
 from worker.models.resolve import Resolved, Source, fingerprint, resolve
 
 

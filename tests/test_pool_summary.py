@@ -14,7 +14,8 @@ import redis
 from schemas import ResidentModel, WorkerInfo
 from tasks.client import Client
 from tasks.keys import Keys
-from tasks.pool_summary import Listed, listed, read_pool, summarize, summary_lines
+from tasks.pool_listing import Listed, listed, read_pool
+from tasks.pool_summary import summarize, summary_lines
 from tasks.settings import Settings
 from worker.recovery.heartbeat import Heartbeat, WorkerState
 

@@ -11,9 +11,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from schemas import AdapterIncompatible, AttachAdapterJob, LoadJob
-from worker.models.cache import ModelCache
 from worker.handlers import Handler, local_handlers
 from worker.jobs.progress import Reporter
+from worker.models.cache import ModelCache
 
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 3]])
 

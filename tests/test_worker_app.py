@@ -14,8 +14,8 @@ from tasks.keys import Keys, worker_queue
 from tasks.settings import Settings
 from tasks.store import now, submitted
 from worker.app import WorkerApp, WorkerOptions
-from worker.jobs.attempt import Outcome
 from worker.fault_hooks import FaultSettings
+from worker.jobs.attempt import Outcome
 
 
 def _deliver(app: WorkerApp, client: Client, job: Job | dict[str, object]) -> JobRecord:

@@ -30,21 +30,21 @@ from tasks.store import Store
 from tasks.tenants import Tenants, load_tenants, publish_limits, share_waiting
 from tasks.turns import Turns
 from worker import device as devices
+from worker.fault_hooks import AllocationFaults, Faults, FaultSettings
+from worker.handlers import handler_table
+from worker.jobs.attempt import Outcome, RunHooks, RunObserver
+from worker.jobs.gate import Gate, OpenGate, SignatureGate
+from worker.jobs.lease import Leases
+from worker.jobs.runner import Runner, RunOptions
 from worker.models.admission import Admission
 from worker.models.artifacts import Artifacts
-from worker.jobs.attempt import Outcome, RunHooks, RunObserver
 from worker.models.cache import KeepAliveTimer, ModelCache
-from worker.fault_hooks import AllocationFaults, Faults, FaultSettings
-from worker.jobs.gate import Gate, OpenGate, SignatureGate
-from worker.handlers import handler_table
-from worker.recovery.heartbeat import Heartbeat, WorkerState
-from worker.jobs.lease import Leases
+from worker.models.residents import Residents
 from worker.modeltasks.registry import import_task_modules
 from worker.policy import TenantPolicy
+from worker.recovery.heartbeat import Heartbeat, WorkerState
 from worker.recovery.reaper import Reaper, reap_every
 from worker.recovery.rescue import Redelivery, Resend, celery_send
-from worker.models.residents import Residents
-from worker.jobs.runner import Runner, RunOptions
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from schemas import LoadJob, ModelInfo, RunResult, Stage
+from worker.jobs.progress import Reporter
 from worker.models.admission import Admission
 from worker.models.cache import ModelCache
-from worker.jobs.progress import Reporter
 from worker.models.residents import Residents
 
 MAX_RESULT_BYTES = 1 << 20

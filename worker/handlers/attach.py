@@ -11,9 +11,9 @@ import time
 
 from schemas import AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
-from worker.models.cache import release_memory
 from worker.handlers import Handler
 from worker.jobs.progress import Reporter
+from worker.models.cache import release_memory
 from worker.models.residents import Residents
 
 

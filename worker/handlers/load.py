@@ -13,16 +13,14 @@ from schemas import AdapterSpec, Cancelled, DType, LoadJob, ModelInfo, ModelRef,
 from schemas.errors import ModelqError
 from schemas.tenants import SHARED_TENANT
 from tasks.registry import request_key
-from worker.models import adapters
-from worker.models import estimate
-from worker.models import loader
 from worker.access import Access
-from worker.models.admission import Admission
-from worker.models.cache import Entry, release_memory
 from worker.errors import translate
 from worker.handlers import Claim, Handler
-from worker.models.placement import Placements
 from worker.jobs.progress import Reporter
+from worker.models import adapters, estimate, loader
+from worker.models.admission import Admission
+from worker.models.cache import Entry, release_memory
+from worker.models.placement import Placements
 from worker.models.residents import Residents
 from worker.models.resolve import Resolved, Source, resolve
 

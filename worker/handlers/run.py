@@ -19,15 +19,15 @@ from transformers import PreTrainedTokenizerBase
 
 from schemas import AccessDenied, ModelInfo, RunJob, RunResult, Stage
 from schemas.tenants import SHARED_TENANT
-from worker.models import adapters
 from worker.access import Access
-from worker.models.cache import Entry
 from worker.handlers import Claim, Handler
 from worker.handlers.load import LoadHandler, check_cancel
-from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
 from worker.jobs.progress import Reporter
+from worker.models import adapters
+from worker.models.cache import Entry
 from worker.models.residents import Residents
 from worker.modeltasks.io import PathResolver, load_tokenizer
+from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
 
 ADAPTER_TASKS = frozenset({"modelq.add_adapter", "modelq.train_adapter", "modelq.save_adapter"})
 """Built-in tasks that name adapters: a tenant runs them only on its own (private) models."""

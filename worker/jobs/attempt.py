@@ -22,13 +22,13 @@ from schemas import Cancelled, ErrorInfo, JobRecord, JobStatus, Progress, Stage,
 from schemas.errors import JobNotFound, ModelqError
 from schemas.jobs import Job
 from tasks.store import Store
-from worker.models.cache import release_memory
 from worker.errors import poisons_process, scrub, translate
 from worker.fault_hooks import Faults
-from worker.jobs.guard import GuardHooks, JobGuard, Opened
 from worker.handlers import Claim, Handler
+from worker.jobs.guard import GuardHooks, JobGuard, Opened
 from worker.jobs.lease import Leases
 from worker.jobs.progress import StepSender
+from worker.models.cache import release_memory
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import redis
 from schemas import Envelope, JobRecord, JobStatus, Progress, WorkerLost, decode_envelope
 from schemas.errors import InvalidJob, ModelqError
 from tasks.store import Started, Store, submitted
-from worker.jobs.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver
 from worker.fault_hooks import Faults
-from worker.jobs.gate import Gate, OpenGate
 from worker.handlers import Handler
+from worker.jobs.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver
+from worker.jobs.gate import Gate, OpenGate
 from worker.jobs.lease import Leases
 
 log = logging.getLogger(__name__)

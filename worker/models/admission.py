@@ -17,14 +17,13 @@ from transformers import PreTrainedModel
 
 from schemas import InsufficientMemory, LoadJob
 from schemas.errors import ModelqError
-from worker.models import estimate
-from worker.models import loader
 from worker.access import OPEN, Access
-from worker.models.artifacts import Artifacts
-from worker.models.cache import ModelCache, release_memory
 from worker.errors import translate
 from worker.fault_hooks import AllocationFaults
 from worker.jobs.progress import Reporter
+from worker.models import estimate, loader
+from worker.models.artifacts import Artifacts
+from worker.models.cache import ModelCache, release_memory
 from worker.models.resolve import Resolved, fetch
 
 log = logging.getLogger(__name__)

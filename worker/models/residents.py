@@ -15,14 +15,13 @@ import torch
 
 from schemas import BaseModelInfo, LoadJob, ModelInfo, ModelRef, Stage
 from schemas.errors import AdapterIncompatible, InvalidJob
-from worker.models import adapters
-from worker.models import loader
 from worker.access import Access
-from worker.models.cache import Entry, ModelCache
 from worker.device import WorkerIdentity
-from worker.policy import TenantPolicy
 from worker.jobs.progress import Reporter
+from worker.models import adapters, loader
+from worker.models.cache import Entry, ModelCache
 from worker.models.resolve import ADAPTER_CONFIG, CONFIG, Source, base_of, fetch, read_json
+from worker.policy import TenantPolicy
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from schemas.errors import InvalidJob
 from schemas.jobs import check_adapter_name
-from worker.modeltasks.registry import TaskContext, model_task
 from worker.modeltasks.activation import adapter_parameters, set_active
+from worker.modeltasks.registry import TaskContext, model_task
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -19,10 +19,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from schemas.errors import InvalidJob
-from worker.modeltasks.builtin.lora import require_adapter, write_adapter
-from worker.modeltasks.builtin.inference import seeded
-from worker.modeltasks.registry import TaskContext, model_task
 from worker.modeltasks.activation import adapter_parameters, adapter_state, restore, set_active
+from worker.modeltasks.builtin.inference import seeded
+from worker.modeltasks.builtin.lora import require_adapter, write_adapter
+from worker.modeltasks.registry import TaskContext, model_task
 
 IGNORE_INDEX = -100  # labels the loss skips (padding)
 
