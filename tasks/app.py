@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> Celery:
             "socket_timeout": settings.command_timeout_seconds,
             "global_keyprefix": "",
             # kombu's unacked hash, its index and the restore's mutex, under the prefix: each
-            # deployment restores (and rescues, worker/rescue.py) only its own messages.
+            # deployment restores (and rescues, worker/recovery/rescue.py) only its own messages.
             "unacked_key": keys.unacked(),
             "unacked_index_key": keys.unacked_index(),
             "unacked_mutex_key": keys.unacked_mutex(),

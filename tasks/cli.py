@@ -153,7 +153,8 @@ def ls(show_all: bool, as_json: bool) -> None:
     import redis
 
     from tasks import render
-    from tasks.pool_summary import read_pool, summarize, summary_lines
+    from tasks.pool_listing import read_pool
+    from tasks.pool_summary import summarize, summary_lines
 
     if as_json:  # the full entries, validated: what scripts read
         click.echo(json.dumps([w.model_dump(mode="json") for w in client_of_command().workers()],

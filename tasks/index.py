@@ -1,6 +1,6 @@
 """The routing index entries a worker's registry entry implies, as its memo lists them (no torch).
 
-A worker's heartbeat writes its entry and these entries together (worker/heartbeat.py,
+A worker's heartbeat writes its entry and these entries together (worker/recovery/heartbeat.py,
 tasks/lua/registry_publish.lua); a producer routes from them (tasks/lua/route.lua); the
 reaper undoes them, and drains the worker's own queues, from the memo alone
 (tasks/lua/registry_leave.lua), so nothing on those paths scans the registry or the keyspace.

@@ -116,7 +116,7 @@ class Keys:
 
     def dead_letters(self) -> str:
         """List: queue messages a worker could not decode, as JSON {queue, reason, message, at},
-        newest first (worker/quarantine.py)."""
+        newest first (worker/recovery/quarantine.py)."""
         return f"{self.prefix}:dead-letters"
 
     def unacked(self) -> str:

@@ -53,7 +53,7 @@ def context() -> dict[str, str]:
 
 
 class JobContext:
-    """A run observer (worker/runner.py) that puts the running job in every log line."""
+    """A run observer (worker/jobs/runner.py) that puts the running job in every log line."""
 
     def job_started(self, record: JobRecord) -> None:
         set_job(record.job_id, record.tenant)

@@ -1,6 +1,6 @@
 """Reading the worker registry and choosing a queue for a job (no torch).
 
-Workers write their entries and the routing indexes those imply (worker/heartbeat.py,
+Workers write their entries and the routing indexes those imply (worker/recovery/heartbeat.py,
 tasks/index.py); producers read them here. Routing is one script over the indexes
 (tasks/lua/route.lua), one round trip whatever the pool's size: a job for a resident
 model goes to its holder's own queue; a new load goes to the live worker with the most

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from schemas import Event, JobRecord
-    from tasks.pool_summary import Listed, ListedModel
+    from tasks.pool_listing import Listed, ListedModel
 
 
 def size(n: int | None) -> str:

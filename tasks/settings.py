@@ -225,7 +225,7 @@ class Settings(BaseSettings):
     """Seconds before the broker delivers an unacked task again; default max_load_seconds + 600.
 
     A load that outlives it is not run twice: the running worker's lease turns the
-    second delivery away (worker/lease.py). Tests set it low to see redelivery fast.
+    second delivery away (worker/jobs/lease.py). Tests set it low to see redelivery fast.
     """
 
     @property

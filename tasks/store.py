@@ -13,7 +13,7 @@ Who writes which status:
 - the client (tasks/client.py): `queued` on submit (`create`); `cancelled` for a job that
   has not started (`transition(..., only_from={queued, retrying})`); for a started job only
   the cancel flag (`request_cancel`), which the running worker polls between stages.
-- the worker (worker/runner.py): `running` (`start` on a first attempt, `transition` on a
+- the worker (worker/jobs/runner.py): `running` (`start` on a first attempt, `transition` on a
   later one), its stages and progress (`report`: still `running`), and the final record,
   `succeeded`, `failed` or `cancelled` (`transition`, with `release` dropping its lease and
   claim in the same write). A cache hit goes from `queued` to `succeeded` (`run_through`).

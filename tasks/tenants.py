@@ -150,7 +150,7 @@ def share_waiting(client: redis.Redis, tenants: Tenants, base: str = SHARED_QUEU
     fair turns as work queued later (its turns sweep, tasks/turns.py, then finds them).
     Oldest first, each message keeps its place in its tenant's share; messages of no known
     tenant (or not readable) stay where they were. A worker that dies between taking a
-    message and putting it in a share loses it: the lost job sweep (worker/rescue.py
+    message and putting it in a share loses it: the lost job sweep (worker/recovery/rescue.py
     `Resend`) sends it again.
     """
     if not tenants.multi:

@@ -18,8 +18,8 @@ Turns are taken
   job is waiting while this one runs;
 - by the worker, at start and on each heartbeat (`Turns.sweep`): every share of its queues
   that holds messages joins the ring. That is how a message that reached a share with no
-  announce gets its turns: put back by kombu or worker/rescue.py after its worker was lost,
-  moved off a dead worker's shares by worker/reaper.py, retried by Celery, sent by a
+  announce gets its turns: put back by kombu or worker/recovery/rescue.py after its worker was lost,
+  moved off a dead worker's shares by worker/recovery/reaper.py, retried by Celery, sent by a
   producer that does not announce, or sent while Redis lost the ring.
 
 A queue's list holds at most DEPTH messages taken by turns (and any sent straight to it),
