@@ -76,7 +76,7 @@ class ModelInfo(Contract):
     base_model: BaseModelInfo
     num_parameters: int
     footprint_bytes: int
-    estimated_bytes: int | None = None  # predicted before loading (worker/estimate.py)
+    estimated_bytes: int | None = None  # predicted before loading (worker/models/estimate.py)
     from_artifact: bool = False  # quantized weights read from this host's artifact, not re-quantized
     dtype: str
     quantization: str
