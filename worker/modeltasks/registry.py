@@ -51,11 +51,14 @@ def _never_cancelled() -> None:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A registered task: its name, function, and whether it changes adapters on purpose."""
+    """A registered task: its name, function, whether it changes adapters on purpose, and
+    whether it is batchable (takes a list as its first argument and returns a list of the
+    same length, one result per item, so that queued jobs' lists can share one call)."""
 
     name: str
     fn: Callable[..., Any]
     changes_adapters: bool = False
+    batchable: bool = False
 
     @property
     def description(self) -> str:
@@ -71,16 +74,18 @@ class TaskRegistry:
         self._builtins = tuple(builtins)
         self._lock = threading.RLock()
 
-    def task(self, name: str, *, changes_adapters: bool = False) -> Callable[[F], F]:
+    def task(self, name: str, *, changes_adapters: bool = False,
+             batchable: bool = False) -> Callable[[F], F]:
         """Decorator: register ``fn(ctx, *args, **kwargs)`` under the dotted `name`."""
         def register(fn: F) -> F:
-            self.register(name, fn, changes_adapters=changes_adapters)
+            self.register(name, fn, changes_adapters=changes_adapters, batchable=batchable)
             return fn
         return register
 
-    def register(self, name: str, fn: Callable[..., Any], *, changes_adapters: bool = False) -> TaskSpec:
+    def register(self, name: str, fn: Callable[..., Any], *, changes_adapters: bool = False,
+                 batchable: bool = False) -> TaskSpec:
         check_task_name(name)
-        spec = TaskSpec(name, fn, changes_adapters)
+        spec = TaskSpec(name, fn, changes_adapters, batchable)
         with self._lock:
             known = self._tasks.get(name)
             if known is not None and _qualname(known.fn) != _qualname(fn):
@@ -128,13 +133,16 @@ REGISTRY = TaskRegistry(builtins=("worker.modeltasks.builtin.inference", "worker
 """The worker's tasks: the built-in ones, and those of modules named by --tasks."""
 
 
-def model_task(name: str, *, changes_adapters: bool = False) -> Callable[[F], F]:
+def model_task(name: str, *, changes_adapters: bool = False,
+               batchable: bool = False) -> Callable[[F], F]:
     """Register a task on the worker: ``@model_task("acme.score") def score(ctx, texts): ...``.
 
     `changes_adapters`: the task adds or activates adapters on purpose, so the
-    active adapters are not restored after it.
+    active adapters are not restored after it. `batchable`: the task takes a list as its
+    first argument and returns one result per item, so queued jobs of it on one model may
+    share a call (their lists joined; `ctx.row_adapters` gives each item's adapter).
     """
-    return REGISTRY.task(name, changes_adapters=changes_adapters)
+    return REGISTRY.task(name, changes_adapters=changes_adapters, batchable=batchable)
 
 
 def import_task_modules(names: Sequence[str], registry: TaskRegistry = REGISTRY) -> tuple[str, ...]:
@@ -180,6 +188,10 @@ class TaskContext:
     hooks: TaskHooks = field(default_factory=TaskHooks)
     base_model: str | None = None
     """The base as its user names it (repo id or folder): what a saved adapter names."""
+    row_adapters: tuple[str, ...] | None = None
+    """In a batch of several jobs: each item's adapter as named on the model ("__base__" for
+    none), for peft's mixed-adapter inference (`adapter_names=`). None: every item runs with
+    `adapters`."""
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False)
 
     @property
