@@ -89,11 +89,11 @@ def beat(worker: SimWorker, side: ThreadPoolExecutor) -> None:
     indexes and on_beat in one call) if present, else `publish()` with the reaper's turn
     handed to `side` (threads of its own, so that one slow reap, a SCAN of the keyspace, does
     not hold up the beats of every worker this thread serves)."""
-    one = getattr(worker.recovery.heartbeat, "beat", None)
+    one = getattr(worker.heartbeat, "beat", None)
     if callable(one):
         one()
     else:
-        worker.recovery.heartbeat.publish()
+        worker.heartbeat.publish()
         side.submit(_quiet, worker.on_beat)
     worker.last_beat = time.time()
 
@@ -151,7 +151,7 @@ class Host:
 
     def register(self) -> None:
         for worker in self.workers.values():
-            worker.recovery.heartbeat.register()
+            worker.heartbeat.register()
             worker.last_beat = time.time()
         for thread in self.threads:
             thread.start()
@@ -221,7 +221,7 @@ class Host:
         self.side.shutdown(wait=True, cancel_futures=True)
         for worker in self.workers.values():
             if worker.alive:
-                worker.recovery.heartbeat.stop()
+                worker.heartbeat.stop()
         return out
 
 
