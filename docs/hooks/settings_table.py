@@ -44,7 +44,8 @@ def settings_table() -> str:
         alias = field.validation_alias if isinstance(field.validation_alias, str) else field.alias
         env = (alias or f"{prefix}{name}").upper()
         meaning = docs.get(name) or field.description or ""
-        rows.append(f"| `{env}` | {_cell(type_text(field))} | {_cell(default_text(field))} | {_cell(meaning)} |")
+        cells = (f"`{env}`", type_text(field), default_text(field), meaning)
+        rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(rows)
 
 
