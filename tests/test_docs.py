@@ -55,8 +55,8 @@ def relative_links(text: str) -> list[str]:
     return [t for t in targets if not re.match(r"^([a-z][a-z0-9+.-]*:|#|/)", t, re.IGNORECASE)]
 
 
-def load_hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("settings_table", DOCS / "hooks" / "settings_table.py")
+def load_hook(name: str = "settings_table") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, DOCS / "hooks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -118,3 +118,18 @@ def test_the_settings_page_keeps_the_marker_the_hook_replaces() -> None:
     built = hook.on_page_markdown(markdown, Page(), None, None)
     assert hook.MARKER not in built
     assert "| `MODELQ_REDIS_URL` |" in built
+
+
+def test_the_cli_reference_has_every_command_with_its_flags() -> None:
+    import click
+
+    from tasks.cli import main
+
+    hook = load_hook("cli_reference")
+    reference = hook.cli_reference()
+    names = main.list_commands(click.Context(main))
+    assert {"load", "run", "status", "worker"} <= set(names)
+    for name in names:
+        assert f"### `modelq {name}`" in reference
+    assert "--max-memory DEV=SIZE" in reference and "--task-timeout FLOAT" in reference
+    assert hook.MARKER in (DOCS / "cli.md").read_text(encoding="utf-8")
