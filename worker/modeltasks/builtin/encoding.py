@@ -64,7 +64,8 @@ class HarnessTokens:
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         prefix = bos if bos is not None else eos
         if prefix is None:
-            raise ValueError("the tokenizer has neither a BOS nor an EOS token to score an empty context after")
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to put before an empty "
+                             "context: save one with the tokenizer")
         self.prefix_token_id = int(prefix)
         self._prefix_text = str(tokenizer.decode(self.prefix_token_id))
 
