@@ -129,15 +129,19 @@ class ModelqLM(LM):  # type: ignore[misc]
             if index not in done:
                 waiting.put(index)
         slots: list[str | None] = [w for w in workers for _ in range(JOBS_PER_WORKER)] or [None]
-        lock = threading.Lock()
+        lock, failed = threading.Lock(), threading.Event()
 
         def drain(worker: str | None) -> None:
-            while True:
+            while not failed.is_set():  # one chunk failed: send no more
                 try:
                     index = waiting.get_nowait()
                 except queue.Empty:
                     return
-                values = self._job(task, kwargs(chunks[index]), worker)
+                try:
+                    values = self._job(task, kwargs(chunks[index]), worker)
+                except BaseException:
+                    failed.set()
+                    raise
                 with lock:
                     done[index] = values
 

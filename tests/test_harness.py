@@ -28,6 +28,7 @@ class FakeClient:
         self.settings = SimpleNamespace(tenant=None)
         self._workers = workers
         self.sent: list[tuple[str | None, int]] = []
+        self.fail = False
         self.lock = threading.Lock()
 
     def workers(self) -> list[Any]:
@@ -43,6 +44,9 @@ class FakeClient:
             value = [f"{p}!" for p in items]
         record = SimpleNamespace(job_id="j", status=JobStatus.succeeded, error=None,
                                  result=RunResult.model_construct(value=value))
+        if self.fail:
+            error = SimpleNamespace(message="TaskFailed: boom", retryable=False, type="TaskFailed")
+            record = SimpleNamespace(job_id="j", status=JobStatus.failed, error=error, result=None)
         return SimpleNamespace(wait=lambda timeout: time.sleep(0.05) or record)  # a job takes a while
 
 
@@ -64,6 +68,15 @@ def test_requests_go_out_in_order_spread_over_the_workers_that_hold_the_model() 
     assert got == [(-float(1 + i % 4), i % 4 == 0) for i in range(20)]
     assert sorted(n for _, n in client.sent) == [2] + [3] * 6
     assert {w for w, _ in client.sent} == {"w1", "w2"}  # never w3, which lacks the model
+
+
+def test_a_failed_chunk_stops_the_evaluation_with_its_error() -> None:
+    client = FakeClient([_worker("w1", True)])
+    client.fail = True
+    lm = ModelqLM(model_key=KEY, batch_size=1, client=client)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"modelq job j \(modelq.loglikelihood\) failed: TaskFailed: boom"):
+        lm.loglikelihood([SimpleNamespace(args=("c", "x")) for _ in range(10)])
+    assert len(client.sent) <= 2  # the two slots' first chunks; nothing after the failure
 
 
 def test_generate_until_groups_requests_by_their_options() -> None:
