@@ -66,8 +66,13 @@ class Client:
             self._app = create_app(self.settings)
         return self._app
 
-    def submit(self, job: Job | dict[str, Any]) -> JobHandle:
-        """Record and enqueue `job`; InvalidJob if it does not validate, nothing written."""
+    def submit(self, job: Job | dict[str, Any], *, worker: str | None = None) -> JobHandle:
+        """Record and enqueue `job`; InvalidJob if it does not validate, nothing written.
+
+        `worker`: send it to that live worker's own queue instead of where routing would
+        (for a caller that spreads jobs over the pool itself, e.g. tasks/harness.py); a run
+        job on a model key must name a worker that holds the model.
+        """
         job = self._as_tenant(parse_job(job) if isinstance(job, dict) else job)
         job_id = uuid.uuid4().hex
         record = submitted(job_id, job, now())
@@ -81,6 +86,8 @@ class Client:
                 check_submit_quota(self.redis, self.keys, job.tenant, limits)
                 check_model_owner(job, route.tenants)
             queue = base = self.registry.queue_for(job, route)  # ModelNotFound, TaskNotFound: refused
+            if worker is not None:
+                queue = base = self._chosen(worker, route)
             if limits is not None:  # the tenant's share of that queue: fair turns between tenants
                 queue = pick_queue(job.tenant, limits, job_id, base=base)
                 self.redis.zadd(self.keys.open_jobs(job.tenant), {job_id: record.created_at.timestamp()})
@@ -104,6 +111,13 @@ class Client:
             announce(self.redis, self.keys, base, queue, worker_ttl=self.settings.worker_ttl_seconds)
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id, submitted=True)
+
+    def _chosen(self, worker: str, route: Route) -> str:
+        """The queue of the worker a caller chose; the load claim routing took is given back
+        (the job goes elsewhere)."""
+        if route.claim is not None:
+            self.store.release([route.claim])
+        return self.keys.worker_queue(worker)
 
     def _route_and_create(self, record: JobRecord) -> Route:
         """The job's route (with the tenant's limits) and its record written, in one round

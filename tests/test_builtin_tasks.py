@@ -1,6 +1,8 @@
-"""The built-in tasks on tiny models, in process: generate and loglikelihood equal the model's own
-results; add_adapter and train_adapter lower the loss and leave everything else byte-for-byte as it
-was (an nf4 base too); save_adapter writes a folder peft loads back."""
+"""The built-in tasks on tiny models, in process: generate equals the model's own results, batched or
+not, with mixed adapters and out-of-memory batches split; loglikelihood batched equals one at a time
+(against lm-eval's HFLM: tests/test_scoring.py); add_adapter and train_adapter lower the loss and
+leave everything else byte-for-byte as it was (an nf4 base too); save_adapter writes a folder
+peft loads back."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from schemas import Cancelled, InvalidJob
+from schemas import Cancelled, InvalidJob, TaskFailed
 from tests.support.models import TOKENIZER_LINES, build_lora, build_model
 from worker.modeltasks.builtin.lora import ADAPTER_FILES
 from worker.modeltasks.io import TokenizerCache, paths_under
@@ -147,26 +149,105 @@ def test_bad_generate_arguments_are_invalid(folders: dict[str, Path], kwargs: di
 
 # --- loglikelihood ------------------------------------------------------------------------
 
-def test_loglikelihood_equals_the_models_own_loss(folders: dict[str, Path],
-                                                  tokenizer: PreTrainedTokenizerBase) -> None:
+def test_loglikelihood_batched_equals_one_at_a_time(folders: dict[str, Path]) -> None:
+    """(Scores against lm-eval's HFLM itself: tests/test_scoring.py.)"""
+    requests: list[Any] = ["the cat sat on the mat", ["to be or", " not to be"], ["hello ", "world"],
+                           ["", "one two three"], ["a", " b"]]
+    ctx = _ctx(_two_adapters(folders), folders, adapters=("b",))
+    batched = call_task(ctx, "modelq.loglikelihood", [requests], {}, LIMIT).value
+    alone = call_task(ctx, "modelq.loglikelihood", [requests], {"batch_size": 1}, LIMIT).value
+    assert [r["tokens"] for r in batched] == [r["tokens"] for r in alone] == [6, 3, 1, 3, 1]
+    assert [r["logprob"] for r in batched] == pytest.approx([r["logprob"] for r in alone], abs=1e-5)
+    assert [r["is_greedy"] for r in batched] == [r["is_greedy"] for r in alone]
+
+
+def test_rows_with_their_own_adapters_score_and_generate_as_each_alone(folders: dict[str, Path]) -> None:
     model = _two_adapters(folders)
-    requests: list[Any] = ["the cat sat on the mat", ["to be or", "not to be"], ["hello", "world"]]
-    out = call_task(_ctx(model, folders, adapters=("b",)), "modelq.loglikelihood", [requests], {}, LIMIT)
-    model.set_adapter("b", inference_mode=True)
-    for request, result in zip(requests, out.value, strict=True):
-        if isinstance(request, str):
-            ids = tokenizer(request, return_tensors="pt")["input_ids"]
-            labels = ids.clone()
-        else:
-            context = tokenizer(request[0])["input_ids"]
-            continuation = tokenizer(request[1], add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([context + continuation])
-            labels = torch.tensor([[-100] * len(context) + continuation])
-        with torch.no_grad():
-            loss = model(input_ids=ids, labels=labels).loss
-        scored = int((labels[0, 1:] != -100).sum())
-        assert result["tokens"] == scored
-        assert result["logprob"] == pytest.approx(-float(loss) * scored, abs=1e-4)
+    rows = ("a", "__base__", "b", "a", "b", "__base__")
+    prompts = ["the quick brown fox", "to be or not", "she sells", "a cat sat on", "one two", "red green"]
+    mixed = _ctx(model, folders, row_adapters=rows)
+    generated = call_task(mixed, "modelq.generate", [prompts], {"max_new_tokens": 6}, LIMIT).value
+    scored = call_task(mixed, "modelq.loglikelihood", [prompts], {}, LIMIT).value
+    for name in ("a", "b", "__base__"):
+        picked = [i for i, row in enumerate(rows) if row == name]
+        own = _ctx(model, folders, adapters=() if name == "__base__" else (name,))
+        alone = call_task(own, "modelq.generate", [[prompts[i] for i in picked]],
+                          {"max_new_tokens": 6, "batch_size": 1}, LIMIT).value
+        assert [generated[i] for i in picked] == alone, name
+        scores = call_task(own, "modelq.loglikelihood", [[prompts[i] for i in picked]], {}, LIMIT).value
+        expected = [r["logprob"] for r in scores]
+        assert [scored[i]["logprob"] for i in picked] == pytest.approx(expected, abs=1e-5)
+    assert len(set(generated[0::3])) > 1 and model.active_adapters == ["a"]
+    with pytest.raises(InvalidJob, match="no adapter named 'zz'"):
+        call_task(_ctx(model, folders, row_adapters=("a", "zz")), "modelq.generate", [prompts[:2]], {}, LIMIT)
+
+
+class _SmallMemory(torch.nn.Module):
+    """A model that runs out of memory on any batch of more than `rows` rows, as a GPU would."""
+
+    def __init__(self, model: torch.nn.Module, rows: int, error: type[Exception]) -> None:
+        super().__init__()
+        self.inner, self.rows, self.error = model, rows, error
+        self.sizes: list[int] = []
+        self.config, self.forward = model.config, self._forward
+
+    def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        self.sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > self.rows:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        self.sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > self.rows:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.generate(input_ids=input_ids, **kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+def test_a_batch_that_runs_out_of_memory_is_split_and_the_job_finishes(folders: dict[str, Path],
+                                                                      error: type[Exception]) -> None:
+    prompts = ["the quick brown fox", "to be or not", "she sells", "a cat sat on", "one two", "red"]
+    expected = call_task(_ctx(_base(folders), folders), "modelq.generate", [prompts],
+                         {"max_new_tokens": 5, "batch_size": 1}, LIMIT).value
+    small = _SmallMemory(_base(folders), rows=2, error=error)
+    got = call_task(_ctx(small, folders), "modelq.generate", [prompts], {"max_new_tokens": 5}, LIMIT).value
+    assert got == expected
+    assert small.sizes[0] == 6 and max(small.sizes[1:]) <= 3 and small.sizes.count(6) == 1
+    scores = call_task(_ctx(small, folders), "modelq.loglikelihood", [prompts], {}, LIMIT).value
+    assert len(scores) == 6 and all(r["tokens"] >= 1 for r in scores)
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(folders: dict[str, Path]) -> None:
+    small = _SmallMemory(_base(folders), rows=0, error=ValueError)
+    with pytest.raises(TaskFailed, match="ValueError: CUDA out of memory"):
+        call_task(_ctx(small, folders), "modelq.generate", [["a", "b"]], {}, LIMIT)
+    assert small.sizes == [2]  # not retried
+
+
+def test_batches_are_length_sorted_and_capped_by_padded_tokens() -> None:
+    from worker.modeltasks.builtin.batching import BatchRunner
+
+    runner = BatchRunner([5, 50, 10, 40, 45, 1], batch_size=3, max_tokens=100)
+    assert list(runner.batches()) == [[1, 4], [3, 2], [0, 5]]  # 50*2 <= 100 < 50*3; 40*3 > 100
+    seen: list[list[int]] = []
+
+    def run(rows: list[int]) -> list[int]:
+        seen.append(rows)
+        return [i * 10 for i in rows]
+    assert runner.run(run) == [0, 10, 20, 30, 40, 50]
+    assert seen == [[1, 4], [3, 2], [0, 5]]
+    assert list(BatchRunner([1] * 7, batch_size=3, max_tokens=100).batches()) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(BatchRunner([500, 2], batch_size=8, max_tokens=100).batches()) == [[0], [1]]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"batch_size": 0}, "batch_size must be"),
+                                             ({"max_batch_tokens": -1}, "max_batch_tokens must be"),
+                                             ({"max_gen_toks": 500}, r"max_gen_toks \(500\) must be less")])
+def test_bad_batching_arguments_are_invalid(folders: dict[str, Path], kwargs: dict[str, Any],
+                                            message: str) -> None:
+    with pytest.raises(InvalidJob, match=message):
+        call_task(_ctx(_base(folders), folders), "modelq.generate", [["a"]], kwargs, LIMIT)
 
 
 def test_loglikelihood_refuses_malformed_requests(folders: dict[str, Path]) -> None:

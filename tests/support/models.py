@@ -46,6 +46,8 @@ from transformers import (
 __all__ = [
     "ModelKind",
     "build_hub_cache",
+    "build_bpe_model",
+    "build_bpe_tokenizer",
     "build_lora",
     "build_model",
     "build_pickle_only_model",
@@ -181,6 +183,47 @@ def build_tokenizer(path: str | os.PathLike[str], *, vocab: int = 256) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
     tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def build_bpe_tokenizer(path: str | os.PathLike[str], *, vocab: int = 320, add_bos: bool = True) -> Path:
+    """Save a byte-level BPE tokenizer (GPT-2's kind) trained on ``TOKENIZER_LINES``, ``vocab`` ids.
+
+    Any text encodes (bytes are its alphabet); spaces belong to the following word, as in
+    GPT-2. Ids 0-2 are ``<pad>``, ``<s>``, ``</s>``. ``add_bos=True``: ``<s>`` is the BOS token
+    and every encoding starts with it (Llama's way); ``add_bos=False``: no BOS token at all and
+    nothing prepended (GPT-2's way; lm-eval then scores an empty context after ``</s>``).
+    Trained offline with the ``tokenizers`` library; deterministic.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(path)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(list(TOKENIZER_LINES) * 4, trainer=trainer)
+    if backend.get_vocab_size() > vocab:
+        raise ValueError(f"the BPE tokenizer has {backend.get_vocab_size()} ids; the model has {vocab}")
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>" if add_bos else None,
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def build_bpe_model(path: str | os.PathLike[str], *, add_bos: bool = True, vocab: int = 320,
+                    seed: int = 0, kind: ModelKind = "llama", hidden: int = 64, layers: int = 2) -> Path:
+    """``build_model`` with ``build_bpe_tokenizer``'s tokenizer instead of the word-level one
+    (a model length of 128 tokens, as ``tiny_config`` has it)."""
+    folder = build_model(kind, path, seed=seed, hidden=hidden, layers=layers, vocab=vocab, tokenizer=False)
+    build_bpe_tokenizer(folder, vocab=vocab, add_bos=add_bos)
     return folder
 
 

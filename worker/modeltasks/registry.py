@@ -128,8 +128,8 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))} (line {line})"
 
 
-REGISTRY = TaskRegistry(builtins=("worker.modeltasks.builtin.inference", "worker.modeltasks.builtin.lora",
-                                  "worker.modeltasks.builtin.train"))
+REGISTRY = TaskRegistry(builtins=("worker.modeltasks.builtin.generate", "worker.modeltasks.builtin.scoring",
+                                  "worker.modeltasks.builtin.lora", "worker.modeltasks.builtin.train"))
 """The worker's tasks: the built-in ones, and those of modules named by --tasks."""
 
 

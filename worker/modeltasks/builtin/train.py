@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from schemas.errors import InvalidJob
 from worker.modeltasks.activation import adapter_parameters, adapter_state, restore, set_active
-from worker.modeltasks.builtin.inference import seeded
+from worker.modeltasks.builtin.batching import seeded
 from worker.modeltasks.builtin.lora import require_adapter, write_adapter
 from worker.modeltasks.registry import TaskContext, model_task
 
