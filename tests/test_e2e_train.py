@@ -103,15 +103,17 @@ def test_training_leaves_the_base_and_other_adapters_as_they_were(client: Client
     pool.start("keep")
     loaded = client.submit(LoadJob.model_validate({
         "model": str(models["llama"]), "dtype": "float32",
-        "quantization": {"method": quantization, "compute_dtype": "float32"} if quantization != "none" else "none",
+        "quantization": ({"method": quantization, "compute_dtype": "float32"}
+                         if quantization != "none" else "none"),
         "adapters": [{"ref": str(models["lora"]), "name": "other"}]})).wait(timeout=120)
     assert loaded.status is JobStatus.succeeded, loaded.error
     key = loaded.result.model_key  # type: ignore[union-attr]
-    before = {name: _answers(client, key, adapters) for name, adapters in (("base", []), ("other", ["other"]))}
+    views = (("base", []), ("other", ["other"]))
+    before = {name: _answers(client, key, adapters) for name, adapters in views}
     kwargs = {"adapter": "fresh", "dataset": str(_data(tmp_path)), "steps": 12, "lora": LORA,
               "batch_size": 4, "learning_rate": 1e-2, "output_dir": str(tmp_path / "fresh")}
     trained = _value(client.run("modelq.train_adapter", model=key, kwargs=kwargs).wait(timeout=180))
-    after = {name: _answers(client, key, adapters) for name, adapters in (("base", []), ("other", ["other"]))}
+    after = {name: _answers(client, key, adapters) for name, adapters in views}
     if quantization == "none":
         assert after == before
     # nf4: in process the base is byte-for-byte and answer-for-answer as before (test_builtin_tasks);
@@ -134,6 +136,7 @@ def test_training_leaves_the_base_and_other_adapters_as_they_were(client: Client
     expected = []
     for prompt in PROMPTS:
         encoded = tokenizer(prompt, return_tensors="pt")
-        ids = peft_model.generate(**encoded, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ids = peft_model.generate(**encoded, max_new_tokens=8, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
         expected.append(tokenizer.decode(ids[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
     assert on_worker == expected

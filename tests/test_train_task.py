@@ -99,7 +99,8 @@ def test_messages_train_on_the_assistant_turns_only(root: Path) -> None:
     data.write_text(json.dumps({"messages": chat}) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(root / "base")
     eos = tokenizer.eos_token
-    pieces = [("<|user|>\nthe quick brown" + eos + "\n<|assistant|>\n", False), ("fox jumps" + eos + "\n", True),
+    pieces = [("<|user|>\nthe quick brown" + eos + "\n<|assistant|>\n", False),
+              ("fox jumps" + eos + "\n", True),
               ("<|user|>\nover the" + eos + "\n<|assistant|>\n", False), ("lazy dog" + eos + "\n", True)]
     ids: list[int] = []
     labels: list[int] = []
@@ -154,10 +155,12 @@ def test_a_non_finite_loss_stops_the_job_naming_the_step_and_saves_nothing(root:
 def test_schedule_eval_and_step_metrics(root: Path) -> None:
     reported: list[Any] = []
     ctx = _ctx(root, None, progress=lambda d, t, m: reported.append(m))
-    out = _train(ctx, root, steps=4, lr_scheduler="linear", warmup_steps=2, eval_dataset=str(root / "data.jsonl"),
+    out = _train(ctx, root, steps=4, lr_scheduler="linear", warmup_steps=2,
+                 eval_dataset=str(root / "data.jsonl"),
                  eval_steps=2, weight_decay=0.1)
     assert [m["learning_rate"] for m in reported] == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
-    assert set(out["eval_losses"]) == {"2", "4"} and "eval_loss" in reported[1] and "eval_loss" not in reported[0]
+    assert set(out["eval_losses"]) == {"2", "4"}
+    assert "eval_loss" in reported[1] and "eval_loss" not in reported[0]
     assert all(m["tokens_per_second"] > 0 and m["grad_norm"] >= 0 for m in reported)
     with pytest.raises(InvalidJob, match="lr_scheduler must be one of constant, linear, cosine"):
         _train(_ctx(root, None), root, lr_scheduler="exp")

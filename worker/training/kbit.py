@@ -86,7 +86,8 @@ def _unpacked(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
 @contextmanager
 def _checkpointing(model: torch.nn.Module) -> Iterator[None]:
     """Non-reentrant gradient checkpointing for the run; the model's own setting after it."""
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter: Any = getattr(model, "get_base_model", None)
+    inner: Any = getter() if callable(getter) else model
     if not getattr(inner, "supports_gradient_checkpointing", False) or inner.is_activation_checkpointing:
         yield
         return

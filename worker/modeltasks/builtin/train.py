@@ -24,7 +24,13 @@ from peft.tuners.lora import LoraLayer
 from schemas.errors import InvalidJob
 from worker.modeltasks.activation import adapter_parameters
 from worker.modeltasks.builtin.inference import seeded
-from worker.modeltasks.builtin.lora import check_name, create_adapter, lora_config, require_adapter, write_adapter
+from worker.modeltasks.builtin.lora import (
+    check_name,
+    create_adapter,
+    lora_config,
+    require_adapter,
+    write_adapter,
+)
 from worker.modeltasks.registry import TaskContext, model_task
 from worker.training.checkpoints import CheckpointStore
 from worker.training.data import encode_rows, read_rows
@@ -72,7 +78,8 @@ def train_adapter(ctx: TaskContext, adapter: str, dataset: str, steps: int, batc
     checkpointing = options.gradient_checkpointing
     if checkpointing is None:
         checkpointing = bool(quantized_4bit(model))
-    with training(model, [p for _, p in named], name), base_for_training(model, checkpointing=checkpointing), \
+    params = [p for _, p in named]
+    with training(model, params, name), base_for_training(model, checkpointing=checkpointing), \
             seeded(ctx.device, options.seed):
         if checkpoint is not None:
             run.restore(checkpoint)
@@ -139,7 +146,7 @@ def _adapter(ctx: TaskContext, name: str, config: LoraConfig | None, seed: int,
         with seeded(ctx.device, seed):
             for module in model.modules():
                 if isinstance(module, LoraLayer) and name in module.lora_A:
-                    module.reset_lora_parameters(name, config.init_lora_weights)
+                    module.reset_lora_parameters(name, config.init_lora_weights)  # type: ignore[no-untyped-call]
     else:
         with seeded(ctx.device, seed):
             create_adapter(ctx, name, config)
