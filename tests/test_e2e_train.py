@@ -4,12 +4,16 @@ A worker killed (SIGKILL) mid-training on a pool of two: the job resumes on the 
 from its last checkpoint and ends with the adapter an uninterrupted run makes. On a float32
 and on a 4-bit base that served generate and loglikelihood first, a training job leaves the
 base alone and every other adapter answering as before; on the 4-bit base the loss falls as
-in process and the saved adapter generates here what it generates on the worker.
+in process and the saved adapter generates here what it generates on the worker. `modelq train`
+follows a job live and writes TensorBoard's event files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from schemas import JobStatus, LoadJob, RunResult
@@ -140,3 +145,22 @@ def test_training_leaves_the_base_and_other_adapters_as_they_were(client: Client
                                   pad_token_id=tokenizer.pad_token_id)
         expected.append(tokenizer.decode(ids[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
     assert on_worker == expected
+
+
+def test_modelq_train_follows_the_job_live_and_writes_tensorboard_events(pool: WorkerPool,
+                                                                         models: dict[str, Path],
+                                                                         redis_url: str, tmp_path: Path) -> None:
+    pool.start("cli-train")
+    out = tmp_path / "cli-adapter"
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "train", str(models["llama"]), str(_data(tmp_path)), "--steps", "4",
+         "--lora-r", "2", "--target-module", "q_proj", "--output-dir", str(out), "--checkpoint-steps", "2",
+         "--report-to", "tensorboard", "--wait"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "MODELQ_REDIS_URL": redis_url})
+    assert done.returncode == 0, done.stderr
+    assert "step 4/4  loss " in done.stderr and "left " in done.stderr
+    assert "succeeded" in done.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
