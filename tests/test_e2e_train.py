@@ -147,13 +147,13 @@ def test_training_leaves_the_base_and_other_adapters_as_they_were(client: Client
     assert on_worker == expected
 
 
-def test_modelq_train_follows_the_job_live_and_writes_tensorboard_events(pool: WorkerPool,
-                                                                         models: dict[str, Path],
-                                                                         redis_url: str, tmp_path: Path) -> None:
+def test_modelq_train_follows_the_job_live_and_writes_tensorboard_events(
+        pool: WorkerPool, models: dict[str, Path], redis_url: str, tmp_path: Path) -> None:
     pool.start("cli-train")
     out = tmp_path / "cli-adapter"
     done = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "train", str(models["llama"]), str(_data(tmp_path)), "--steps", "4",
+        [sys.executable, "-m", "tasks.cli", "train", str(models["llama"]), str(_data(tmp_path)),
+         "--steps", "4",
          "--lora-r", "2", "--target-module", "q_proj", "--output-dir", str(out), "--checkpoint-steps", "2",
          "--report-to", "tensorboard", "--wait"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "MODELQ_REDIS_URL": redis_url})
