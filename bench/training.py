@@ -80,8 +80,8 @@ class Training:
         resumed = int(record.result.value["resumed_from_step"])  # type: ignore[index,call-overload]
         events = self.bench.client.store.events(handle.job_id, count=100_000)
         done = [int(e.progress.done or 0) for _, e in events if e.metrics and e.progress is not None]
-        first_attempt = done[:done.index(resumed + 1, 1)] if resumed + 1 in done[1:] else done
-        return float(max(first_attempt) - resumed)
+        restart = next((i for i in range(1, len(done)) if done[i] <= done[i - 1]), len(done))
+        return float(max(done[:restart]) - resumed)  # the killed attempt's last step - the resume point
 
 
 def trl_marks(model: Path, data: Path, steps: int) -> list[float]:
