@@ -113,7 +113,8 @@ def _trl_baseline(model: str, data: str, steps: int) -> None:
     config = SFTConfig(output_dir=str(Path(data).parent / "trl"), max_steps=steps,
                        per_device_train_batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
                        lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
-                       logging_steps=1000, max_length=512, dataloader_num_workers=0, disable_tqdm=True)
+                       logging_steps=1000, max_length=512, dataloader_num_workers=0, disable_tqdm=True,
+                       bf16=False, gradient_checkpointing=False)  # TRL turns both on by default
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=config,
                          train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(model),
