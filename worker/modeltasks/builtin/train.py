@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 SINGLE_TENANT = "_"  # the checkpoint subfolder of a single-tenant pool's jobs
 
 
-@model_task("modelq.train_adapter")
+@model_task("modelq.train_adapter", changes_adapters=True)  # it may add its adapter
 def train_adapter(ctx: TaskContext, adapter: str, dataset: str, steps: int, batch_size: int = 4,
                   learning_rate: float = 1e-4, max_length: int = 512, gradient_accumulation_steps: int = 1,
                   seed: int = 0, output_dir: str | None = None, lora: dict[str, Any] | None = None,
