@@ -63,6 +63,8 @@ def _in_process(models: dict[str, Path], kwargs: dict[str, Any], quantized: bool
 def test_a_worker_killed_mid_training_the_job_resumes_on_the_other(client: Client, pool: WorkerPool,
                                                                    models: dict[str, Path],
                                                                    tmp_path: Path) -> None:
+    # The pool's usual shortened heartbeat and TTL (tests/support/workers.py): this test is about
+    # resuming; redelivery after a kill -9 on default timings is test_reliability_defaults.py's.
     checkpoints = tmp_path / "checkpoints"  # one folder both workers see, as a shared mount would be
     env = {"MODELQ_CHECKPOINT_DIR": str(checkpoints)}
     workers = {w.name: w for w in (pool.start("t1", env=env), pool.start("t2", env=env))}
