@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
-from tasks import cli_eval, cli_jobs, cli_run
+from tasks import cli_eval, cli_jobs, cli_run, cli_train
 from tasks.cli_common import (
     FAILED,
     INVALID,
@@ -259,7 +259,7 @@ def _read(job_id: str, client: Any = None) -> JobRecord:
         fail(f"cannot read job {job_id}: {exc}", UNREACHABLE)
 
 
-for command in (*cli_jobs.COMMANDS, *cli_run.COMMANDS, *cli_eval.COMMANDS):
+for command in (*cli_jobs.COMMANDS, *cli_run.COMMANDS, *cli_eval.COMMANDS, *cli_train.COMMANDS):
     main.add_command(command)
 
 

@@ -124,6 +124,16 @@ class Settings(BaseSettings):
     """Where quantized weights are saved for reuse by the workers of this host
     (default: `home`/artifacts, so MODELQ_HOME moves them too)."""
 
+    checkpoint_dir: str | None = None
+    """Where training jobs write their resumable checkpoints, one folder per tenant and job
+    (default: `home`/checkpoints, which serves the workers of one host). A pool across hosts
+    points it at a folder every worker mounts, so a job's next attempt resumes wherever it runs."""
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """`checkpoint_dir`, or its default under `home`."""
+        return Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else self.home / "checkpoints"
+
     keep_alive_check_seconds: float = Field(default=1.0, gt=0)
     """How often a worker unloads models whose keep-alive has passed."""
 

@@ -72,6 +72,17 @@ def _snapshot(model: torch.nn.Module, skip: str | None = None) -> dict[str, torc
     return {k: v for k, v in state.items() if skip is None or f".{skip}." not in k}
 
 
+def _raw(model: torch.nn.Module, skip: str) -> dict[str, torch.Tensor]:
+    """Parameters, buffers and 4-bit quant states as they are held (state_dict() would unpack
+    bitsandbytes' CPU-packed weights in place), but adapter `skip`'s."""
+    held = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            held[f"{name}.absmax"] = state.absmax.clone()
+    return {k: v for k, v in held.items() if f".{skip}." not in k}
+
+
 def _same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
     return before.keys() == after.keys() and all(
         before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
@@ -304,7 +315,8 @@ def test_train_lowers_the_loss_and_changes_nothing_else(folders: dict[str, Path]
     losses = out["losses"]
     assert out["adapter"] == "new" and out["output_dir"] is None and len(losses) == 8
     assert losses[-1] < losses[0] - 0.05
-    assert reported == [(i + 1, 8, {"loss": loss}) for i, loss in enumerate(losses)]
+    assert [(d, t, m["loss"]) for d, t, m in reported] == [(i + 1, 8, loss) for i, loss in enumerate(losses)]
+    assert all({"learning_rate", "grad_norm", "tokens_per_second"} <= set(m) for _, _, m in reported)
     assert _same(before, _snapshot(model, skip="new"))  # the base and adapters a, b: byte for byte
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert not any(m.training for m in model.modules()) and model.active_adapters == ["a"]
@@ -345,14 +357,26 @@ def test_training_refuses_what_it_cannot_use(folders: dict[str, Path], tmp_path:
         call_task(ctx, "modelq.train_adapter", ["a", str(tmp_path / "elsewhere.jsonl"), 1], {}, LIMIT)
 
 
-def test_train_on_an_nf4_base_leaves_the_quantized_weights_alone(folders: dict[str, Path]) -> None:
+def test_train_on_an_nf4_base_that_served_generate_learns_and_leaves_the_base_alone(
+        folders: dict[str, Path]) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel on the first inference (no autograd
+    through it): training after a generate must still lower the loss and change the adapter,
+    and leave every byte of the base (the repacked weights too) as the generate left it."""
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # type: ignore[no-untyped-call]
                                       bnb_4bit_compute_dtype=torch.float32)
     model = _base(folders, quantization_config=quantization, device_map={"": "cpu"})
     ctx = _ctx(model, folders)
+    call_task(ctx, "modelq.generate", [PROMPTS], {"max_new_tokens": 4}, LIMIT)
     call_task(ctx, "modelq.add_adapter", ["q", LORA], {}, LIMIT)
-    before = _snapshot(ctx.model, skip="q")
-    out = _train(ctx, folders, "q", 3)
-    assert len(out["losses"]) == 3 and all(loss == loss for loss in out["losses"])
-    assert _same(before, _snapshot(ctx.model, skip="q"))
+    before = _raw(ctx.model, skip="q")
+    adapter = {k: v for k, v in _raw(ctx.model, "-").items() if ".q." in k}
+    generated = call_task(_ctx(ctx.model, folders, adapters=()), "modelq.generate", [PROMPTS],
+                          {"max_new_tokens": 6}, LIMIT).value
+    out = _train(ctx, folders, "q", 10)
+    assert out["losses"][-1] < out["losses"][0] - 0.05, out["losses"]
+    trained = {k: v for k, v in _raw(ctx.model, "-").items() if ".q." in k}
+    assert any(not torch.equal(adapter[k], trained[k]) for k in adapter if "lora_A" in k)
+    assert _same(before, _raw(ctx.model, skip="q"))
+    assert call_task(_ctx(ctx.model, folders, adapters=()), "modelq.generate", [PROMPTS],
+                     {"max_new_tokens": 6}, LIMIT).value == generated
     assert any("4bit" in type(m).__name__ for m in ctx.model.modules())

@@ -104,7 +104,8 @@ class WorkerApp:
         admission = Admission(self.cache, options.local_device, artifacts,
                               AllocationFaults(faults.fail_alloc))
         self.handlers = handler_table(self.residents, admission, claim=self._claim,
-                                      max_result_bytes=settings.max_result_bytes)
+                                      max_result_bytes=settings.max_result_bytes,
+                                      checkpoint_dir=settings.checkpoint_root)
         self.tasks = import_task_modules((*settings.task_modules, *options.task_modules))
         self.runner = Runner(
             self.store, self.handlers, self.leases, worker=(self.name, options.device),

@@ -9,6 +9,7 @@ claims its final record drops, and a cache answer that lets it skip the full run
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from schemas import LoadJob, ModelInfo, RunResult, Stage
@@ -57,7 +58,8 @@ class Handler:
 
 def handler_table(residents: Residents, admission: Admission, *,
                   claim: Callable[[LoadJob], Claim] | None = None,
-                  max_result_bytes: int = MAX_RESULT_BYTES) -> Mapping[str, Handler]:
+                  max_result_bytes: int = MAX_RESULT_BYTES,
+                  checkpoint_dir: Path | None = None) -> Mapping[str, Handler]:
     """The handlers of a worker, by job kind."""
     from worker.handlers.attach import AttachHandler, UnloadHandler
     from worker.handlers.load import LoadHandler
@@ -65,7 +67,8 @@ def handler_table(residents: Residents, admission: Admission, *,
 
     load = LoadHandler(residents, admission, claim)
     return {"load": load, "attach": AttachHandler(residents), "unload": UnloadHandler(residents),
-            "run": RunHandler(residents, load, max_result_bytes=max_result_bytes)}
+            "run": RunHandler(residents, load, max_result_bytes=max_result_bytes,
+                             checkpoint_dir=checkpoint_dir)}
 
 
 def local_handlers(cache: ModelCache, *, name: str = "local", device: str = "cpu") -> Mapping[str, Handler]:

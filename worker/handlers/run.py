@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from schemas import AccessDenied, ModelInfo, RunJob, RunResult, Stage
 from schemas.tenants import SHARED_TENANT
+from tasks import logs
 from worker.access import Access
 from worker.handlers import Claim, Handler
 from worker.handlers.load import LoadHandler, check_cancel
@@ -37,7 +38,8 @@ class RunHandler(Handler):
     """Runs run jobs: the model found (or loaded), the task called with it in hand."""
 
     def __init__(self, residents: Residents, load: LoadHandler, *, max_result_bytes: int,
-                 registry: TaskRegistry = REGISTRY) -> None:
+                 registry: TaskRegistry = REGISTRY, checkpoint_dir: Path | None = None) -> None:
+        self.checkpoint_dir = checkpoint_dir  # MODELQ_CHECKPOINT_DIR, for tasks that checkpoint
         self.residents = residents
         self.load = load
         self.max_result_bytes = max_result_bytes
@@ -89,8 +91,9 @@ class RunHandler(Handler):
                               check_cancel=lambda: check_cancel(reporter),
                               resolve_path=path_resolver(policy.access(tenant)),
                               load_tokenizer=_tokenizer(entry),
-                              adapter_name=lambda name: policy.adapter_name(name, tenant)),
-                          base_model=entry.base.ref)
+                              adapter_name=lambda name: policy.adapter_name(name, tenant),
+                              checkpoint_dir=self.checkpoint_dir),
+                          base_model=entry.base.ref, job_id=logs.context().get("job_id"), tenant=tenant)
         outcome = call_task(ctx, job.task, job.args, job.kwargs, self.max_result_bytes,
                             registry=self.registry)
         changed = outcome.replaced or self.registry.get(job.task).changes_adapters

@@ -169,6 +169,7 @@ class TaskHooks:
     resolve_path: PathResolver = no_paths
     load_tokenizer: TokenizerLoader | None = None
     adapter_name: Callable[[str], str] = str  # a job's adapter name as it is on the model (tenants)
+    checkpoint_dir: Path | None = None  # MODELQ_CHECKPOINT_DIR: where long tasks keep resumable state
 
 
 @dataclass
@@ -192,6 +193,11 @@ class TaskContext:
     """In a batch of several jobs: each item's adapter as named on the model ("__base__" for
     none), for peft's mixed-adapter inference (`adapter_names=`). None: every item runs with
     `adapters`."""
+    job_id: str | None = None
+    """The run job's id (None in process): what keys a task's state that outlives an attempt,
+    such as training checkpoints, so the job's next attempt on any worker finds it."""
+    tenant: str | None = None
+    """The job's tenant (None: single-tenant), for folders scoped per tenant."""
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False)
 
     @property

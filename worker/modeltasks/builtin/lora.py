@@ -35,8 +35,19 @@ def add_adapter(ctx: TaskContext, name: str, config: dict[str, Any],
     active adapters stay as they were unless `activate`. Its parameters stay frozen
     until `modelq.train_adapter` trains them.
     """
-    plain, name = _check_name(name), ctx.adapter_name(name)  # the name on the model (tenants)
-    lora = lora_config(config)
+    plain, name = check_name(name), ctx.adapter_name(name)  # the name on the model (tenants)
+    params = create_adapter(ctx, name, lora_config(config))
+    if activate:
+        ctx.adapters = set_active(ctx.model, (name,))
+    return {"adapter": plain, "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def create_adapter(ctx: TaskContext, name: str, lora: LoraConfig) -> list[torch.nn.Parameter]:
+    """Add LoRA adapter `name` (as named on the model) to `ctx.model`, frozen; its parameters.
+
+    A plain model is wrapped in a PeftModel, put in ``ctx.model``. The new LoRA weights
+    come from torch's global RNG: seed it around the call for a reproducible adapter.
+    """
     model = ctx.model
     was_training = model.training
     if isinstance(model, PeftModel):
@@ -56,12 +67,10 @@ def add_adapter(ctx: TaskContext, name: str, config: dict[str, Any],
     for parameter in params:
         parameter.requires_grad_(False)
     model.train(was_training)  # new LoRA modules start in train mode (dropout on): match the model
-    if activate:
-        ctx.adapters = set_active(model, (name,))
-    return {"adapter": plain, "trainable_parameters": sum(p.numel() for p in params)}
+    return params
 
 
-def _check_name(name: Any) -> str:
+def check_name(name: Any) -> str:
     if not isinstance(name, str):
         raise InvalidJob(f"an adapter name must be a string, not {type(name).__name__}")
     try:
