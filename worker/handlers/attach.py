@@ -11,6 +11,7 @@ import time
 
 from schemas import AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
+from tasks.model_specs import ModelSpecs
 from worker.handlers import Handler
 from worker.jobs.progress import Reporter
 from worker.models.cache import release_memory
@@ -42,10 +43,12 @@ class AttachHandler(Handler):
 
 
 class UnloadHandler(Handler):
-    """Frees a resident model, or detaches one adapter from it."""
+    """Frees a resident model, or detaches one adapter from it. A model freed on purpose
+    takes its load spec along (tasks/model_specs.py): a run job naming it is not found."""
 
-    def __init__(self, residents: Residents) -> None:
+    def __init__(self, residents: Residents, specs: ModelSpecs | None = None) -> None:
         self.residents = residents
+        self.specs = specs
 
     def ref(self, job: UnloadJob) -> str:
         return job.model_key
@@ -69,6 +72,7 @@ class UnloadHandler(Handler):
             reporter.stage(Stage.unloading, f"freeing {entry.base.ref}")
             info = policy.view(entry.info, entry, tenant)
             residents.cache.remove(job.model_key)
+            self._forget(job.model_key)
             return info
         if tenant not in entry.shared_by:
             raise ModelNotFound(f"tenant {tenant!r} does not use model {job.model_key}: "
@@ -78,6 +82,11 @@ class UnloadHandler(Handler):
         info = policy.view(entry.info, entry, tenant)
         if not entry.shared_by:
             residents.cache.remove(entry.key)
+            self._forget(entry.key)
         else:
             entry.info = residents.info(entry, True, 0.0)
         return info
+
+    def _forget(self, key: str) -> None:
+        if self.specs is not None:
+            self.specs.forget(key)

@@ -47,6 +47,7 @@ class Entry:
     last_used: float = field(default_factory=time.time)
     request_keys: set[str] = field(default_factory=set)
     tokenizer: Any = None  # the base's tokenizer, loaded when a task first asks for it
+    placement: Any = None  # the PlacementSpec its load placed it by (a strategy as its map)
 
     def expired(self, now: float) -> bool:
         return not self.pinned and self.keep_alive is not None and now - self.last_used >= self.keep_alive
