@@ -18,6 +18,7 @@ import tests.support.long_tasks  # noqa: F401  (registers the tests.* tasks)
 from schemas import AccessDenied, LoadJob, RunJob, TaskFailed, UnloadJob
 from schemas.tenants import SHARED_TENANT
 from tasks.tenants import load_tenants
+from tests.support.tenancy import write_tenants
 from worker.device import WorkerIdentity
 from worker.handlers import Handler, handler_table, local_handlers
 from worker.jobs.progress import Reporter
@@ -25,7 +26,6 @@ from worker.models.admission import Admission
 from worker.models.cache import Entry, ModelCache
 from worker.models.residents import Residents
 from worker.policy import TenantPolicy
-from tests.support.tenancy import write_tenants
 
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 3]])
 REPORTER = Reporter(lambda *_: None, lambda: False)
