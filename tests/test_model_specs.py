@@ -1,9 +1,13 @@
-"""Load specs by model key (tasks/model_specs.py) and the routing that falls back on them,
-against a real Redis with no worker processes: a run job on a key no live worker holds goes
-where a load would when a spec of its tenant (or a shared one) is kept, and stays
-ModelNotFound otherwise; specs cost a bounded number of round trips and no scans."""
+"""Load specs by model key (tasks/model_specs.py), the routing that falls back on them, and
+the worker that loads a lost key from its spec (worker/handlers/respawn.py), against a real
+Redis with no worker processes: a run job on a key no live worker holds goes where a load
+would, and is loaded again there, when a spec of its tenant (or a shared one) is kept, and
+stays ModelNotFound otherwise; specs cost a bounded number of round trips and no scans."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -12,7 +16,16 @@ from schemas import LoadJob, ModelNotFound, ModelRef, RunJob, UnloadJob
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.model_specs import ModelSpecs
 from tasks.registry import Registry
+from tasks.tenants import load_tenants
 from tests.support.registry import KEY, Pool, resident
+from tests.support.tenancy import write_tenants
+from worker.device import WorkerIdentity
+from worker.handlers import Handler, handler_table
+from worker.jobs.progress import Reporter
+from worker.models.admission import Admission
+from worker.models.cache import ModelCache
+from worker.models.residents import Residents
+from worker.policy import TenantPolicy
 
 KEYS = Keys()
 LOAD = LoadJob(model=ModelRef(path="/m"), keep_alive_seconds=30)
@@ -101,3 +114,47 @@ def test_routing_a_lost_key_scans_nothing(client: redis.Redis) -> None:
     stats = client.info("commandstats")
     assert stats.get("cmdstat_scan", {}).get("calls", 0) + \
         stats.get("cmdstat_keys", {}).get("calls", 0) == scans
+
+
+def _worker(client: redis.Redis, tenants_file: Path) -> tuple[dict[str, Handler], ModelCache]:
+    """A multi-tenant worker's handlers in this process, its specs in the test's Redis."""
+    cache = ModelCache(2**30)
+    residents = Residents(cache, WorkerIdentity(name="w", device="cpu", local_device="cpu"),
+                          TenantPolicy(load_tenants(tenants_file)))
+    handlers = handler_table(residents, Admission(cache, "cpu"),
+                             specs=ModelSpecs(client, KEYS, ttl=600))
+    return dict(handlers), cache
+
+
+def test_a_worker_loads_a_lost_key_from_its_spec_for_its_tenant_only(
+        client: redis.Redis, models: dict[str, Path], tmp_path: Path) -> None:
+    tenants = write_tenants(tmp_path / "tenants.toml", {
+        t: {"key": t * 8, "roots": [str(models["llama"].parent)]} for t in ("alice", "bob")})
+    reporter = Reporter(lambda *_: None, lambda: False)
+    dead, _ = _worker(client, tenants)
+    load = LoadJob.model_validate({"model": str(models["llama"]), "tenant": "alice", "pin": True,
+                                   "adapters": [{"ref": str(models["lora"]), "name": "a"}]})
+    key = dead["load"].run(load, reporter).model_key
+    owner, spec = ModelSpecs(client, KEYS, ttl=600).get(key)  # type: ignore[misc]
+    assert owner == "alice" and spec.model == load.model and spec.adapters == load.adapters
+
+    def run(handlers: dict[str, Handler], tenant: str) -> Any:
+        job = RunJob.model_validate({"task": "modelq.generate", "model": {"model_key": key},
+                                     "tenant": tenant, "adapters": ["a"],
+                                     "kwargs": {"prompts": "the quick", "max_new_tokens": 3}})
+        return handlers["run"].run(job, reporter)
+
+    expected = run(dead, "alice")
+    survivor, cache = _worker(client, tenants)  # another worker: the model is not resident there
+    with pytest.raises(ModelNotFound, match="not resident"):
+        run(survivor, "bob")  # alice's spec is not bob's: nothing is loaded
+    assert cache.entries() == []
+    result = run(survivor, "alice")
+    assert result.cache_hit is False and result.model_key == key and result.value == expected.value
+    entry = cache.peek(key)
+    assert entry is not None and entry.pinned and entry.tenant == "alice"
+    assert set(entry.adapters) == {"a@alice"}
+    survivor["unload"].run(UnloadJob(model_key=key, tenant="alice"), reporter)
+    assert ModelSpecs(client, KEYS, ttl=600).get(key) is None  # unloaded on purpose: forgotten
+    with pytest.raises(ModelNotFound):
+        run(survivor, "alice")
