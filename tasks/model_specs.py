@@ -4,10 +4,12 @@ A worker that loads a model fresh writes the load job that made it under its key
 (`Keys.model_spec`: the owner tenant and the LoadJob, its placement as the worker resolved
 it). When a run job names a key that no live worker holds, routing sends it on as a load
 would go (tasks/lua/route.lua) and the worker that takes it loads the model again from this
-spec (worker/handlers/respawn.py). A shared base's spec has no adapters: they belong to
-tenants.
+spec (worker/handlers/respawn.py). Adapters attached to a private model later (attach jobs,
+later loads of the key) are added to its spec, and one detached on purpose is dropped from
+it. A shared base's spec has no adapters: they belong to tenants.
 
-Cost stays flat per job: one HSET with its TTL per fresh load, a TTL renewal at most every
+Cost stays flat per job: one HSET with its TTL per fresh load (and a read and a write per
+attach), a TTL renewal at most every
 quarter TTL per model and worker (`touch`), a DEL when `modelq unload` frees it, one HGETALL
 when a key must be loaded again; nothing lists or scans specs. A spec nobody loads or uses
 for `ttl` seconds lapses with its TTL.
@@ -18,12 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis
 
-from schemas import LoadJob
+from schemas import AdapterSpec, LoadJob
+from schemas.text import MAX_ADAPTERS
 from tasks.connection import text
 from tasks.keys import Keys
 
@@ -65,6 +68,50 @@ class ModelSpecs:
         if b"owner" not in raw or b"load" not in raw:
             return None
         return text(raw[b"owner"]), LoadJob.model_validate_json(raw[b"load"])
+
+    def add_adapters(self, model_key: str, adapters: Sequence[AdapterSpec],
+                     active: str | None = None) -> None:
+        """Adapters attached to `model_key` after its load (an attach job, a later load of the
+        same key): a load from the spec attaches them too (by name, once; `active` made the
+        active one). Best effort."""
+        def change(job: LoadJob) -> LoadJob:
+            named = {a.name or "default" for a in job.adapters}
+            more = [a for a in adapters if (a.name or "default") not in named]
+            if len(job.adapters) + len(more) > MAX_ADAPTERS:
+                log.warning("model %s: its spec holds %d adapters already; adapters attached "
+                            "beyond %d are not loaded again with it", model_key,
+                            len(job.adapters), MAX_ADAPTERS)
+                return job
+            return job.model_copy(update={"adapters": (*job.adapters, *more),
+                                          "active_adapter": active or job.active_adapter})
+        self._change(model_key, change)
+
+    def drop_adapter(self, model_key: str, name: str) -> None:
+        """An adapter detached on purpose: a load from the spec no longer attaches it."""
+        def change(job: LoadJob) -> LoadJob:
+            kept = tuple(a for a in job.adapters if (a.name or "default") != name)
+            active = None if job.active_adapter == name else job.active_adapter
+            return job.model_copy(update={"adapters": kept, "active_adapter": active})
+        self._change(model_key, change)
+
+    def _change(self, model_key: str, change: Callable[[LoadJob], LoadJob]) -> None:
+        """Rewrite the spec's load job (if one is kept) by `change`, as one optimistic
+        transaction (WATCH): two workers changing one key's spec never lose a change."""
+        key = self.keys.model_spec(model_key)
+
+        def apply(pipe: Any) -> None:
+            raw = pipe.hget(key, "load")
+            if raw is None:
+                return
+            job = LoadJob.model_validate_json(raw)
+            new = change(job)
+            if new != job:
+                pipe.multi()
+                pipe.hset(key, "load", new.model_dump_json())
+        try:
+            self.redis.transaction(apply, key)
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("could not update the load spec of %s: %s", model_key, exc)
 
     def touch(self, model_key: str) -> None:
         """Renew the spec's TTL: the model is in use. At most one round trip per quarter TTL

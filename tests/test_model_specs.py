@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from schemas import LoadJob, ModelNotFound, ModelRef, RunJob, UnloadJob
+from schemas import AttachAdapterJob, LoadJob, ModelNotFound, ModelRef, RunJob, UnloadJob
 from tasks.keys import SHARED_QUEUE, Keys, worker_queue
 from tasks.model_specs import ModelSpecs
 from tasks.registry import Registry
@@ -126,7 +126,7 @@ def _worker(client: redis.Redis, tenants_file: Path) -> tuple[dict[str, Handler]
     return dict(handlers), cache
 
 
-def test_a_worker_loads_a_lost_key_from_its_spec_for_its_tenant_only(
+def test_a_worker_loads_a_lost_key_from_its_spec_with_its_adapters_for_its_tenant_only(
         client: redis.Redis, models: dict[str, Path], tmp_path: Path) -> None:
     tenants = write_tenants(tmp_path / "tenants.toml", {
         t: {"key": t * 8, "roots": [str(models["llama"].parent)]} for t in ("alice", "bob")})
@@ -145,6 +145,8 @@ def test_a_worker_loads_a_lost_key_from_its_spec_for_its_tenant_only(
         return handlers["run"].run(job, reporter)
 
     expected = run(dead, "alice")
+    dead["attach"].run(AttachAdapterJob(model_key=key, adapter=str(models["lora2"]), name="b",
+                                        tenant="alice"), reporter)  # kept with the spec too
     survivor, cache = _worker(client, tenants)  # another worker: the model is not resident there
     with pytest.raises(ModelNotFound, match="not resident"):
         run(survivor, "bob")  # alice's spec is not bob's: nothing is loaded
@@ -153,7 +155,9 @@ def test_a_worker_loads_a_lost_key_from_its_spec_for_its_tenant_only(
     assert result.cache_hit is False and result.model_key == key and result.value == expected.value
     entry = cache.peek(key)
     assert entry is not None and entry.pinned and entry.tenant == "alice"
-    assert set(entry.adapters) == {"a@alice"}
+    assert set(entry.adapters) == {"a@alice", "b@alice"} and entry.info.active_adapters == ("b@alice",)
+    survivor["unload"].run(UnloadJob(model_key=key, adapter="b", tenant="alice"), reporter)
+    assert [a.name for a in ModelSpecs(client, KEYS, ttl=600).get(key)[1].adapters] == ["a"]  # type: ignore[index]
     survivor["unload"].run(UnloadJob(model_key=key, tenant="alice"), reporter)
     assert ModelSpecs(client, KEYS, ttl=600).get(key) is None  # unloaded on purpose: forgotten
     with pytest.raises(ModelNotFound):

@@ -70,7 +70,7 @@ def handler_table(residents: Residents, admission: Admission, *,
 
     load = LoadHandler(residents, admission, claim, specs=specs)
     respawn = Respawn(specs, load) if specs is not None else None
-    return {"load": load, "attach": AttachHandler(residents),
+    return {"load": load, "attach": AttachHandler(residents, specs),
             "unload": UnloadHandler(residents, specs),
             "run": RunHandler(residents, load, max_result_bytes=max_result_bytes, respawn=respawn,
                               max_run_seconds=max_run_seconds)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from schemas import AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
+from schemas import AdapterSpec, AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
 from tasks.model_specs import ModelSpecs
 from worker.handlers import Handler
@@ -19,10 +19,12 @@ from worker.models.residents import Residents
 
 
 class AttachHandler(Handler):
-    """Attaches an adapter to a resident model."""
+    """Attaches an adapter to a resident model (and, on a private model, to its load spec:
+    a load from the spec attaches it too)."""
 
-    def __init__(self, residents: Residents) -> None:
+    def __init__(self, residents: Residents, specs: ModelSpecs | None = None) -> None:
         self.residents = residents
+        self.specs = specs
 
     def ref(self, job: AttachAdapterJob) -> str:
         return job.adapter.display
@@ -38,6 +40,9 @@ class AttachHandler(Handler):
                          policy.access(tenant), activate=job.activate)
         if joins:
             entry.shared_by.add(tenant)
+        if self.specs is not None and entry.tenant != SHARED_TENANT:
+            self.specs.add_adapters(job.model_key, (AdapterSpec(ref=job.adapter, name=job.name),),
+                                    job.name if job.activate else None)
         entry.info = residents.info(entry, True, time.monotonic() - started)
         return policy.view(entry.info, entry, tenant)
 
@@ -65,6 +70,8 @@ class UnloadHandler(Handler):
                                     model_key=job.model_key, adapter=job.adapter)
             reporter.stage(Stage.unloading, f"detaching {job.adapter!r} from {entry.base.ref}")
             residents.detach(entry, [name])
+            if self.specs is not None and entry.tenant != SHARED_TENANT:
+                self.specs.drop_adapter(job.model_key, job.adapter)
             release_memory()
             entry.info = residents.info(entry, True, 0.0)
             return policy.view(entry.info, entry, tenant)

@@ -64,11 +64,14 @@ class LoadHandler(Handler):
 
     def _keep_spec(self, job: LoadJob, entry: Entry, *, fresh: bool) -> None:
         """The spec that made a fresh model, kept under its key (worker/handlers/respawn.py);
-        a hit renews it. A shared base's spec has no adapters: they are its tenants'."""
+        a hit renews it and adds the adapters it attached. A shared base's spec has no
+        adapters: they are its tenants'."""
         if self.specs is None:
             return
         if not fresh:
             self.specs.touch(entry.key)
+            if job.adapters and entry.tenant != SHARED_TENANT:  # attached now: kept with it
+                self.specs.add_adapters(entry.key, job.adapters, job.active_adapter)
             return
         spec = job.model_copy(update={"placement": entry.placement or job.placement})
         if entry.tenant == SHARED_TENANT:

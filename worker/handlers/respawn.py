@@ -7,8 +7,10 @@ that load job would, for the run job's tenant: a private model's spec is its own
 (another tenant's key stays not found), a shared base's is anyone's. A key whose spec now
 loads a different model (its files changed) fails with ModelNotFound naming the new key.
 
-What is not recovered: adapters added in memory by tasks and never saved, adapters attached
-after the load (attach jobs, later loads' adapters), and anything a task changed in place.
+What is recovered: the model as its load made it, with the saved adapters attached to it since
+(attach jobs, later loads: tasks/model_specs.py keeps them with the spec of a private model).
+What is not: adapters added in memory by tasks and never saved, and anything a task changed
+in place.
 """
 
 from __future__ import annotations
