@@ -72,28 +72,32 @@ class RunHandler(Handler):
     def run(self, job: RunJob, reporter: Reporter) -> RunResult:
         spec = self.registry.get(job.task)  # TaskNotFound before anything is loaded
         started = time.monotonic()
-        key, cache_hit = self._model(job, reporter)
+        key, cache_hit = job.model.model_key, True
+        if job.model.load is not None:
+            loaded = self.load.run(job.model.load, reporter)
+            key, cache_hit = loaded.model_key, loaded.cache_hit
+        assert key is not None
         with self.residents.cache.using(key):  # never evicted meanwhile; keep-alive from the end
+            if job.model.load is None:
+                cache_hit = self._find(key, job.tenant, reporter)
             entry = self.residents.owned(key, job.tenant)
             self._check_shared(job, entry, spec)
             value, info = self._call(job, entry, reporter)
         return RunResult(model_key=key, value=value, seconds=round(time.monotonic() - started, 4),
                          cache_hit=cache_hit, model=info)
 
-    def _model(self, job: RunJob, reporter: Reporter) -> tuple[str, bool]:
-        """The job's model key, loaded first when the job says how, or when this worker lacks
-        it and its spec is kept (its holder died); (key, whether it was resident already)."""
-        if job.model.load is not None:
-            loaded = self.load.run(job.model.load, reporter)
-            return loaded.model_key, loaded.cache_hit
-        key = job.model.model_key
-        assert key is not None
+    def _find(self, key: str, tenant: str, reporter: Reporter) -> bool:
+        """Whether model `key` was resident here; when it is not, it is loaded again from its
+        spec if one is kept that `tenant` may use (its holder died, or it was evicted)."""
+        cache = self.residents.cache
         if self.respawn is None:
-            return key, True
-        if self.residents.cache.peek(key) is not None:
+            return True
+        if cache.peek(key) is not None:
             self.respawn.resident(key)
-            return key, True
-        return key, not self.respawn.reload(key, job.tenant, reporter)
+            return True
+        reloaded = self.respawn.reload(key, tenant, reporter)
+        cache.busy = key  # the load let go of it as it ended: this job holds it again
+        return not reloaded
 
     def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[JsonValue, ModelInfo]:
         policy, tenant = self.residents.policy, job.tenant
