@@ -3,13 +3,13 @@
 
 - A run job longer than the broker's visibility timeout is started once: the broker
   delivers it again meanwhile, and the lease of the worker running it turns that delivery
-  away. The visibility timeout is shortened to 4 s here because on the default (the load
-  limit plus 600 s, 4,200 s) the broker would deliver it again only after 70 minutes: a test
-  can't wait that long. Users run the default; its twin below runs a job on the defaults
-  and checks the record shows no hidden limit.
-- A model whose keep-alive is shorter than a run job stays resident after the job for its
-  keep-alive (counted from the job's end), and MODELQ_MAX_RUN_SECONDS, when set, is the limit
-  a run job without its own timeout runs under, shown in its record.
+  away. The visibility timeout is shortened to 4 s there, because on the default (the load
+  limit plus 600 s: 4,200 s) the broker would deliver it again only after 70 minutes, longer
+  than a test can wait. Users run the default: the twin below runs on default settings.
+  The same workers set MODELQ_MAX_RUN_SECONDS, the limit of a run job without its own.
+- On defaults: a run job has no hidden time limit (its record says so), runs once, and a
+  model whose keep-alive is shorter than the job stays resident after it for its keep-alive
+  (counted from the job's end).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ TASKS = ("--tasks", "tests.support.long_tasks")
 def test_a_run_longer_than_the_visibility_timeout_is_started_once(
         client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"MODELQ_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT)}
+    env = {"MODELQ_VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY_TIMEOUT),
+           "MODELQ_MAX_RUN_SECONDS": "3"}
     workers = [pool.start(name, *TASKS, env=env, wait=False) for name in ("v1", "v2")]
     for worker in workers:
         pool.wait_registered(worker, timeout=180)
@@ -41,49 +42,41 @@ def test_a_run_longer_than_the_visibility_timeout_is_started_once(
     # (on the runner's own queue it would wait behind the job it repeats).
     monkeypatch.setattr(client.registry, "queue_for", lambda job, route: SHARED_QUEUE)
     marker = tmp_path / "starts.txt"
-    seconds = 3 * VISIBILITY_TIMEOUT
-    record = client.run("tests.sleep", model=LoadJob(model=str(models["llama"])),
-                        kwargs={"seconds": seconds, "marker": str(marker)}).wait(timeout=180)
+    load = LoadJob(model=str(models["llama"]))
+    record = client.run("tests.sleep", model=load, timeout_seconds=60,
+                        kwargs={"seconds": 3 * VISIBILITY_TIMEOUT, "marker": str(marker)}
+                        ).wait(timeout=180)
     assert record.status is JobStatus.succeeded, record.error
     assert len(marker_lines(marker)) == 1  # the task body ran once
     assert record.attempt == 1 and len(started_events(client, record.job_id)) == 1
     other = next(w for w in workers if w.name != record.worker)
     assert "holds its lease" in other.log_text()  # the broker did deliver it again
-    assert record.time_limit_seconds is None  # no limit of its own, none by default
+    assert record.time_limit_seconds == 60  # its own timeout wins over MODELQ_MAX_RUN_SECONDS
+
+    over = client.run("tests.sleep", model=load, kwargs={"seconds": 30}).wait(timeout=120)
+    assert over.status is JobStatus.failed and over.error is not None
+    assert over.error.type == "TimedOut" and "3s limit" in over.error.message
+    assert over.time_limit_seconds == 3  # MODELQ_MAX_RUN_SECONDS, shown in the record
 
 
-def test_on_defaults_a_long_run_has_no_hidden_limit_and_runs_once(
+def test_on_defaults_a_long_run_has_no_limit_runs_once_and_keep_alive_counts_from_its_end(
         client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path) -> None:
     pool.start("d1", *TASKS)
-    marker = tmp_path / "starts.txt"
-    load = client.submit(LoadJob(model=str(models["llama"]))).wait(timeout=120)
-    assert load.time_limit_seconds == 3600  # a load's limit: MODELQ_MAX_LOAD_SECONDS
-    key = load.result.model_key  # type: ignore[union-attr]
-    record = client.run("tests.sleep", model=key,
-                        kwargs={"seconds": 2, "marker": str(marker)}).wait(timeout=120)
-    assert record.status is JobStatus.succeeded, record.error
-    assert record.time_limit_seconds is None and len(marker_lines(marker)) == 1
-    timed = client.run("tests.sleep", model=key, kwargs={"seconds": 1},
-                       timeout_seconds=50).wait(timeout=120)
-    assert timed.status is JobStatus.succeeded and timed.time_limit_seconds == 50
-
-
-def test_keep_alive_counts_from_the_end_of_a_longer_run_and_the_run_limit_setting(
-        client: Client, pool: WorkerPool, models: dict[str, Path]) -> None:
-    pool.start("k1", *TASKS, env={"MODELQ_MAX_RUN_SECONDS": "3"})
     keep_alive = 4.0
     loaded = client.submit(LoadJob(model=str(models["llama"]), keep_alive_seconds=keep_alive)
                            ).wait(timeout=120)
+    assert loaded.time_limit_seconds == 3600  # a load's limit: MODELQ_MAX_LOAD_SECONDS
     key = loaded.result.model_key  # type: ignore[union-attr]
 
     def resident() -> bool:
         return any(w.holds(key) for w in client.workers())
 
-    record = client.run("tests.sleep", model=key, kwargs={"seconds": 2 * keep_alive},
-                        timeout_seconds=30).wait(timeout=120)
+    marker = tmp_path / "starts.txt"
+    record = client.run("tests.sleep", model=key,
+                        kwargs={"seconds": 2 * keep_alive, "marker": str(marker)}).wait(timeout=120)
     ended = time.monotonic()
     assert record.status is JobStatus.succeeded, record.error
-    assert record.time_limit_seconds == 30  # its own timeout wins over MODELQ_MAX_RUN_SECONDS
+    assert record.time_limit_seconds is None and len(marker_lines(marker)) == 1
     # Counted from the job's start, the keep-alive passed 4 s before it ended, and the
     # sweep (every second) would have unloaded the model a second or two after its end.
     while time.monotonic() - ended < keep_alive / 2:
@@ -91,9 +84,3 @@ def test_keep_alive_counts_from_the_end_of_a_longer_run_and_the_run_limit_settin
         time.sleep(0.1)
     wait_for(lambda: not resident(), 15, "the keep-alive to pass after the job")
     assert time.monotonic() - ended >= keep_alive - 1.0
-
-    over = client.run("tests.sleep", model=LoadJob(model=str(models["llama"])),
-                      kwargs={"seconds": 30}).wait(timeout=120)
-    assert over.status is JobStatus.failed and over.error is not None
-    assert over.error.type == "TimedOut" and "3s limit" in over.error.message
-    assert over.time_limit_seconds == 3  # MODELQ_MAX_RUN_SECONDS, shown in the record
