@@ -205,7 +205,8 @@ class RunJob(_Job):
     args: tuple[JsonValue, ...] = Field(default=(), max_length=MAX_RUN_ITEMS)
     kwargs: dict[str, JsonValue] = Field(default={}, max_length=MAX_RUN_ITEMS)
     timeout_seconds: Seconds | None = None
-    """The longest the task may run (with the load, if any) before failing as TimedOut."""
+    """The longest the task may run (with the load, if any) before failing as TimedOut
+    (default: the worker's MODELQ_MAX_RUN_SECONDS; unset there too, no limit)."""
 
     @field_validator("task")
     @classmethod

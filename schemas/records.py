@@ -129,6 +129,10 @@ class JobRecord(Versioned):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    time_limit_seconds: float | None = None
+    """The time limit the job runs under, written when it starts: its own `timeout_seconds`,
+    else the worker's default for its kind (MODELQ_MAX_LOAD_SECONDS for loads,
+    MODELQ_MAX_RUN_SECONDS for run jobs). None: not started, or (a started run job) no limit."""
     result: Result | None = None
     error: ErrorInfo | None = None
     job: Job

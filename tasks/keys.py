@@ -93,6 +93,19 @@ class Keys:
         """String with a TTL: the worker a load of `request_key` was sent to (one load per key)."""
         return f"{self.prefix}:loading:{request_key}"
 
+    def model_spec(self, model_key: str) -> str:
+        """Hash with a TTL: how model `model_key` was made, so that a run job naming it after
+        its last holder died loads it again (tasks/model_specs.py). 'owner': its tenant ('*'
+        for a shared base); 'load': the LoadJob JSON, as the worker placed it. Written by the
+        worker that loads the model fresh; its TTL (Settings.record_ttl_seconds) renewed now
+        and then while the model is used; deleted when `modelq unload` frees it."""
+        return f"{self.prefix}:model:{model_key}:spec"
+
+    def respawning(self, model_key: str) -> str:
+        """String with a TTL: the worker queue that run jobs on lost model `model_key` (no live
+        holder, a spec in `model_spec`) are sent to, so that it is loaded again once, there."""
+        return f"{self.prefix}:respawning:{model_key}"
+
     def jobs(self, tenant: str) -> str:
         """Sorted set: a tenant's job ids by creation time."""
         return f"{self.prefix}:tenant:{tenant}:jobs"

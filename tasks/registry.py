@@ -7,7 +7,9 @@ model goes to its holder's own queue; a new load goes to the live worker with th
 free bytes, and a claim on its request key (`Keys.loading`) sends identical loads
 submitted meanwhile to the same worker, whose solo pool then serves them from its cache:
 one load per key. A run job is routed the same way among the workers that offer its
-task: to the holder of its model, or (with a load spec) as its load would be.
+task: to the holder of its model, or (with a load spec) as its load would be; a run job on
+a model key no live worker holds goes as a load would when the key's load spec is kept
+(tasks/model_specs.py), and the worker that takes it loads the model again.
 """
 
 from __future__ import annotations
@@ -105,9 +107,12 @@ class Registry:
             wanted = request_key(load)
             keys += [self.keys.serving(wanted), self.keys.loading(wanted)]
         else:
-            keys.append(self.keys.holders(target_key(job) or ""))
+            key = target_key(job) or ""
+            keys.append(self.keys.holders(key))
+            if task:  # a run job on a model key: loaded again from its spec if its holders died
+                keys += [self.keys.model_spec(key), self.keys.respawning(key)]
         return keys, ["load" if load is not None else "model", task, self.claim_ms,
-                      self.keys.worker_queue(""), self.keys.queue(), CANDIDATES]
+                      self.keys.worker_queue(""), self.keys.queue(), CANDIDATES, job.tenant]
 
     @staticmethod
     def parse_route(keys: list[str], reply: list[Any]) -> Route:
@@ -125,7 +130,8 @@ class Registry:
 
     def queue_for(self, job: Job, route: Route) -> str:
         """The queue `route` chose for `job`. ModelNotFound for a job on a model no live worker
-        (offering its task) holds; TaskNotFound for a run job whose task no live worker offers
+        (offering its task) holds, and for a run job also no spec of its tenant (or a shared
+        one) can load again; TaskNotFound for a run job whose task no live worker offers
         while some are live (with none live, it waits in the shared queue)."""
         if route.outcome == "model":
             raise not_resident(target_key(job) or "")

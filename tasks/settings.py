@@ -104,6 +104,18 @@ class Settings(BaseSettings):
     max_load_seconds: int = Field(default=3600, gt=0)
     """The longest a load may run; the broker's visibility timeout is set above it."""
 
+    max_run_seconds: float | None = Field(default=None, ge=0)
+    """The longest a run job that names no `timeout_seconds` may run (the load it starts
+    with included) before it fails as TimedOut. Unset or 0 (the default): no limit, so a
+    training run of days is not cut short; a job's own `timeout_seconds` always wins. The
+    limit a job runs under is in its record (`time_limit_seconds`). Not tied to the broker's
+    visibility timeout: a run longer than that is never started twice (its lease decides)."""
+
+    @field_validator("max_run_seconds")
+    @classmethod
+    def _no_limit(cls, value: float | None) -> float | None:
+        return value or None  # 0: no limit
+
     record_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     """How long a finished job's record and events stay readable."""
 

@@ -24,6 +24,7 @@ from schemas import LoadJob
 from tasks.connection import connect
 from tasks.keys import Keys
 from tasks.logs import JobContext, set_worker
+from tasks.model_specs import ModelSpecs
 from tasks.registry import claim
 from tasks.settings import Settings
 from tasks.store import Store
@@ -103,9 +104,10 @@ class WorkerApp:
                               else settings.home / "artifacts")
         admission = Admission(self.cache, options.local_device, artifacts,
                               AllocationFaults(faults.fail_alloc))
-        self.handlers = handler_table(self.residents, admission, claim=self._claim,
-                                      max_result_bytes=settings.max_result_bytes,
-                                      checkpoint_dir=settings.checkpoint_root)
+        self.handlers = handler_table(
+            self.residents, admission, claim=self._claim, max_result_bytes=settings.max_result_bytes,
+            specs=ModelSpecs(self.redis, self.keys, settings.record_ttl_seconds),
+            max_run_seconds=settings.max_run_seconds, checkpoint_dir=settings.checkpoint_root)
         self.tasks = import_task_modules((*settings.task_modules, *options.task_modules))
         self.runner = Runner(
             self.store, self.handlers, self.leases, worker=(self.name, options.device),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import LoadJob, ModelInfo, RunResult, Stage
+from tasks.model_specs import ModelSpecs
 from worker.jobs.progress import Reporter
 from worker.models.admission import Admission
 from worker.models.cache import ModelCache
@@ -58,17 +59,24 @@ class Handler:
 
 def handler_table(residents: Residents, admission: Admission, *,
                   claim: Callable[[LoadJob], Claim] | None = None,
-                  max_result_bytes: int = MAX_RESULT_BYTES,
+                  max_result_bytes: int = MAX_RESULT_BYTES, specs: ModelSpecs | None = None,
+                  max_run_seconds: float | None = None,
                   checkpoint_dir: Path | None = None) -> Mapping[str, Handler]:
-    """The handlers of a worker, by job kind."""
+    """The handlers of a worker, by job kind. `specs`: load specs by model key, so that run
+    jobs on a key whose worker died load it again (None: no Redis, as in `local_handlers`);
+    `max_run_seconds`: a run job's time limit when it names none (None: no limit);
+    `checkpoint_dir`: MODELQ_CHECKPOINT_DIR, for tasks that checkpoint."""
     from worker.handlers.attach import AttachHandler, UnloadHandler
     from worker.handlers.load import LoadHandler
+    from worker.handlers.respawn import Respawn
     from worker.handlers.run import RunHandler
 
-    load = LoadHandler(residents, admission, claim)
-    return {"load": load, "attach": AttachHandler(residents), "unload": UnloadHandler(residents),
-            "run": RunHandler(residents, load, max_result_bytes=max_result_bytes,
-                             checkpoint_dir=checkpoint_dir)}
+    load = LoadHandler(residents, admission, claim, specs=specs)
+    respawn = Respawn(specs, load) if specs is not None else None
+    return {"load": load, "attach": AttachHandler(residents, specs),
+            "unload": UnloadHandler(residents, specs),
+            "run": RunHandler(residents, load, max_result_bytes=max_result_bytes, respawn=respawn,
+                              max_run_seconds=max_run_seconds, checkpoint_dir=checkpoint_dir)}
 
 
 def local_handlers(cache: ModelCache, *, name: str = "local", device: str = "cpu") -> Mapping[str, Handler]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 
-from schemas import AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
+from schemas import AdapterSpec, AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
+from tasks.model_specs import ModelSpecs
 from worker.handlers import Handler
 from worker.jobs.progress import Reporter
 from worker.models.cache import release_memory
@@ -18,10 +19,12 @@ from worker.models.residents import Residents
 
 
 class AttachHandler(Handler):
-    """Attaches an adapter to a resident model."""
+    """Attaches an adapter to a resident model (and, on a private model, to its load spec:
+    a load from the spec attaches it too)."""
 
-    def __init__(self, residents: Residents) -> None:
+    def __init__(self, residents: Residents, specs: ModelSpecs | None = None) -> None:
         self.residents = residents
+        self.specs = specs
 
     def ref(self, job: AttachAdapterJob) -> str:
         return job.adapter.display
@@ -37,15 +40,20 @@ class AttachHandler(Handler):
                          policy.access(tenant), activate=job.activate)
         if joins:
             entry.shared_by.add(tenant)
+        if self.specs is not None and entry.tenant != SHARED_TENANT:
+            self.specs.add_adapters(job.model_key, (AdapterSpec(ref=job.adapter, name=job.name),),
+                                    job.name if job.activate else None)
         entry.info = residents.info(entry, True, time.monotonic() - started)
         return policy.view(entry.info, entry, tenant)
 
 
 class UnloadHandler(Handler):
-    """Frees a resident model, or detaches one adapter from it."""
+    """Frees a resident model, or detaches one adapter from it. A model freed on purpose
+    takes its load spec along (tasks/model_specs.py): a run job naming it is not found."""
 
-    def __init__(self, residents: Residents) -> None:
+    def __init__(self, residents: Residents, specs: ModelSpecs | None = None) -> None:
         self.residents = residents
+        self.specs = specs
 
     def ref(self, job: UnloadJob) -> str:
         return job.model_key
@@ -62,6 +70,8 @@ class UnloadHandler(Handler):
                                     model_key=job.model_key, adapter=job.adapter)
             reporter.stage(Stage.unloading, f"detaching {job.adapter!r} from {entry.base.ref}")
             residents.detach(entry, [name])
+            if self.specs is not None and entry.tenant != SHARED_TENANT:
+                self.specs.drop_adapter(job.model_key, job.adapter)
             release_memory()
             entry.info = residents.info(entry, True, 0.0)
             return policy.view(entry.info, entry, tenant)
@@ -69,6 +79,7 @@ class UnloadHandler(Handler):
             reporter.stage(Stage.unloading, f"freeing {entry.base.ref}")
             info = policy.view(entry.info, entry, tenant)
             residents.cache.remove(job.model_key)
+            self._forget(job.model_key)
             return info
         if tenant not in entry.shared_by:
             raise ModelNotFound(f"tenant {tenant!r} does not use model {job.model_key}: "
@@ -78,6 +89,11 @@ class UnloadHandler(Handler):
         info = policy.view(entry.info, entry, tenant)
         if not entry.shared_by:
             residents.cache.remove(entry.key)
+            self._forget(entry.key)
         else:
             entry.info = residents.info(entry, True, 0.0)
         return info
+
+    def _forget(self, key: str) -> None:
+        if self.specs is not None:
+            self.specs.forget(key)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from schemas import AdapterSpec, Cancelled, DType, LoadJob, ModelInfo, ModelRef, RunResult, Stage
 from schemas.errors import ModelqError
 from schemas.tenants import SHARED_TENANT
+from tasks.model_specs import ModelSpecs
 from tasks.registry import request_key
 from worker.access import Access
 from worker.errors import translate
@@ -30,13 +31,14 @@ class LoadHandler(Handler):
 
     def __init__(self, residents: Residents, admission: Admission,
                  claim: Callable[[LoadJob], Claim] | None = None,
-                 placements: Placements | None = None) -> None:
+                 placements: Placements | None = None, specs: ModelSpecs | None = None) -> None:
         self.residents = residents
         self.placements = placements or Placements()  # strategies resolved to maps: one key per map
         self.cache = residents.cache
         self.policy = residents.policy
         self.admission = admission
         self._claim = claim
+        self.specs = specs  # load specs by model key: a key outlives its worker
 
     def opening(self, job: LoadJob) -> tuple[Stage, str]:
         return Stage.resolving, f"resolving {job.model.display}"
@@ -57,7 +59,24 @@ class LoadHandler(Handler):
             entry, cache_hit, info = self._load(self._spaced(job), reporter, access)
         finally:
             self.cache.busy = None  # idle again: evictable and subject to keep-alive
+        self._keep_spec(job, entry, fresh=not cache_hit)
         return self.policy.view(info, entry, job.tenant)
+
+    def _keep_spec(self, job: LoadJob, entry: Entry, *, fresh: bool) -> None:
+        """The spec that made a fresh model, kept under its key (worker/handlers/respawn.py);
+        a hit renews it and adds the adapters it attached. A shared base's spec has no
+        adapters: they are its tenants'."""
+        if self.specs is None:
+            return
+        if not fresh:
+            self.specs.touch(entry.key)
+            if job.adapters and entry.tenant != SHARED_TENANT:  # attached now: kept with it
+                self.specs.add_adapters(entry.key, job.adapters, job.active_adapter)
+            return
+        spec = job.model_copy(update={"placement": entry.placement or job.placement})
+        if entry.tenant == SHARED_TENANT:
+            spec = spec.model_copy(update={"adapters": (), "active_adapter": None})
+        self.specs.remember(entry.key, entry.tenant, spec)
 
     def _spaced(self, job: LoadJob) -> LoadJob:
         """The job with its adapters named as they are on the model (tenant namespaces)."""

@@ -1,13 +1,20 @@
 """The run handler: a named task runs on a resident model (loaded first when the job says how).
 
 The model is the task's alone while it runs: the worker's solo pool runs one job at a
-time, and the entry is marked busy so that nothing evicts it. The task's adapters are
-set for the call and restored after it (worker/modeltasks/registry.py `call_task`), unless the
-task changes them on purpose; then the entry learns what the model now carries.
+time, and the entry is marked busy so that nothing evicts it; its keep-alive counts from the
+end of the job. The task's adapters are set for the call and restored after it
+(worker/modeltasks/registry.py `call_task`), unless the task changes them on purpose; then the
+entry learns what the model now carries, or, if the task fails, is put back as it was
+(worker/handlers/rollback.py). A task that changes adapters never runs on a shared base.
+
+A run job on a model key this worker lacks (its holder died) loads it again from the key's
+spec (worker/handlers/respawn.py). A run job's time limit is its own `timeout_seconds`, else
+MODELQ_MAX_RUN_SECONDS, else none (`run_limit`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -23,12 +30,14 @@ from tasks import logs
 from worker.access import Access
 from worker.handlers import Claim, Handler
 from worker.handlers.load import LoadHandler, check_cancel
+from worker.handlers.respawn import Respawn
+from worker.handlers.rollback import Before
 from worker.jobs.progress import Reporter
 from worker.models import adapters
 from worker.models.cache import Entry
 from worker.models.residents import Residents
 from worker.modeltasks.io import PathResolver, load_tokenizer
-from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
+from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, TaskSpec, call_task
 
 ADAPTER_TASKS = frozenset({"modelq.add_adapter", "modelq.train_adapter", "modelq.save_adapter"})
 """Built-in tasks that name adapters: a tenant runs them only on its own (private) models."""
@@ -38,12 +47,15 @@ class RunHandler(Handler):
     """Runs run jobs: the model found (or loaded), the task called with it in hand."""
 
     def __init__(self, residents: Residents, load: LoadHandler, *, max_result_bytes: int,
-                 registry: TaskRegistry = REGISTRY, checkpoint_dir: Path | None = None) -> None:
+                 registry: TaskRegistry = REGISTRY, respawn: Respawn | None = None,
+                 max_run_seconds: float | None = None, checkpoint_dir: Path | None = None) -> None:
         self.checkpoint_dir = checkpoint_dir  # MODELQ_CHECKPOINT_DIR, for tasks that checkpoint
         self.residents = residents
         self.load = load
         self.max_result_bytes = max_result_bytes
         self.registry = registry
+        self.respawn = respawn  # a model key this worker lacks, loaded again from its spec
+        self.max_run_seconds = max_run_seconds  # MODELQ_MAX_RUN_SECONDS: None, no limit
 
     def opening(self, job: RunJob) -> tuple[Stage, str]:
         if job.model.load is not None:
@@ -54,30 +66,40 @@ class RunHandler(Handler):
         return job.model.load.model.display if job.model.load is not None else job.task
 
     def timeout(self, job: RunJob) -> float | None:
-        return job.timeout_seconds
+        return run_limit(job, self.max_run_seconds)
 
     def claims(self, job: RunJob) -> list[Claim]:
         return self.load.claims(job.model.load) if job.model.load is not None else []
 
     def run(self, job: RunJob, reporter: Reporter) -> RunResult:
-        self.registry.get(job.task)  # TaskNotFound before anything is loaded
+        spec = self.registry.get(job.task)  # TaskNotFound before anything is loaded
         started = time.monotonic()
-        cache_hit = True
-        key = job.model.model_key
+        key, cache_hit = job.model.model_key, True
         if job.model.load is not None:
             loaded = self.load.run(job.model.load, reporter)
             key, cache_hit = loaded.model_key, loaded.cache_hit
         assert key is not None
-        entry = self.residents.owned(key, job.tenant)
-        self._check_shared(job, entry)
-        cache = self.residents.cache
-        cache.busy = key  # in use: never evicted meanwhile
-        try:
+        with self.residents.cache.using(key):  # never evicted meanwhile; keep-alive from the end
+            if job.model.load is None:
+                cache_hit = self._find(key, job.tenant, reporter)
+            entry = self.residents.owned(key, job.tenant)
+            self._check_shared(job, entry, spec)
             value, info = self._call(job, entry, reporter)
-        finally:
-            cache.busy = None
         return RunResult(model_key=key, value=value, seconds=round(time.monotonic() - started, 4),
                          cache_hit=cache_hit, model=info)
+
+    def _find(self, key: str, tenant: str, reporter: Reporter) -> bool:
+        """Whether model `key` was resident here; when it is not, it is loaded again from its
+        spec if one is kept that `tenant` may use (its holder died, or it was evicted)."""
+        cache = self.residents.cache
+        if self.respawn is None:
+            return True
+        if cache.peek(key) is not None:
+            self.respawn.resident(key)
+            return True
+        reloaded = self.respawn.reload(key, tenant, reporter)
+        cache.busy = key  # the load let go of it as it ended: this job holds it again
+        return not reloaded
 
     def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[JsonValue, ModelInfo]:
         policy, tenant = self.residents.policy, job.tenant
@@ -94,9 +116,16 @@ class RunHandler(Handler):
                               adapter_name=lambda name: policy.adapter_name(name, tenant),
                               checkpoint_dir=self.checkpoint_dir),
                           base_model=entry.base.ref, job_id=logs.context().get("job_id"), tenant=tenant)
-        outcome = call_task(ctx, job.task, job.args, job.kwargs, self.max_result_bytes,
-                            registry=self.registry)
-        changed = outcome.replaced or self.registry.get(job.task).changes_adapters
+        changes = self.registry.get(job.task).changes_adapters
+        before = Before.take(entry) if changes else None
+        try:
+            outcome = call_task(ctx, job.task, job.args, job.kwargs, self.max_result_bytes,
+                                registry=self.registry)
+        except BaseException:
+            if before is not None:  # not left holding half-injected adapter layers
+                before.restore(entry)
+            raise
+        changed = outcome.replaced or changes
         if outcome.replaced:
             entry.model = outcome.model
         if changed:
@@ -104,11 +133,20 @@ class RunHandler(Handler):
         entry.info = self.residents.info(entry, True, 0.0, measure=changed)
         return outcome.value, policy.view(entry.info, entry, tenant)
 
-    def _check_shared(self, job: RunJob, entry: Entry) -> None:
-        if entry.tenant == SHARED_TENANT and job.task in ADAPTER_TASKS:
+    def _check_shared(self, job: RunJob, entry: Entry, spec: TaskSpec) -> None:
+        """A shared base is never changed by a task: the built-in adapter tasks and any task
+        registered with changes_adapters=True are refused there."""
+        if entry.tenant == SHARED_TENANT and (job.task in ADAPTER_TASKS or spec.changes_adapters):
             raise AccessDenied(f"{job.task} adds, trains or saves adapters, which a shared base "
                                f"({entry.base.ref}) does not allow: load a private copy (a local "
                                "folder, or the repo without a pinned commit)", task=job.task)
+
+
+def run_limit(job: RunJob, max_run_seconds: float | None) -> float:
+    """The time limit a run job runs under: its own `timeout_seconds`, else the worker's
+    MODELQ_MAX_RUN_SECONDS, else none (infinity). Never the load limit: a training run may
+    take days."""
+    return job.timeout_seconds or max_run_seconds or math.inf
 
 
 def path_resolver(access: Access) -> PathResolver:

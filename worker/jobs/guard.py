@@ -19,6 +19,7 @@ This module never writes a record itself; `report` does (tasks/store.py via the 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -83,8 +84,9 @@ class JobGuard:
         """TimedOut past the deadline; Cancelled when a cancel was asked for."""
         if self._clock() >= self.deadline:
             raise TimedOut(f"job {self.job_id} ran past its {self.timeout:g}s limit and was stopped: "
-                           "raise the job's timeout_seconds (or MODELQ_MAX_LOAD_SECONDS) or use a "
-                           "smaller model", job_id=self.job_id, timeout_seconds=self.timeout)
+                           "raise the job's timeout_seconds (or MODELQ_MAX_LOAD_SECONDS, "
+                           "MODELQ_MAX_RUN_SECONDS for run jobs) or use a smaller model",
+                           job_id=self.job_id, timeout_seconds=self.timeout)
         now = self._clock()
         if self._cancel_looked_at is None or now - self._cancel_looked_at >= CANCEL_POLL_SECONDS:
             self._cancel_looked_at = now
@@ -153,8 +155,8 @@ class Watchdog:
                     continue
                 job_id, deadline, on_stuck = self._watched
                 left = deadline + self.grace - time.monotonic()
-                if left > 0:
-                    self._changed.wait(left)
+                if left > 0:  # a job with no time limit: until it ends
+                    self._changed.wait(left if math.isfinite(left) else None)
                     continue
                 self._watched = None
             log.error("job %s: stuck %.0fs past its deadline without reaching a check", job_id,

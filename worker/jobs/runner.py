@@ -23,6 +23,7 @@ the process must exit so its supervisor starts a clean one.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class Runner:
         job_id, job = envelope.job_id, envelope.job
         opening = handler.opening(job)
         message, changes = self.recorder.start_changes(None, opening)
+        changes["time_limit_seconds"] = shown_limit(self.time_limit(handler, job))
         lease = self.leases.lease(job_id)
         started = self.store.start(submitted(job_id, job, envelope.submitted_at), lease,
                                    message=message, **changes)
@@ -154,7 +156,7 @@ class Runner:
             observer.job_started(record)
         log.info("job %s: %s attempt %d on %s", attempt.job_id, attempt.job.kind, record.attempt,
                  record.worker)
-        timeout = attempt.handler.timeout(attempt.job) or self.options.default_timeout
+        timeout = self.time_limit(attempt.handler, attempt.job)
         return self.recorder.execute(attempt, timeout, self.options.faults,
                                      cancel_seen=started.cancel)
 
@@ -173,8 +175,20 @@ class Runner:
             self.recorder.fail(job_id, worker_lost(current.attempt), attempt=attempt)
             return None
         message, changes = self.recorder.start_changes(current, attempt.opening)
+        changes["time_limit_seconds"] = shown_limit(self.time_limit(attempt.handler, attempt.job))
         return self.store.transition(job_id, JobStatus.running, message=message,
                                      only_from=frozenset({current.status}), **changes)
+
+
+    def time_limit(self, handler: Handler, job: Any) -> float:
+        """The limit the job runs under: its handler's (a run job's may be infinite: no
+        limit), else the worker's default (MODELQ_MAX_LOAD_SECONDS)."""
+        return handler.timeout(job) or self.options.default_timeout
+
+
+def shown_limit(limit: float) -> float | None:
+    """A time limit as the record shows it: None for no limit."""
+    return limit if math.isfinite(limit) else None
 
 
 def worker_lost(attempts: int) -> ModelqError:

@@ -14,7 +14,8 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,7 @@ class Entry:
     last_used: float = field(default_factory=time.time)
     request_keys: set[str] = field(default_factory=set)
     tokenizer: Any = None  # the base's tokenizer, loaded when a task first asks for it
+    placement: Any = None  # the PlacementSpec its load placed it by (a strategy as its map)
 
     def expired(self, now: float) -> bool:
         return not self.pinned and self.keep_alive is not None and now - self.last_used >= self.keep_alive
@@ -98,6 +100,38 @@ class ModelCache:
             release_memory()
         return entry
 
+    @contextmanager
+    def using(self, key: str) -> Iterator[None]:
+        """`key` is the running job's model meanwhile: never evicted or expired, and its
+        keep-alive counts from the end of the job (a run longer than the keep-alive does not
+        see its model unloaded a moment after it ends)."""
+        with self._lock:
+            self.busy = key
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.last_used = self.clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self.busy == key:
+                    self.busy = None
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.last_used = self.clock()
+
+    def _evict_if(self, key: str, still: Callable[[Entry], bool]) -> bool:
+        """Remove `key` if, checked again under the lock, it is idle, unpinned and `still`
+        holds: a job may have taken it (or used it) since a snapshot said it could go."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.pinned or key == self.busy or not still(entry):
+                return False
+            self._entries.pop(key)
+        entry.model = None  # type: ignore[assignment]
+        release_memory()
+        return True
+
     def entries(self) -> list[Entry]:
         with self._lock:
             return list(self._entries.values())
@@ -146,20 +180,21 @@ class ModelCache:
 
     def evict_idle(self) -> list[str]:
         """Evict every unpinned idle model (after an out-of-memory error)."""
-        keys = [e.key for e in self.evictable()]
-        for key in keys:
-            self.remove(key)
+        keys = [e.key for e in self.evictable() if self._evict_if(e.key, lambda e: True)]
         self.on_evict(len(keys))
         return keys
 
     def expire(self) -> list[str]:
-        """Unload every idle model whose keep-alive has passed; the keys unloaded."""
-        now = self.clock()
-        keys = [e.key for e in self.evictable() if e.expired(now)]
-        for key in keys:
-            log.info("keep-alive of %s passed: unloading it", key)
-            self.remove(key)
-        return keys
+        """Unload every idle model whose keep-alive has passed; the keys unloaded. Each is
+        checked again under the lock as it goes (busy, pinned, used since), not from the
+        snapshot that found it."""
+        unloaded = []
+        for entry in self.evictable():
+            if entry.expired(self.clock()) and self._evict_if(
+                    entry.key, lambda e: e.expired(self.clock())):
+                log.info("keep-alive of %s passed: unloaded it", entry.key)
+                unloaded.append(entry.key)
+        return unloaded
 
 
 class KeepAliveTimer:

@@ -78,7 +78,8 @@ class Residents:
             quantized_modules=measured.quantized_modules,
             device_map=loader.device_summary(model, self.identity.device))
         return Entry(key=key, model=model, info=info, base=base,
-                     tenant=self.policy.owner(job, base), bytes=info.footprint_bytes)
+                     tenant=self.policy.owner(job, base), bytes=info.footprint_bytes,
+                     placement=job.placement)
 
     def info(self, entry: Entry, cache_hit: bool, seconds: float, *, measure: bool = True) -> ModelInfo:
         """The entry's ModelInfo now; `measure` False reuses its bytes (nothing attached since)."""
