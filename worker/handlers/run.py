@@ -99,13 +99,20 @@ class RunHandler(Handler):
         if changed:
             _learn_adapters(entry)
         entry.info = self.residents.info(entry, True, 0.0, measure=changed)
-        return outcome.value, policy.view(entry.info, entry, tenant)
+        used = entry.info if changed else info_as_used(entry.info, ctx.adapters or ())
+        return outcome.value, policy.view(used, entry, tenant)
 
     def _check_shared(self, job: RunJob, entry: Entry) -> None:
         if entry.tenant == SHARED_TENANT and job.task in ADAPTER_TASKS:
             raise AccessDenied(f"{job.task} adds, trains or saves adapters, which a shared base "
                                f"({entry.base.ref}) does not allow: load a private copy (a local "
                                "folder, or the repo without a pinned commit)", task=job.task)
+
+
+def info_as_used(info: ModelInfo, active: tuple[str, ...]) -> ModelInfo:
+    """`info` with the adapters that were active for a task's call (the model's own
+    activation is put back after it, so `info` shows that one)."""
+    return info.model_copy(update={"active_adapters": tuple(active)})
 
 
 def path_resolver(access: Access) -> PathResolver:

@@ -20,7 +20,7 @@ from worker.modeltasks.registry import TaskContext, model_task
 Request = str | Sequence[str]
 
 
-@model_task("modelq.generate")
+@model_task("modelq.generate", batchable=True)
 def generate(ctx: TaskContext, prompts: str | list[str], max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
              stop: str | list[str] | None = None) -> list[str]:
@@ -40,7 +40,10 @@ def generate(ctx: TaskContext, prompts: str | list[str], max_new_tokens: int = 3
         options.update(temperature=float(temperature), top_p=float(top_p))
     tokenizer = ctx.tokenizer
     with seeded(ctx.device, seed):
-        return [_generate_one(ctx, tokenizer, text, options, stops) for text in texts]
+        rows = ctx.row_adapters or (None,) * len(texts)  # mixed adapters: one per prompt
+        return [_generate_one(ctx, tokenizer, text, {**options, "adapter_names": [row]}
+                              if row is not None else options, stops)
+                for text, row in zip(texts, rows, strict=True)]
 
 
 def _generate_one(ctx: TaskContext, tokenizer: PreTrainedTokenizerBase, text: str,
@@ -92,7 +95,7 @@ def seeded(device: torch.device, seed: int | None) -> Iterator[None]:
         yield
 
 
-@model_task("modelq.loglikelihood")
+@model_task("modelq.loglikelihood", batchable=True)
 def loglikelihood(ctx: TaskContext, requests: list[Request]) -> list[dict[str, float | int]]:
     """Log-probability of each text (from its second token), or of a continuation given its context."""
     if not isinstance(requests, list):
@@ -102,7 +105,8 @@ def loglikelihood(ctx: TaskContext, requests: list[Request]) -> list[dict[str, f
     for index, request in enumerate(requests):
         ctx.check_cancel()
         ids, scored = encode_request(tokenizer, request, index)
-        results.append({"logprob": score(ctx, ids, scored), "tokens": scored})
+        row = ctx.row_adapters[index] if ctx.row_adapters is not None else None
+        results.append({"logprob": score(ctx, ids, scored, row), "tokens": scored})
     return results
 
 
@@ -120,14 +124,15 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, request: Request,
     raise InvalidJob(f"requests[{index}] must be a string or a [context, continuation] pair of strings")
 
 
-def score(ctx: TaskContext, ids: list[int], scored: int) -> float:
+def score(ctx: TaskContext, ids: list[int], scored: int, adapter: str | None = None) -> float:
     """Sum of log p(token | the tokens before it) over the last `scored` tokens, in float32."""
     if scored == 0:
         return 0.0
     model: Any = ctx.model
     input_ids = torch.tensor([ids], device=ctx.device)
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits[0, :-1].float()
+        rows = {} if adapter is None else {"adapter_names": [adapter]}
+        logits = model(input_ids=input_ids, **rows).logits[0, :-1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = input_ids[0, 1:].unsqueeze(-1)
     return float(logprobs.gather(-1, targets).squeeze(-1)[-scored:].sum())

@@ -1,0 +1,152 @@
+"""Cross-job batches end to end: real Redis, real `modelq worker` processes, default settings.
+
+Queued one-prompt `modelq.generate` jobs on one model share calls (mixed adapters in one
+call through peft's `adapter_names=`), and each result equals the same prompt generated
+alone in process with its own adapter (float32, greedy). A bad job fails alone; a worker
+killed mid-batch has every job of it finished once, on the other worker.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from peft import PeftModel
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from schemas import JobRecord, JobStatus, LoadJob, RunResult
+from tasks.client import Client, JobHandle
+from tests.support.models import TOKENIZER_LINES
+from tests.support.workers import WorkerPool
+
+pytestmark = pytest.mark.e2e
+TOKENS = 8
+WORDS = " ".join(TOKENIZER_LINES).split()
+PROMPTS = [" ".join(WORDS[i:i + 2 + i % 5]) for i in range(40)]
+ADAPTERS: list[str | None] = [None, "a", "b"]  # None: the base alone
+ON_DISK = {"a": "lora", "b": "lora2"}
+
+
+def _load(models: dict[str, Path]) -> LoadJob:
+    return LoadJob.model_validate({"model": str(models["llama"]), "adapters": [
+        {"ref": str(models["lora"]), "name": "a"}, {"ref": str(models["lora2"]), "name": "b"}]})
+
+
+@pytest.fixture(scope="module")
+def reference(models: dict[str, Path]) -> Any:
+    """prompt, adapter -> the prompt generated alone in process with that adapter (or none)."""
+    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+    found: dict[tuple[str, str | None], str] = {}
+    for adapter in ADAPTERS:
+        model: Any = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(models[ON_DISK[adapter]])).eval()
+
+        def generate(prompt: str, model: Any = model) -> str:
+            encoded = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**encoded, max_new_tokens=TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            return str(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:],
+                                        skip_special_tokens=True))
+        found.update({(p, adapter): generate(p) for p in PROMPTS})
+    return found
+
+
+def _submit(client: Client, model: str | LoadJob, prompt: Any, adapter: str | None) -> JobHandle:
+    return client.run("modelq.generate", model=model, adapters=[] if adapter is None else [adapter],
+                      args=[prompt], kwargs={"max_new_tokens": TOKENS})
+
+
+def _result(record: JobRecord) -> RunResult:
+    assert record.status is JobStatus.succeeded, record.error
+    assert isinstance(record.result, RunResult)
+    return record.result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _batch_sizes(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {s.labels.get("le", s.name): s.value for family in text_string_to_metric_families(text)
+            if family.name == "modelq_batch_jobs" for s in family.samples}
+
+
+def test_mixed_adapter_batches_match_unbatched_generation(client: Client, pool: WorkerPool,
+                                                          models: dict[str, Path],
+                                                          reference: Any) -> None:
+    port = _free_port()
+    pool.start("batcher", "--metrics-port", str(port))
+    loaded = client.submit(_load(models)).wait(timeout=120)
+    assert loaded.result is not None and loaded.result.active_adapters == ("b",), loaded.error
+    key = loaded.result.model_key
+    asked = [(PROMPTS[i], ADAPTERS[i % 3]) for i in range(32)]
+    handles = [_submit(client, key, prompt, adapter) for prompt, adapter in asked]
+    results = [_result(h.wait(timeout=120)) for h in handles]
+    for (prompt, adapter), result in zip(asked, results, strict=True):
+        assert result.value == [reference[prompt, adapter]], (prompt, adapter)
+        # the adapters active for the call, not the model's own ('b') put back after it
+        assert result.model.active_adapters == (() if adapter is None else (adapter,))
+    assert max(r.batch_jobs for r in results) > 1, [r.batch_jobs for r in results]
+    sizes = _batch_sizes(port)
+    assert sizes["modelq_batch_jobs_count"] >= 1 and sizes["1.0"] < sizes["modelq_batch_jobs_count"]
+
+    # --- a bad job inside a batch fails alone, with its own error ----------------------
+    good = [(PROMPTS[i], ADAPTERS[i % 3]) for i in range(32, 40)]
+    handles = [_submit(client, key, p, a) for p, a in good[:4]]
+    not_text = _submit(client, key, [123], "a")  # the shared call raises: one by one
+    no_adapter = _submit(client, key, PROMPTS[0], "nope")  # fails before any call
+    handles += [_submit(client, key, p, a) for p, a in good[4:]]
+    for (prompt, adapter), handle in zip(good, handles, strict=True):
+        assert _result(handle.wait(timeout=120)).value == [reference[prompt, adapter]]
+    for handle, words in ((not_text, "list of strings"), (no_adapter, "'nope'")):
+        record = handle.wait(timeout=120)
+        assert record.status is JobStatus.failed and record.error is not None
+        assert record.error.type == "InvalidJob" and words in record.error.message, record.error
+    assert "'a'" in str(no_adapter.wait(timeout=5).error.message)  # what the model has  # type: ignore[union-attr]
+
+
+def _wait_until(check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _terminal_events(handle: JobHandle) -> Iterator[str]:
+    for event in handle.events(timeout=10):
+        if event.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
+            yield event.status.value
+
+
+def test_a_worker_killed_mid_batch_has_every_job_finished_once_elsewhere(
+        client: Client, pool: WorkerPool, models: dict[str, Path], reference: Any) -> None:
+    first = pool.start("first")
+    spec = _load(models)
+    assert client.submit(spec).wait(timeout=120).worker == "first"
+    other = pool.start("other")
+    # long enough to kill the first worker while its batch runs: 100 new tokens each
+    jobs = [client.run("modelq.generate", model=spec, adapters=["a"], args=[PROMPTS[i]],
+                       kwargs={"max_new_tokens": 100}) for i in range(12)]
+    _wait_until(lambda: sum(client.status(h.job_id).status is JobStatus.running
+                            for h in jobs) > 1)
+    running = [h.job_id for h in jobs if client.status(h.job_id).status is JobStatus.running]
+    first.kill()
+    records = [h.wait(timeout=180) for h in jobs]
+    for handle, record in zip(jobs, records, strict=True):
+        result = _result(record)
+        assert record.worker == other.name
+        assert record.attempt == (2 if handle.job_id in running else 1)
+        assert len(result.value) == 1  # type: ignore[arg-type]
+        assert list(_terminal_events(handle)) == ["succeeded"]  # finished once
+    assert any(_result(r).batch_jobs > 1 for r in records)
