@@ -20,9 +20,10 @@ from peft import PeftModel
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from schemas import JobRecord, JobStatus, LoadJob, RunResult
+from schemas import AdapterSpec, JobRecord, JobStatus, LoadJob, ModelInfo, ModelRef, RunResult
 from tasks.client import Client, JobHandle
-from tests.support.models import TOKENIZER_LINES
+from tests.support.models import TOKENIZER_LINES, build_hub_cache
+from tests.support.tenancy import copy_into, tenant_client, write_tenants
 from tests.support.workers import WorkerPool
 
 pytestmark = pytest.mark.e2e
@@ -87,9 +88,9 @@ def test_mixed_adapter_batches_match_unbatched_generation(client: Client, pool: 
                                                           reference: Any) -> None:
     port = _free_port()
     pool.start("batcher", "--metrics-port", str(port))
-    loaded = client.submit(_load(models)).wait(timeout=120)
-    assert loaded.result is not None and loaded.result.active_adapters == ("b",), loaded.error
-    key = loaded.result.model_key
+    loaded = client.submit(_load(models)).wait(timeout=120).result
+    assert isinstance(loaded, ModelInfo) and loaded.active_adapters == ("b",)
+    key = loaded.model_key
     asked = [(PROMPTS[i], ADAPTERS[i % 3]) for i in range(32)]
     handles = [_submit(client, key, prompt, adapter) for prompt, adapter in asked]
     results = [_result(h.wait(timeout=120)) for h in handles]
@@ -113,7 +114,7 @@ def test_mixed_adapter_batches_match_unbatched_generation(client: Client, pool: 
         record = handle.wait(timeout=120)
         assert record.status is JobStatus.failed and record.error is not None
         assert record.error.type == "InvalidJob" and words in record.error.message, record.error
-    assert "'a'" in str(no_adapter.wait(timeout=5).error.message)  # what the model has  # type: ignore[union-attr]
+    assert "'a'" in str(no_adapter.wait(timeout=5).error)  # what the model has
 
 
 def _wait_until(check: Any, timeout: float = 60) -> None:
@@ -150,3 +151,42 @@ def test_a_worker_killed_mid_batch_has_every_job_finished_once_elsewhere(
         assert len(result.value) == 1  # type: ignore[arg-type]
         assert list(_terminal_events(handle)) == ["succeeded"]  # finished once
     assert any(_result(r).batch_jobs > 1 for r in records)
+
+
+def test_tenants_rows_in_a_mixed_batch_see_only_their_own_adapters(
+        client: Client, pool: WorkerPool, settings: Any, models: dict[str, Path],
+        reference: Any, tmp_path: Path) -> None:
+    keys = {t: f"batch-key-{t}-0123456789abcdef" for t in ("alice", "bob")}
+    for name, adapter in (("alice", "lora"), ("bob", "lora2")):
+        copy_into(models[adapter], tmp_path / name / "adapter")
+    commit = build_hub_cache(tmp_path / "hub", "org/tiny", models["llama"])
+    tenants = write_tenants(tmp_path / "tenants.toml", {
+        t: {"key": k, "roots": [str(tmp_path / t)]} for t, k in keys.items()})
+    pool.start("shared", env={"MODELQ_TENANTS_FILE": str(tenants),
+                              "HF_HUB_CACHE": str(tmp_path / "hub")})
+    alice, bob = (tenant_client(settings, t, keys[t]) for t in ("alice", "bob"))
+    base = ModelRef(repo_id="org/tiny", revision=commit)
+    key = ""
+    for producer in (bob, alice):  # alice last: her adapter is the model's active one
+        spec = LoadJob(model=base, adapters=(AdapterSpec.model_validate({"ref": str(
+            tmp_path / str(producer.settings.tenant) / "adapter")}),))
+        loaded = producer.submit(spec).wait(timeout=120).result
+        assert isinstance(loaded, ModelInfo)
+        key = loaded.model_key
+    asked = [(alice, ["default"], "a"), (bob, ["default"], "b"), (bob, None, None),
+             (alice, None, "a"), (bob, [], None)] * 4
+    handles = [producer.run("modelq.generate", model=key, adapters=adapters, args=[PROMPTS[i]],
+                            kwargs={"max_new_tokens": TOKENS})
+               for i, (producer, adapters, _) in enumerate(asked)]
+    refused = bob.run("modelq.generate", model=key, adapters=["default", "mine"],
+                      args=[PROMPTS[0]], kwargs={"max_new_tokens": TOKENS})
+    results = [_result(h.wait(timeout=120)) for h in handles]
+    for i, ((_, _, expected), result) in enumerate(zip(asked, results, strict=True)):
+        assert result.value == [reference[PROMPTS[i], expected]], (i, expected)
+        assert result.model.active_adapters == (() if expected is None else ("default",))
+        assert result.model.adapters == ("default",)  # its own, by its plain name
+    assert max(r.batch_jobs for r in results) > 1
+    record = refused.wait(timeout=60)
+    assert record.status is JobStatus.failed and record.error is not None
+    assert record.error.type == "InvalidJob" and "'mine'" in record.error.message
+    assert "alice" not in record.error.message and "@" not in record.error.message
