@@ -110,12 +110,13 @@ class WorkerApp:
         self.tasks = import_task_modules((*settings.task_modules, *options.task_modules))
         self.runner = Runner(
             self.store, self.handlers, self.leases, worker=(self.name, options.device),
-            gate=self._gate(), batcher=self._batcher(),
+            gate=self._gate(),
             options=RunOptions(max_attempts=settings.max_attempts,
                                default_timeout=settings.max_load_seconds,
                                faults=Faults.from_settings(faults)),
             hooks=RunHooks(on_change=lambda: self.heartbeat.publish(force=False),
                            on_stuck=lambda: self.leave(EXIT_STUCK), observers=observers))
+        self.runner.batcher = self._batcher()
 
     @property
     def queues(self) -> list[str]:

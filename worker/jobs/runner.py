@@ -74,9 +74,9 @@ class Runner:
 
     def __init__(self, store: Store, handlers: Mapping[str, Handler], leases: Leases, *,
                  worker: tuple[str, str], options: RunOptions, hooks: RunHooks | None = None,
-                 gate: Gate | None = None, batcher: Batches | None = None) -> None:
+                 gate: Gate | None = None) -> None:
         self.store = store
-        self.batcher = batcher
+        self.batcher: Batches | None = None  # cross-job batches (worker/app.py sets them)
         self.handlers = handlers
         self.leases = leases
         self.gate = gate or OpenGate()
