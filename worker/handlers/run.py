@@ -26,6 +26,7 @@ from worker.jobs.progress import Reporter
 from worker.models import adapters
 from worker.models.cache import Entry
 from worker.models.residents import Residents
+from worker.modeltasks.activation import adapter_state
 from worker.modeltasks.io import PathResolver, load_tokenizer
 from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, call_task
 
@@ -80,8 +81,8 @@ class RunHandler(Handler):
     def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[JsonValue, ModelInfo]:
         policy, tenant = self.residents.policy, job.tenant
         reporter.stage(Stage.running_task, f"running {job.task} on {entry.key}")
-        wanted = None if job.adapters is None else tuple(policy.adapter_name(a, tenant)
-                                                        for a in job.adapters)
+        wanted = own_active(entry, tenant, policy.multi) if job.adapters is None else tuple(
+            policy.adapter_name(a, tenant) for a in job.adapters)
         ctx = TaskContext(model=entry.model, model_key=entry.key, device=_device(entry.model),
                           adapters=wanted, hooks=TaskHooks(
                               progress=lambda done, total, metrics: reporter.progress(
@@ -107,6 +108,23 @@ class RunHandler(Handler):
             raise AccessDenied(f"{job.task} adds, trains or saves adapters, which a shared base "
                                f"({entry.base.ref}) does not allow: load a private copy (a local "
                                "folder, or the repo without a pinned commit)", task=job.task)
+
+
+def own_active(entry: Entry, tenant: str, multi: bool) -> tuple[str, ...] | None:
+    """The adapters a job that names none runs with: the model's active ones (None: as the
+    model stands), less any the job's tenant may not see (another tenant's, on a shared base)."""
+    state = adapter_state(entry.model)
+    if not multi or state is None:
+        return None
+    active = state.active if state.enabled else ()
+    return tuple(name for name in active if sees(entry, name, tenant, multi))
+
+
+def sees(entry: Entry, name: str, tenant: str, multi: bool) -> bool:
+    """Whether `tenant` may run on the adapter `name` (as named on the model)."""
+    if not multi:
+        return True
+    return name.endswith(f"@{tenant}") or (entry.tenant != SHARED_TENANT and "@" not in name)
 
 
 def info_as_used(info: ModelInfo, active: tuple[str, ...]) -> ModelInfo:

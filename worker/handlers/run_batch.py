@@ -30,8 +30,7 @@ from peft import PeftModel
 
 from schemas import InvalidJob, ModelInfo, RunJob, RunResult, Stage
 from schemas.errors import ModelqError
-from schemas.tenants import SHARED_TENANT
-from worker.handlers.run import RunHandler, _device, _tokenizer, info_as_used, path_resolver
+from worker.handlers.run import RunHandler, _device, _tokenizer, info_as_used, own_active, path_resolver
 from worker.jobs.batching import Member, StopCheck
 from worker.models.cache import Entry
 from worker.modeltasks.activation import adapter_state
@@ -115,15 +114,16 @@ class RunBatches:
         if job.adapters is None:
             state = adapter_state(model)
             active = state.active if state is not None and state.enabled else ()
-            return tuple(name for name in active if _sees(entry, name, tenant, policy.multi))
+            own = own_active(entry, tenant, policy.multi)
+            return active if own is None else own
         wanted = tuple(policy.adapter_name(name, tenant) for name in job.adapters)
         attached = tuple(model.peft_config) if isinstance(model, PeftModel) else ()
         missing = [plain for plain, name in zip(job.adapters, wanted, strict=True)
                    if name not in attached]
         if missing:
-            own = [n for n in policy.view(entry.info, entry, tenant).adapters]
+            mine = policy.view(entry.info, entry, tenant).adapters
             raise InvalidJob(f"the model has no adapter named {', '.join(map(repr, missing))} "
-                             f"(it has {', '.join(map(repr, own)) or 'none'}): attach it first, "
+                             f"(it has {', '.join(map(repr, mine)) or 'none'}): attach it first, "
                              "or leave 'adapters' out", adapters=missing)
         return wanted
 
@@ -236,13 +236,6 @@ class RunBatches:
     def _info(self, row: Row, active: tuple[str, ...]) -> ModelInfo:
         policy = self.run.residents.policy
         return policy.view(info_as_used(row.entry.info, active), row.entry, row.job.tenant)
-
-
-def _sees(entry: Entry, name: str, tenant: str, multi: bool) -> bool:
-    """Whether `tenant` may run on the adapter `name` (as named on the model)."""
-    if not multi:
-        return True
-    return name.endswith(f"@{tenant}") or (entry.tenant != SHARED_TENANT and "@" not in name)
 
 
 def _mixed_tenants(name: str) -> str:
