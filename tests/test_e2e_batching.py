@@ -9,6 +9,7 @@ killed mid-batch has every job of it finished once, on the other worker.
 from __future__ import annotations
 
 import socket
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,27 +131,50 @@ def _terminal_events(handle: JobHandle) -> Iterator[str]:
             yield event.status.value
 
 
+SLOW_TASKS = textwrap.dedent('''
+    import os
+    import time
+
+    from worker import TaskContext, model_task
+
+    @model_task("acme.slow_echo", batchable=True)
+    def slow_echo(ctx: TaskContext, items: list[str], log: str, seconds: float = 3.0) -> list[str]:
+        """Echo each item after `seconds` (checking for cancels), noting each one done."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ctx.check_cancel()
+            time.sleep(0.05)
+        with open(log, "a") as out:
+            out.write("".join(f"{item} {os.getpid()}\\n" for item in items))
+        return [item.upper() for item in items]
+''')
+
+
 def test_a_worker_killed_mid_batch_has_every_job_finished_once_elsewhere(
-        client: Client, pool: WorkerPool, models: dict[str, Path], reference: Any) -> None:
-    first = pool.start("first")
-    spec = _load(models)
+        client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "acme_batch.py").write_text(SLOW_TASKS)
+    env = {"PYTHONPATH": str(tmp_path)}
+    first = pool.start("first", "--tasks", "acme_batch", env=env)
+    spec = LoadJob(model=str(models["llama"]))
     assert client.submit(spec).wait(timeout=120).worker == "first"
-    other = pool.start("other")
-    # long enough to kill the first worker while its batch runs: 100 new tokens each
-    jobs = [client.run("modelq.generate", model=spec, adapters=["a"], args=[PROMPTS[i]],
-                       kwargs={"max_new_tokens": 100}) for i in range(12)]
+    other = pool.start("other", "--tasks", "acme_batch", env=env)
+    done = tmp_path / "done.txt"
+    jobs = [client.run("acme.slow_echo", model=spec, args=[[f"item{i}"]],
+                       kwargs={"log": str(done)}) for i in range(12)]
     _wait_until(lambda: sum(client.status(h.job_id).status is JobStatus.running
                             for h in jobs) > 1)
-    running = [h.job_id for h in jobs if client.status(h.job_id).status is JobStatus.running]
+    time.sleep(0.5)  # mid-call: the batch's call sleeps 3 s
+    running = {h.job_id for h in jobs if client.status(h.job_id).status is JobStatus.running}
     first.kill()
-    records = [h.wait(timeout=180) for h in jobs]
-    for handle, record in zip(jobs, records, strict=True):
-        result = _result(record)
-        assert record.worker == other.name
-        assert record.attempt == (2 if handle.job_id in running else 1)
-        assert len(result.value) == 1  # type: ignore[arg-type]
-        assert list(_terminal_events(handle)) == ["succeeded"]  # finished once
-    assert any(_result(r).batch_jobs > 1 for r in records)
+    records = [h.wait(timeout=120) for h in jobs]
+    for i, (handle, record) in enumerate(zip(jobs, records, strict=True)):
+        assert _result(record).value == [f"ITEM{i}"] and record.worker == other.name
+        assert record.attempt == (2 if handle.job_id in running else 1), record
+        assert list(_terminal_events(handle)) == ["succeeded"]
+    lines = done.read_text().split()
+    assert sorted(lines[0::2]) == sorted(f"item{i}" for i in range(12))  # each done once
+    assert set(lines[1::2]) == {str(other.pid)}
+    assert len(running) > 1 and any(_result(r).batch_jobs > 1 for r in records)
 
 
 def test_tenants_rows_in_a_mixed_batch_see_only_their_own_adapters(
