@@ -40,24 +40,34 @@ def _load(models: dict[str, Path]) -> LoadJob:
         {"ref": str(models["lora"]), "name": "a"}, {"ref": str(models["lora2"]), "name": "b"}]})
 
 
-@pytest.fixture(scope="module")
-def reference(models: dict[str, Path]) -> Any:
-    """prompt, adapter -> the prompt generated alone in process with that adapter (or none)."""
-    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
-    found: dict[tuple[str, str | None], str] = {}
-    for adapter in ADAPTERS:
-        model: Any = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, str(models[ON_DISK[adapter]])).eval()
+class Reference(dict[tuple[str, str | None], str]):
+    """prompt, adapter -> the prompt generated alone in process with that adapter (or none),
+    each generated when first asked for."""
 
-        def generate(prompt: str, model: Any = model) -> str:
-            encoded = tokenizer(prompt, return_tensors="pt")
-            out = model.generate(**encoded, max_new_tokens=TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            return str(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:],
-                                        skip_special_tokens=True))
-        found.update({(p, adapter): generate(p) for p in PROMPTS})
-    return found
+    def __init__(self, models: dict[str, Path]) -> None:
+        super().__init__()
+        self.folders = models
+        self.tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+        self.models: dict[str | None, Any] = {}
+
+    def __missing__(self, key: tuple[str, str | None]) -> str:
+        prompt, adapter = key
+        if adapter not in self.models:
+            model: Any = AutoModelForCausalLM.from_pretrained(self.folders["llama"]).eval()
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, str(self.folders[ON_DISK[adapter]]))
+            self.models[adapter] = model.eval()
+        encoded = self.tokenizer(prompt, return_tensors="pt")
+        out = self.models[adapter].generate(**encoded, max_new_tokens=TOKENS, do_sample=False,
+                                            pad_token_id=self.tokenizer.pad_token_id)
+        self[key] = str(self.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:],
+                                              skip_special_tokens=True))
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def reference(models: dict[str, Path]) -> Reference:
+    return Reference(models)
 
 
 def _submit(client: Client, model: str | LoadJob, prompt: Any, adapter: str | None) -> JobHandle:
