@@ -99,7 +99,8 @@ class RunResult(Contract):
     value: JsonValue  # the task's return value, as JSON
     seconds: float  # time spent in the task itself (not loading)
     cache_hit: bool  # the model was resident already (no load before the task)
-    model: ModelInfo  # the model as the task used it (its adapters, active adapters)
+    model: ModelInfo  # the model as the task used it (its adapters, the adapters active for the call)
+    batch_jobs: int = Field(default=1, ge=1)  # run jobs that shared the task's call (1: alone)
 
 
 def _result_kind(value: Any) -> str:

@@ -177,6 +177,14 @@ class Settings(BaseSettings):
     worker can read may be named: set it on any pool that more than one person submits to.
     Multi-tenant workers use each tenant's `roots` from the tenants file instead."""
 
+    batch_max_jobs: int = Field(default=32, ge=1, le=1024)
+    """Workers: queued run jobs of a batchable task on one resident model that share one call
+    (docs/batching.md); 1 turns cross-job batching off."""
+
+    batch_wait_ms: int = Field(default=10, ge=0, le=10_000)
+    """Workers: how long a batch waits after its first job for more to arrive (0: it takes only
+    the jobs already queued)."""
+
     log_json: bool = False
     """Log one JSON object per line (with job id, tenant and worker) instead of plain text."""
 

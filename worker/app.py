@@ -34,7 +34,9 @@ from worker import device as devices
 from worker.fault_hooks import AllocationFaults, Faults, FaultSettings
 from worker.handlers import handler_table
 from worker.jobs.attempt import Outcome, RunHooks, RunObserver
+from worker.jobs.batching import Batcher, BatchOptions
 from worker.jobs.gate import Gate, OpenGate, SignatureGate
+from worker.jobs.gather import Gatherer
 from worker.jobs.lease import Leases
 from worker.jobs.runner import Runner, RunOptions
 from worker.models.admission import Admission
@@ -117,6 +119,7 @@ class WorkerApp:
                                faults=Faults.from_settings(faults)),
             hooks=RunHooks(on_change=lambda: self.heartbeat.publish(force=False),
                            on_stuck=lambda: self.leave(EXIT_STUCK), observers=observers))
+        self.runner.batcher = self._batcher()
 
     @property
     def queues(self) -> list[str]:
@@ -213,6 +216,21 @@ class WorkerApp:
         shares = sum(len(s) for s in self.turns.shares.values())
         return f", and {shares} tenant shares of them by turns" if shares else ""
 
+    def _batcher(self) -> Batcher | None:
+        """Cross-job batches of run jobs (worker/jobs/batching.py); None with batch_max_jobs 1."""
+        settings = self.settings
+        if settings.batch_max_jobs <= 1:
+            return None
+        from worker.handlers.run import RunHandler
+        from worker.handlers.run_batch import RunBatches
+
+        run = self.handlers["run"]
+        assert isinstance(run, RunHandler)
+        gatherer = Gatherer(self.redis, self.keys, self.queues, refill=self.turns.take)
+        return Batcher(RunBatches(run), gatherer,
+                       BatchOptions(settings.batch_max_jobs, settings.batch_wait_ms / 1000),
+                       on_batch=self.metrics.batch_ran if self.metrics is not None else _no_batch)
+
     def _gate(self) -> Gate:
         return SignatureGate(self.tenants, self.store) if self.tenants.multi else OpenGate()
 
@@ -220,3 +238,7 @@ class WorkerApp:
         """The routing claim a load that ran here drops (with its record, after the registry
         shows the model)."""
         return claim(self.keys, job, self.name)
+
+
+def _no_batch(size: int) -> None:
+    """No metrics: a batch's size goes nowhere."""

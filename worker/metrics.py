@@ -23,6 +23,7 @@ from tasks.keys import queue_list
 log = logging.getLogger(__name__)
 
 LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class _Live(Collector):
@@ -90,6 +91,9 @@ class Metrics:
         self.dead_lettered = Counter("modelq_dead_lettered",
                                      "Queue messages this worker could not decode and moved to "
                                      "the dead-letter list", registry=self.registry)
+        self.batch_jobs = Histogram("modelq_batch_jobs",
+                                    "Run jobs that shared one call of a batchable task (1: alone)",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
         for kind in JobKind:
             for status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
                 self.jobs.labels(kind.value, status.value)  # zeros are series too
@@ -120,6 +124,10 @@ class Metrics:
         self.bytes_loaded.labels(self.device).inc(info.footprint_bytes)
         if info.load_seconds is not None:
             self.load_seconds.labels(info.quantization).observe(info.load_seconds)
+
+    def batch_ran(self, size: int) -> None:
+        """A batch of run jobs ran (worker/jobs/batching.py): `size` jobs shared its largest call."""
+        self.batch_jobs.observe(size)
 
     # --- the cache ---------------------------------------------------------------------
 

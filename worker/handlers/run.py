@@ -36,6 +36,7 @@ from worker.jobs.progress import Reporter
 from worker.models import adapters
 from worker.models.cache import Entry
 from worker.models.residents import Residents
+from worker.modeltasks.activation import adapter_state
 from worker.modeltasks.io import PathResolver, load_tokenizer
 from worker.modeltasks.registry import REGISTRY, TaskContext, TaskHooks, TaskRegistry, TaskSpec, call_task
 
@@ -104,8 +105,8 @@ class RunHandler(Handler):
     def _call(self, job: RunJob, entry: Entry, reporter: Reporter) -> tuple[JsonValue, ModelInfo]:
         policy, tenant = self.residents.policy, job.tenant
         reporter.stage(Stage.running_task, f"running {job.task} on {entry.key}")
-        wanted = None if job.adapters is None else tuple(policy.adapter_name(a, tenant)
-                                                        for a in job.adapters)
+        wanted = own_active(entry, tenant, policy.multi) if job.adapters is None else tuple(
+            policy.adapter_name(a, tenant) for a in job.adapters)
         ctx = TaskContext(model=entry.model, model_key=entry.key, device=_device(entry.model),
                           adapters=wanted, hooks=TaskHooks(
                               progress=lambda done, total, metrics: reporter.progress(
@@ -131,7 +132,8 @@ class RunHandler(Handler):
         if changed:
             _learn_adapters(entry)
         entry.info = self.residents.info(entry, True, 0.0, measure=changed)
-        return outcome.value, policy.view(entry.info, entry, tenant)
+        used = entry.info if changed else info_as_used(entry.info, ctx.adapters or ())
+        return outcome.value, policy.view(used, entry, tenant)
 
     def _check_shared(self, job: RunJob, entry: Entry, spec: TaskSpec) -> None:
         """A shared base is never changed by a task: the built-in adapter tasks and any task
@@ -147,6 +149,29 @@ def run_limit(job: RunJob, max_run_seconds: float | None) -> float:
     MODELQ_MAX_RUN_SECONDS, else none (infinity). Never the load limit: a training run may
     take days."""
     return job.timeout_seconds or max_run_seconds or math.inf
+
+
+def own_active(entry: Entry, tenant: str, multi: bool) -> tuple[str, ...] | None:
+    """The adapters a job that names none runs with: the model's active ones (None: as the
+    model stands), less any the job's tenant may not see (another tenant's, on a shared base)."""
+    state = adapter_state(entry.model)
+    if not multi or state is None:
+        return None
+    active = state.active if state.enabled else ()
+    return tuple(name for name in active if sees(entry, name, tenant, multi))
+
+
+def sees(entry: Entry, name: str, tenant: str, multi: bool) -> bool:
+    """Whether `tenant` may run on the adapter `name` (as named on the model)."""
+    if not multi:
+        return True
+    return name.endswith(f"@{tenant}") or (entry.tenant != SHARED_TENANT and "@" not in name)
+
+
+def info_as_used(info: ModelInfo, active: tuple[str, ...]) -> ModelInfo:
+    """`info` with the adapters that were active for a task's call (the model's own
+    activation is put back after it, so `info` shows that one)."""
+    return info.model_copy(update={"active_adapters": tuple(active)})
 
 
 def path_resolver(access: Access) -> PathResolver:

@@ -107,31 +107,47 @@ class Recorder:
     def execute(self, attempt: Attempt, timeout: float, faults: Faults, *,
                 cancel_seen: bool) -> Outcome:
         """Run the attempt's handler under its guard and write how it ended."""
-        job_id, job = attempt.job_id, attempt.job
+        guard = self.guard(attempt, timeout, faults, cancel_seen=cancel_seen)
+        job = attempt.job
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            with guard:
+                result = attempt.handler.run(job, guard.reporter)
+        except Exception as exc:
+            error = exc
+        return self.settle(attempt, result, error)
+
+    def guard(self, attempt: Attempt, timeout: float, faults: Faults, *,
+              cancel_seen: bool) -> JobGuard:
+        """The attempt's guard (deadline, cancel checks, reporter), not yet watching it."""
+        job_id = attempt.job_id
         hooks = GuardHooks(
             report=lambda stage, progress, note, metrics: self.report(job_id, stage, progress, note,
                                                                       metrics),
             cancel_requested=lambda: self.cancel_requested(job_id),
             on_stuck=lambda: self._stuck(job_id, timeout))
-        guard = JobGuard(job_id, job, timeout=timeout, hooks=hooks, faults=faults,
-                         opened=Opened(attempt.opening[0] if attempt.opening else None, cancel_seen))
+        return JobGuard(job_id, attempt.job, timeout=timeout, hooks=hooks, faults=faults,
+                        opened=Opened(attempt.opening[0] if attempt.opening else None, cancel_seen))
+
+    def settle(self, attempt: Attempt, result: Any, error: BaseException | None) -> Outcome:
+        """Write how the attempt ended: succeeded with `result`, or cancelled or failed by `error`."""
+        job_id = attempt.job_id
         outcome = Outcome.done
         try:
-            with guard:
-                result = attempt.handler.run(job, guard.reporter)
-        except Cancelled as exc:
-            release_memory()
-            self.end(attempt, JobStatus.cancelled, message=exc.message)
-            log.info("job %s: cancelled", job_id)
-        except Exception as exc:
-            release_memory()
-            self.fail(job_id, self._error(exc, attempt), attempt=attempt)
-            outcome = Outcome.poisoned if poisons_process(exc) else Outcome.done
-        else:
-            self.hooks.on_change()  # the registry shows the cache as it is before the record says done
-            self.end(attempt, JobStatus.succeeded, result=result, message="done",
-                     progress=Progress(fraction=1.0))
-            log.info("job %s: succeeded (%s)", job_id, result.model_key)
+            if isinstance(error, Cancelled):
+                release_memory()
+                self.end(attempt, JobStatus.cancelled, message=error.message)
+                log.info("job %s: cancelled", job_id)
+            elif isinstance(error, Exception):
+                release_memory()
+                self.fail(job_id, self._error(error, attempt), attempt=attempt)
+                outcome = Outcome.poisoned if poisons_process(error) else Outcome.done
+            else:
+                self.hooks.on_change()  # the registry shows the cache as it is before the record says done
+                self.end(attempt, JobStatus.succeeded, result=result, message="done",
+                         progress=Progress(fraction=1.0))
+                log.info("job %s: succeeded (%s)", job_id, result.model_key)
         finally:
             if attempt.final is None or attempt.final.status is not JobStatus.succeeded:
                 self.hooks.on_change()  # a failed or cancelled job may have changed the cache too

@@ -71,7 +71,7 @@ class JobGuard:
         self._report = hooks.report
         self._cancel_requested = hooks.cancel_requested
         self.faults = faults or Faults()
-        self._on_stuck = hooks.on_stuck
+        self.on_stuck = hooks.on_stuck
         self._clock = clock
         self.deadline = clock() + timeout
         self._stage: Stage | None = None
@@ -114,7 +114,7 @@ class JobGuard:
 
     def __enter__(self) -> JobGuard:
         WATCHDOG.watch(self.job_id, time.monotonic() + max(0.0, self.deadline - self._clock()),
-                       self._on_stuck)
+                       self.on_stuck)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -26,13 +26,13 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
 from schemas import Envelope, JobRecord, JobStatus, Progress, WorkerLost, decode_envelope
 from schemas.errors import InvalidJob, ModelqError
-from tasks.store import Started, Store, submitted
+from tasks.store import Store, submitted
 from worker.fault_hooks import Faults
 from worker.handlers import Handler
 from worker.jobs.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver
@@ -41,7 +41,24 @@ from worker.jobs.lease import Leases
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "RunHooks", "RunObserver", "RunOptions", "Runner"]
+__all__ = ["Begun", "Outcome", "RunHooks", "RunObserver", "RunOptions", "Runner"]
+
+
+@dataclass(frozen=True)
+class Begun:
+    """An attempt started here: leased, its record running (as `record` says)."""
+
+    attempt: Attempt
+    record: JobRecord
+    cancel: bool  # the cancel flag as read with the lease
+
+
+class Batches(Protocol):
+    """Runs a started job together with queued ones that may share its call (batching.py)."""
+
+    def takes(self, begun: Begun) -> bool: ...
+
+    def run(self, first: Begun, runner: Runner) -> Outcome: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,7 @@ class Runner:
                  worker: tuple[str, str], options: RunOptions, hooks: RunHooks | None = None,
                  gate: Gate | None = None) -> None:
         self.store = store
+        self.batcher: Batches | None = None  # cross-job batches (worker/app.py sets them)
         self.handlers = handlers
         self.leases = leases
         self.gate = gate or OpenGate()
@@ -93,6 +111,27 @@ class Runner:
         return self._start(envelope, handler)
 
     def _start(self, envelope: Envelope, handler: Handler) -> Outcome:
+        begun = self.begin(envelope, handler)
+        if not isinstance(begun, Begun):
+            return begun
+        try:
+            if self.batcher is not None and self.batcher.takes(begun):
+                return self.batcher.run(begun, self)
+            return self.execute(begun)
+        finally:
+            self.finish(begun.attempt)
+
+    def admit(self, payload: Any) -> Begun | Outcome:
+        """A message taken for a batch (worker/jobs/batching.py), checked as `run` checks a
+        delivery and started with its lease; or what to do with its message instead."""
+        envelope = decode_envelope(payload)
+        if not self.gate.accepts(payload, envelope):
+            return Outcome.done
+        return self.begin(envelope, self.handlers[envelope.job.kind])
+
+    def begin(self, envelope: Envelope, handler: Handler) -> Begun | Outcome:
+        """Take the job's lease and mark it running (attempt N+1 after a lost worker); the
+        started attempt, or what to do with the message when there is nothing to run here."""
         job_id, job = envelope.job_id, envelope.job
         opening = handler.opening(job)
         message, changes = self.recorder.start_changes(None, opening)
@@ -111,11 +150,34 @@ class Runner:
         attempt = Attempt(job_id, job, handler, opening,
                           release=(self.leases.pair(job_id), *handler.claims(job)))
         try:
-            return self._run_leased(attempt, started)
-        finally:
-            self.leases.forget(job_id)
-            if not attempt.released:  # no final record written by this attempt
-                self.recorder.release(attempt)
+            record = started.record  # a first attempt is started already, with its lease
+            if record is None:
+                record = self._restart(attempt, started.current)
+        except BaseException:
+            self.finish(attempt)
+            raise
+        if record is None:
+            self.finish(attempt)
+            return Outcome.done
+        for observer in self.hooks.observers:
+            observer.job_started(record)
+        log.info("job %s: %s attempt %d on %s", job_id, job.kind, record.attempt, record.worker)
+        return Begun(attempt, record, started.cancel)
+
+    def execute(self, begun: Begun) -> Outcome:
+        """Run a started attempt alone, under its guard, and write its final record."""
+        attempt = begun.attempt
+        return self.recorder.execute(attempt, self.timeout(attempt), self.options.faults,
+                                     cancel_seen=begun.cancel)
+
+    def timeout(self, attempt: Attempt) -> float:
+        return self.time_limit(attempt.handler, attempt.job)
+
+    def finish(self, attempt: Attempt) -> None:
+        """Stop renewing the attempt's lease; release it and its claims if no final record did."""
+        self.leases.forget(attempt.job_id)
+        if not attempt.released:  # no final record written by this attempt
+            self.recorder.release(attempt)
 
     def _served_from_cache(self, envelope: Envelope, handler: Handler) -> bool:
         """A first attempt the handler's cache answers ends in one write, started and
@@ -146,20 +208,6 @@ class Runner:
             observer.job_ended(final)
         return True
 
-    def _run_leased(self, attempt: Attempt, started: Started) -> Outcome:
-        record = started.record  # a first attempt is started already, with its lease
-        if record is None:
-            record = self._restart(attempt, started.current)
-            if record is None:
-                return Outcome.done
-        for observer in self.hooks.observers:
-            observer.job_started(record)
-        log.info("job %s: %s attempt %d on %s", attempt.job_id, attempt.job.kind, record.attempt,
-                 record.worker)
-        timeout = self.time_limit(attempt.handler, attempt.job)
-        return self.recorder.execute(attempt, timeout, self.options.faults,
-                                     cancel_seen=started.cancel)
-
     def _restart(self, attempt: Attempt, raw: bytes | None) -> JobRecord | None:
         """A later delivery of a started job: attempt N+1 (its worker died), or nothing to do."""
         job_id = attempt.job_id
@@ -178,7 +226,6 @@ class Runner:
         changes["time_limit_seconds"] = shown_limit(self.time_limit(attempt.handler, attempt.job))
         return self.store.transition(job_id, JobStatus.running, message=message,
                                      only_from=frozenset({current.status}), **changes)
-
 
     def time_limit(self, handler: Handler, job: Any) -> float:
         """The limit the job runs under: its handler's (a run job's may be infinite: no
