@@ -11,6 +11,7 @@ bench/run_jobs.py) and the loads (bench/side_by_side.py).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--workers", type=int, default=2, help="workers on each side (default 2)")
     parser.add_argument("--runs", type=int, help="paired load runs (default 5, quick 2)")
+    parser.add_argument("--phases", default=",".join(EXTRA_PHASES),
+                        help="the run-job phases after the core ones, each its own bench module "
+                             f"(default {','.join(EXTRA_PHASES)}; '' for none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     runs = args.runs or (2 if args.quick else 5)
@@ -84,11 +88,32 @@ def main(argv: list[str] | None = None) -> int:
         for worker in others:  # loads go to any worker: keep one, so each load lands on it
             worker.terminate()
         load_phase(bench, report, first, base, lora, runs, attach="nf4", queue_noop=trips.raw_once)
+    for phase in filter(None, args.phases.split(",")):
+        extra_phase(report, phase, quick=args.quick)
     report.context["seconds"] = round(time.monotonic() - started, 1)
     print(report.table())
     if args.json:
         report.write_json(args.json)
     return 0
+
+
+EXTRA_PHASES = ("batching", "scoring", "training")
+"""bench/batching.py, bench/scoring.py, bench/training.py: each starts its own Redis and workers."""
+
+
+def extra_phase(report: Report, name: str, *, quick: bool) -> None:
+    """Run `python -m bench.NAME` as its own process and put its figures in this table."""
+    if name not in EXTRA_PHASES:
+        raise SystemExit(f"unknown phase {name[:40]!r}: choose from {', '.join(EXTRA_PHASES)}")
+    out = CACHE / f"phase-{name}.json"
+    quick_flag = {"batching": ["--runs", "1"], "scoring": ["--quick"], "training": ["--quick"]}
+    log.info("%s: python -m bench.%s", name, name)
+    subprocess.run([sys.executable, "-m", f"bench.{name}", "--json", str(out),
+                    *(quick_flag[name] if quick else [])], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    data = json.loads(out.read_text())
+    report.figures.extend(Figure.from_json(key, f) for key, f in data["figures"].items())
+    report.context[name] = data.get("context", {})
 
 
 def queue_phase(bench: Bench, report: Report, tiny: Path, workers: int, counts: dict[str, int],

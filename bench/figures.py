@@ -53,7 +53,15 @@ class Figure:
         return {"median": self.median, "min": min(self.samples, default=None),
                 "max": max(self.samples, default=None), "runs": len(self.samples),
                 "target": self.target_text or None, "pass": self.passed,
-                "unit": self.unit, "note": self.note or None}
+                "unit": self.unit, "note": self.note or None, "samples": self.samples}
+
+    @classmethod
+    def from_json(cls, key: str, data: dict[str, Any]) -> Figure:
+        """A figure as `as_json` wrote it (another bench module's, merged into one table)."""
+        direction, _, target = (data.get("target") or "").partition(" ")
+        return cls(key, float(target) if target else None,
+                   "<=" if direction != ">=" else ">=", list(data.get("samples") or ()),
+                   data.get("unit") or "x", data.get("note") or "")
 
 
 @dataclass

@@ -126,6 +126,7 @@ def _trl_baseline(model: str, data: str, steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.training")
     parser.add_argument("--quick", action="store_true", help="one run of each, fewer steps")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--trl-baseline", nargs=3, metavar=("MODEL", "DATA", "STEPS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
     print(report.table())
+    if args.json:
+        report.write_json(args.json)
     return 0
 
 
