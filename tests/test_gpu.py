@@ -40,7 +40,8 @@ def test_an_nf4_load_on_a_gpu_worker_is_4_bit_on_the_gpu_and_generates(
         client: Client, pool: WorkerPool, models: dict[str, Path]) -> None:
     pool.start("gpu0", device="cuda:0", timeout=300)
     plain = loaded(client, LoadJob(model=ModelRef(path=str(models["llama"])), dtype="bfloat16"))
-    nf4 = loaded(client, LoadJob(model=ModelRef(path=str(models["llama"])), quantization="nf4"))
+    nf4 = loaded(client, LoadJob(model=ModelRef(path=str(models["llama"])), dtype="bfloat16",
+                                 quantization="nf4"))
     assert nf4.quantization == "nf4" and nf4.device_map == {"": "cuda:0"}
     assert plain.device_map == {"": "cuda:0"} and nf4.model_key != plain.model_key
     assert nf4.num_parameters == plain.num_parameters  # packed 4-bit weights counted unpacked
