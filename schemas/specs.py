@@ -7,6 +7,7 @@ same patterns and limits (schemas/text.py).
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any
 
@@ -123,7 +124,11 @@ def _whole(value: Any, what: str, maximum: int) -> int | None:
 
 
 def check_size(value: Any) -> int:
-    """A byte budget: a whole number of bytes, or a size like '30GiB', '500MB' (no padding)."""
+    """A byte budget: a whole number of bytes, or a size like '30GiB', '500MB' (no padding).
+
+    A size string is worked out exactly (not through a float) and one above MAX_BYTES (8 EiB,
+    more than any machine: no limit) counts as MAX_BYTES, so that the job a record shows is
+    one the schema accepts (a string's value is beyond what JSON Schema can bound)."""
     number = _whole(value, "size", MAX_BYTES)
     if number is not None:
         return number
@@ -132,7 +137,7 @@ def check_size(value: Any) -> int:
     check_pattern(value, "size", MAX_SIZE_TEXT, SIZE, "must be a number of bytes or like '20GiB', '500MB'")
     match = _SIZE.fullmatch(value)
     assert match is not None  # SIZE and _SIZE say the same
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    return min(int(Decimal(match.group(1)) * _UNITS[(match.group(2) or "").lower()]), MAX_BYTES)
 
 
 def parse_bytes(value: int | str) -> int:

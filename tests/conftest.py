@@ -2,6 +2,8 @@
 
 End-to-end tests start real `modelq worker` subprocesses (tests/support/workers.py)
 against that server; models are tiny ones built on disk by tests/support/models.py.
+Tests marked `gpu` (`@pytest.mark.gpu`, or `gpu(devices=2)` for more than one) run only
+where torch sees that many CUDA devices, and are skipped with the reason everywhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ from tasks.settings import Settings
 from tests.support.models import build_lora, build_model
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests, before any fixture starts, where torch sees too few CUDA devices."""
+    wanted = [(item, marker) for item in items if (marker := item.get_closest_marker("gpu"))]
+    if not wanted:
+        return
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item, marker in wanted:
+        needed = int(marker.kwargs.get("devices", 1))
+        if found < needed:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {needed} CUDA device{'s' if needed > 1 else ''}; "
+                       f"torch.cuda sees {found}"))
 
 
 @pytest.fixture(scope="session")

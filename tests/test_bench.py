@@ -18,7 +18,6 @@ from bench.__main__ import figures, queue_phase
 from bench.env import ROOT, WORKER_ENV, Bench, big_lora, variant, variant_lora
 from bench.figures import Figure, Report, percentile
 from bench.inprocess import InProcess
-from bench.roundtrip import RoundTrips
 from bench.run_jobs import per_step, task_model, task_phase
 from bench.side_by_side import load_phase
 from bench.synth import TINY, complete, write_model
@@ -139,42 +138,31 @@ def test_an_attach_sent_right_after_a_load_finds_the_model(client: Client, pool:
 
 
 @pytest.mark.e2e
-def test_task_and_load_phases_fill_their_figures(tmp_path: Path) -> None:
-    """The bench's own task and load phases, once each on tiny models: every figure they own
-    gets a sample (no-op tasks against raw Celery, generate, train steps, the nf4 attach
-    against a QLoRA user's load, the load overhead in raw Celery round trips)."""
+def test_the_three_phases_fill_their_figures(tmp_path: Path) -> None:
+    """The bench's queue, task and load phases, once each on tiny models, in one Bench as
+    `python -m bench` runs them (one Redis, one raw and one modelq worker for all three):
+    every figure they own gets a sample, and the queue ratios come with what they divide
+    (each side's p50 and jobs/s: the ratios alone move with the host's load)."""
     report = Report(figures())
     tasks = task_model(tmp_path, "tasks", {"hidden": 64, "layers": 2, "vocab": 256})
     base = write_model(TINY, tmp_path / "models" / "tiny")
+    counts = {"latency_rounds": 1, "jobs_per_round": 3, "batches": 1, "batch_size": 4}
     with Bench(cache=tmp_path) as bench:
-        bench.start_raw(1, model=tasks)
-        worker = bench.pool.start("w", "--tasks", "bench.user_tasks")
+        trips = queue_phase(bench, report, base, 1, counts, tasks)
         inproc = InProcess(ROOT, env=WORKER_ENV)
         try:
             task_phase(bench, report, tasks, inproc, runs=1, rounds=1, jobs_per_round=3, per_run=1,
                        steps=3)
         finally:
             inproc.close()
+        worker, = bench.pool
         load_phase(bench, report, worker, base, big_lora(base), 1, attach="nf4",
-                   queue_noop=RoundTrips(bench, [base]).raw_once)
-    owned = ["run_overhead_ratio", "generate_ratio", "train_step_ratio", "cold_load_overhead_ratio",
+                   queue_noop=trips.raw_once)
+    owned = ["queue_overhead_ratio", "throughput_ratio", "cli_status_seconds",
+             "run_overhead_ratio", "generate_ratio", "train_step_ratio", "cold_load_overhead_ratio",
              "cold_load_ratio_nf4", "adapter_attach_speedup", "adapter_attach_ceiling",
              "artifact_cache_speedup", "peak_rss_ratio"]
     assert [key for key in owned if not report.figure(key).available] == []
     assert report.context["tasks"]["generated"]  # the worker's text matched the in-process one
-
-
-@pytest.mark.e2e
-def test_queue_phase_notes_both_sides_own_figures(tmp_path: Path) -> None:
-    """The queue ratios come with what they divide (each side's p50 and jobs/s): the ratios
-    alone move with the host's load."""
-    report = Report(figures())
-    tasks = task_model(tmp_path, "tasks", {"hidden": 64, "layers": 2, "vocab": 256})
-    tiny = write_model(TINY, tmp_path / "models" / "tiny")
-    counts = {"latency_rounds": 1, "jobs_per_round": 3, "batches": 1, "batch_size": 4}
-    with Bench(cache=tmp_path) as bench:
-        queue_phase(bench, report, tiny, 1, counts, tasks)
-    assert report.figure("queue_overhead_ratio").available
-    assert report.figure("throughput_ratio").available
     assert "ms (cache hit) /" in report.figure("queue_overhead_ratio").note
     assert report.figure("throughput_ratio").note.endswith(" jobs/s")

@@ -7,6 +7,7 @@ against a real Redis and real `modelq worker` processes, and read what they prin
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import socket
@@ -31,6 +32,10 @@ from tests.support.workers import WorkerPool
 
 ROOT = Path(__file__).resolve().parent.parent
 ACME_KEY = "acme-key-0123456789abcdef0"
+
+needs_flower = pytest.mark.skipif(importlib.util.find_spec("flower") is None,
+                                  reason="flower is not installed: pip install 'modelq[flower]'")
+"""Decided before any fixture starts Redis or a worker (the test extra installs flower)."""
 
 
 def celery_env(redis_url: str, **more: str) -> dict[str, str]:
@@ -159,10 +164,10 @@ def get(url: str, auth: str | None = None) -> tuple[int, Any]:
 
 
 @pytest.mark.e2e
+@needs_flower
 def test_flower_shows_workers_and_tasks_behind_basic_auth(redis_url: str, client: Client,
                                                           pool: WorkerPool, models: dict[str, Path],
                                                           tmp_path: Path) -> None:
-    pytest.importorskip("flower")
     worker = pool.start("w2")  # no -E: Flower turns task events on by remote control
     node, port, auth = f"w2@{socket.gethostname()}", free_port(), "ops:s3cret-pw"
     base = f"http://127.0.0.1:{port}"

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange
 
-from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelqError, ModelRef, parse_job
+from schemas import InvalidJob, Job, JobKind, JobRecord, JobStatus, LoadJob, ModelqError, ModelRef, parse_job
 from tasks.app import TASK_RUN
 from tasks.client import Client
 from tasks.keys import SHARED_QUEUE
@@ -51,17 +51,30 @@ payloads = st.fixed_dictionaries({}, optional=job_fields) | junk
 
 @FUZZ
 @given(payload=payloads)
+@example(payload={"kind": "load", "model": "org/model", "dtype": "float16"})  # taken
+@example(payload={"kind": "unload", "model_key": "0" * 32})  # valid, but no worker holds it
+@example(payload={"kind": "load", "model": {"repo_id": "no spaces!"}})  # refused
 def test_client_submit_accepts_valid_jobs_and_refuses_the_rest_writing_nothing(
         client: Client, payload: Any) -> None:
+    try:  # the contract's own verdict, for the client to agree with
+        valid: Job | None = parse_job(payload)
+    except InvalidJob:
+        valid = None
     before = client.redis.dbsize()
     try:
         handle = client.submit(payload) if isinstance(payload, dict) else client.submit(parse_job(payload))
-    except ModelqError as exc:  # InvalidJob, or ModelNotFound for attach/unload with no holder
-        assert exc.type in ("InvalidJob", "ModelNotFound") and exc.message
+    except ModelqError as exc:
+        assert exc.message
+        if valid is None:
+            assert exc.type == "InvalidJob"
+        else:  # attach and unload name a model: refused when no worker holds it
+            assert exc.type == "ModelNotFound" and valid.kind in ("attach", "unload"), exc.message
         assert client.redis.dbsize() == before, "a refused job left keys behind"
     else:
+        assert valid is not None, f"the client took a job the contract refuses: {payload!r}"
         record = handle.status()
-        assert record.status is JobStatus.queued and record.kind is JobKind.load
+        assert record.status is JobStatus.queued and record.kind is JobKind(valid.kind)
+        assert record.job == valid  # the record holds the job as the producer sent it
         client.redis.flushall()
 
 

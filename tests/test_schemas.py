@@ -111,7 +111,12 @@ def test_ref_rules() -> None:
     {"method": "fp4", "double_quant": False, "compute_dtype": "float32", "skip_modules": ["a.b"]},
 ])
 def test_quantization_specs_that_fit(spec: object) -> None:
-    QuantizationSpec.model_validate(spec)
+    parsed = QuantizationSpec.model_validate(spec)
+    given = {"method": spec} if isinstance(spec, str) else spec
+    shown = parsed.model_dump(mode="json")  # what the job's record shows
+    assert {field: shown[field] for field in given} == given
+    assert parsed.quantized is (given["method"] != "none")
+    assert QuantizationSpec.model_validate(shown) == parsed
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -150,6 +155,8 @@ def test_placement_errors_and_memory_sizes() -> None:
         with pytest.raises(ValidationError):
             PlacementSpec.model_validate({"max_memory": {"cpu": bad_size}})
     assert PlacementSpec.model_validate({"max_memory": {"cpu": 2.0}}).max_memory == {"cpu": 2}
+    assert parse_bytes("9007199254740993") == 9007199254740993  # exact, not through a float
+    assert parse_bytes("0.5KiB") == 512 and parse_bytes("1" * 32) == 2**63 - 1  # past 8 EiB: no limit
 
 
 # --- jobs ---------------------------------------------------------------------------------
@@ -183,16 +190,24 @@ def test_adapter_names_are_compared_by_the_worker_not_here() -> None:
     """JSON Schema cannot compare values, so the schema could not give this verdict: the worker
     refuses a name given twice, or an active_adapter it does not hold, as InvalidJob."""
     twice = [{"ref": "/a", "name": "x"}, {"ref": "/b", "name": "x"}]
-    LoadJob.model_validate({"model": "o/m", "adapters": twice})
-    LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}], "active_adapter": "y"})
+    job = LoadJob.model_validate({"model": "o/m", "adapters": twice})
+    assert [(a.ref.path, a.name) for a in job.adapters] == [("/a", "x"), ("/b", "x")]  # kept as sent
+    job = LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}],
+                                  "active_adapter": "y"})
+    assert job.active_adapter == "y" and [a.name for a in job.adapters] == ["x"]
 
 
 def test_load_job_rules_that_pass() -> None:
-    LoadJob.model_validate({"model": {"repo_id": "o/m", "revision": COMMIT}, "trust_remote_code": True})
-    LoadJob.model_validate({"model": "/local", "trust_remote_code": True})
-    LoadJob.model_validate({"model": "o/m", "adapters": ["/a"], "active_adapter": "default"})
-    LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}, "/b"],
-                            "active_adapter": "default"})
+    pinned = LoadJob.model_validate({"model": {"repo_id": "o/m", "revision": COMMIT},
+                                     "trust_remote_code": True})
+    assert pinned.trust_remote_code and pinned.model.display == f"o/m@{COMMIT}"
+    local = LoadJob.model_validate({"model": "/local", "trust_remote_code": True})
+    assert local.trust_remote_code and local.model.path == "/local"  # a folder: nothing to pin
+    one = LoadJob.model_validate({"model": "o/m", "adapters": ["/a"], "active_adapter": "default"})
+    assert [(a.ref.path, a.name) for a in one.adapters] == [("/a", None)]  # named 'default' by the worker
+    two = LoadJob.model_validate({"model": "o/m", "adapters": [{"ref": "/a", "name": "x"}, "/b"],
+                                  "active_adapter": "default"})
+    assert [a.name for a in two.adapters] == ["x", None] and two.active_adapter == "default"
 
 
 def test_attach_and_unload_job_rules() -> None:

@@ -127,7 +127,8 @@ def test_bad_run_fields_are_refused(fields: dict[str, Any], message: str) -> Non
 
 
 def test_args_and_kwargs_are_bounded_in_size() -> None:
-    _run(args=["x" * (MAX_RUN_ARGUMENTS_BYTES // 2)])
+    half = "x" * (MAX_RUN_ARGUMENTS_BYTES // 2)
+    assert _run(args=[half]).args == (half,)  # half the limit is taken whole
     with pytest.raises(InvalidJob, match=r"take \d+ bytes as JSON, over the limit of 1048576"):
         _run(args=["x" * (MAX_RUN_ARGUMENTS_BYTES // 2)], kwargs={"y": "y" * (MAX_RUN_ARGUMENTS_BYTES // 2)})
 

@@ -13,6 +13,11 @@ production Settings) drives them, and production leaves all of it unset:
 - `MODELQ_TEST_FAIL_ALLOC=N` makes the first N cold loads of the worker raise
   MemoryError, standing in for an allocation failure (`AllocationFaults`).
 
+The hooks add a fault to the path a job takes anyway; they never choose the path. They
+act where a job enters a stage (worker/jobs/guard.py) or allocates (worker/models/admission.py),
+so a load the cache serves at once (worker/jobs/runner.py's fast path) enters no stage and
+meets no hook, with the hooks on as with them off.
+
 This module only injects faults; it never handles them (that is worker/jobs/runner.py).
 """
 
@@ -86,10 +91,6 @@ class Faults:
                         "not for production", settings.stage_delay, settings.faults,
                         settings.fail_alloc)
         return cls(settings.stage_delay, settings.faults)
-
-    @property
-    def active(self) -> bool:
-        return self.enabled or self.delay_stage is not None
 
     def on_stage(self, job: Job, stage: Stage,
                  reporter: Reporter) -> None:

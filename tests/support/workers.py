@@ -64,8 +64,10 @@ class WorkerPool:
         self.workers: list[WorkerProcess] = []
 
     def start(self, name: str, *args: str, wait: bool = True, timeout: float = 90,
-              env: dict[str, str] | None = None, cli_args: tuple[str, ...] = ()) -> WorkerProcess:
-        """`modelq [cli_args] worker --name NAME args`: cli_args are the group's (`-v`)."""
+              env: dict[str, str] | None = None, cli_args: tuple[str, ...] = (),
+              device: str = "cpu") -> WorkerProcess:
+        """`modelq [cli_args] worker --device DEVICE --name NAME args`: cli_args are the
+        group's (`-v`); a GPU worker pins itself to `device` (cuda:N)."""
         log = self.log_dir / f"worker-{name}-{len(self.workers)}.log"
         full_env = {**os.environ, "MODELQ_REDIS_URL": self.redis_url,
                     "MODELQ_HEARTBEAT_SECONDS": "0.5", "MODELQ_WORKER_TTL_SECONDS": "3",
@@ -74,7 +76,7 @@ class WorkerPool:
                     "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tasks.cli", *cli_args, "worker", "--device", "cpu",
+                [sys.executable, "-m", "tasks.cli", *cli_args, "worker", "--device", device,
                  "--name", name, *args],
                 stdout=out, stderr=subprocess.STDOUT, env=full_env)
         worker = WorkerProcess(name, proc, log)
@@ -95,9 +97,18 @@ class WorkerPool:
             time.sleep(0.1)
         raise TimeoutError(f"worker {worker.name} did not register:\n{worker.log_text()[-3000:]}")
 
-    def stop_all(self) -> None:
+    def stop_all(self, timeout: float = 20) -> None:
+        """SIGTERM every live worker at once, then wait for each (SIGKILL past `timeout`):
+        their warm shutdowns overlap instead of queueing one behind another."""
         for worker in self.workers:
-            worker.terminate(timeout=20)
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            try:
+                worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
 
     def __iter__(self) -> Iterator[WorkerProcess]:
         return iter(self.workers)

@@ -184,8 +184,6 @@ class Runner:
         succeeded with both events; False: run it in full (so does anything odd, which the
         full run then reports)."""
         job_id, job = envelope.job_id, envelope.job
-        if self.options.faults.active:  # test hooks act on stages
-            return False
         try:
             result = handler.cached(job)
         except Exception:  # the full run fails it with a record that says why
