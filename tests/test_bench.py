@@ -100,8 +100,11 @@ def test_peak_memory_resets_to_current() -> None:
 
 
 def test_gpu_script_fails_clearly_without_cuda() -> None:
+    """Without a CUDA device, whatever the host has: CUDA_VISIBLE_DEVICES="" hides every GPU
+    from torch (on a GPU host the script would otherwise run the whole GPU bench)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "--cpu-test" in done.stderr
 
