@@ -39,7 +39,7 @@ def figures() -> list[Figure]:
         Figure("run_overhead_ratio", 1.5, "<="),
         Figure("generate_ratio", 1.1, "<="),
         Figure("train_step_ratio", 1.1, "<="),
-        Figure("cold_load_overhead_ratio", 3, "<="),  # bf16; cold_load_ratio_bf16 is bench/gpu.py's
+        Figure("cold_load_ratio_large", 1.2, "<="),  # bf16, the ~250M model (>= 200 MB) on the CPU
         Figure("cold_load_ratio_nf4", 1.1, "<="),
         Figure("artifact_cache_speedup", 10, ">="),
         Figure("adapter_attach_speedup", 20, ">="),  # nf4; bench/gpu.py keeps the bf16 one
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         build_model("llama", tiny)
     tasks = task_model(CACHE)
     with Bench() as bench:
-        trips = queue_phase(bench, report, tiny, args.workers, counts, tasks)
+        queue_phase(bench, report, tiny, args.workers, counts, tasks)
         inproc = InProcess(ROOT, env=WORKER_ENV, log=bench.run_dir / "inprocess-tasks.log")
         try:
             task_phase(bench, report, tasks, inproc, runs=runs, rounds=counts["latency_rounds"],
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         first, *others = list(bench.pool)
         for worker in others:  # loads go to any worker: keep one, so each load lands on it
             worker.terminate()
-        load_phase(bench, report, first, base, lora, runs, attach="nf4", queue_noop=trips.raw_once)
+        load_phase(bench, report, first, base, lora, runs, attach="nf4")
     for phase in filter(None, args.phases.split(",")):
         extra_phase(report, phase, quick=args.quick)
     report.context["seconds"] = round(time.monotonic() - started, 1)

@@ -12,15 +12,20 @@ pays without it. `attach="nf4"` (the CPU bench): the attach to the resident nf4
 base against nf4 base + adapter from scratch in process (a QLoRA user's
 from_pretrained with bitsandbytes, then PeftModel.from_pretrained). `attach="bf16"`
 (bench/gpu.py): the attach to the resident bf16 base against a bf16 load job that
-carries the adapter. With `queue_noop` (the raw Celery no-op's round trip) each run
-also measures the queue itself, the unit of cold_load_overhead_ratio.
+carries the adapter.
+
+cold_load_ratio_large is the bf16 pair itself: the load job's round trip over the same
+from_pretrained in process, on a model of at least LARGE_BYTES, so that the fixed costs
+(the queue, the record, the events) are a small share and the figure holds from run to run.
+It replaced cold_load_overhead_ratio, (job - in process) / a raw Celery no-op: a
+difference of two noisy times over a few milliseconds, which ranged from -3.2 to 13.2 in
+one run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +51,8 @@ from tests.support.workers import WorkerProcess
 log = logging.getLogger(__name__)
 
 NF4 = QuantizationSpec(method="nf4")
+LARGE_BYTES = 200 * 10**6
+"""The least weight bytes of a model whose cold loads give cold_load_ratio_large."""
 Attach = Literal["nf4", "bf16"]
 
 
@@ -60,7 +67,6 @@ class Samples:
     attach: list[float] = field(default_factory=list)
     scratch_with_adapter: list[float] = field(default_factory=list)
     inproc_scratch_with_adapter: list[float] = field(default_factory=list)  # from_pretrained + PeftModel
-    queue_noop: list[float] = field(default_factory=list)  # p50 of raw Celery no-ops, per run
     inproc_second_adapter: list[float] = field(default_factory=list)  # load_adapter beside the first
     artifact_nf4: list[float] = field(default_factory=list)
     peak_ratio: list[float] = field(default_factory=list)
@@ -75,11 +81,9 @@ class LoadRuns:
     """Runs the paired loads on one worker (`worker`) and one in-process baseline."""
 
     def __init__(self, bench: Bench, worker: WorkerProcess, base: Path, lora: Path,
-                 inproc: InProcess, device: str = "cpu", attach: Attach = "bf16",
-                 queue_noop: Callable[[], float] | None = None) -> None:
+                 inproc: InProcess, device: str = "cpu", attach: Attach = "bf16") -> None:
         self.bench = bench
         self.attach = attach
-        self.queue_noop = queue_noop
         self.device = device
         self.worker = worker
         self.base = base
@@ -121,8 +125,6 @@ class LoadRuns:
                 self.submit(AttachAdapterJob(model_key=record.result.model_key, name="bench",
                                              adapter=ModelRef(path=str(variant_lora(self.lora, folder)))))
             self.unload(record)
-        if self.queue_noop is not None:
-            self.queue_noop()
 
     @property
     def _attach_quant(self) -> str:
@@ -139,8 +141,6 @@ class LoadRuns:
         s.cold_bf16.append(seconds)
         s.peak_ratio.append((after.peak - before.rss) / loaded.result.footprint_bytes)
         s.inproc_bf16.append(self.inproc.load(plain, "none", self.device))
-        if self.queue_noop is not None:  # the queue alone, right beside the loads
-            s.queue_noop.append(percentile([self.queue_noop() for _ in range(5)], 50))
         if index == 0:
             s.breakdown = stage_breakdown(self.bench, loaded, seconds)
         errors = [self._estimate(loaded)]
@@ -258,18 +258,17 @@ def stage_breakdown(bench: Bench, record: JobRecord, round_trip: float) -> dict[
 
 def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, lora: Path,
                runs: int, device: str = "cpu", env: dict[str, str] | None = None,
-               fresh_args: tuple[str, ...] = (), attach: Attach = "bf16",
-               queue_noop: Callable[[], float] | None = None) -> LoadRuns:
+               fresh_args: tuple[str, ...] = (), attach: Attach = "bf16") -> LoadRuns:
     """The paired load runs on `worker` (the only one up), then the artifact reloads.
 
-    Fills cold_load_ratio_*, cold_load_overhead_ratio (with `queue_noop`),
+    Fills cold_load_ratio_* (cold_load_ratio_large noting the model's size),
     adapter_attach_speedup (and its in-process ceiling, adapter_attach_ceiling),
     peak_rss_ratio, estimate_max_error and artifact_cache_speedup in `report`
     (whichever of them it has).
     """
     inproc = InProcess(ROOT, env=env or WORKER_ENV, log=bench.run_dir / "inprocess.log")
     try:
-        loads = LoadRuns(bench, worker, base, lora, inproc, device, attach, queue_noop)
+        loads = LoadRuns(bench, worker, base, lora, inproc, device, attach)
         log.info("loads: warming the worker and the in-process baseline")
         loads.warm()
         for index in range(runs):
@@ -280,9 +279,7 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
     s = loads.samples
     _add(report, "cold_load_ratio_bf16", ratios(s.cold_bf16, s.inproc_bf16))
     _add(report, "cold_load_ratio_nf4", ratios(s.cold_nf4, s.inproc_nf4))
-    _add(report, "cold_load_overhead_ratio",  # what modelq adds to a load, in raw Celery round trips
-         [(cold - local) / noop for cold, local, noop in zip(s.cold_bf16, s.inproc_bf16, s.queue_noop,
-                                                             strict=True)] if s.queue_noop else [])
+    _add_large(report, base, s)
     scratch = s.scratch_with_adapter if attach == "bf16" else s.inproc_scratch_with_adapter
     _add(report, "adapter_attach_speedup", ratios(scratch, s.attach))
     _add(report, "adapter_attach_ceiling",  # no queue: the best adapter_attach_speedup could be here
@@ -304,6 +301,21 @@ def load_phase(bench: Bench, report: Report, worker: WorkerProcess, base: Path, 
              "nothing written under MODELQ_ARTIFACT_DIR by an nf4 load: no artifact cache here")
     report.context["loads"] = {k: v for k, v in vars(s).items() if k != "nf4_variants"}
     return loads
+
+
+def _add_large(report: Report, base: Path, s: Samples) -> None:
+    """cold_load_ratio_large: the bf16 pairs, with the model's size and both sides' medians."""
+    weights = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    _add(report, "cold_load_ratio_large", ratios(s.cold_bf16, s.inproc_bf16))
+    try:
+        figure = report.figure("cold_load_ratio_large")
+    except KeyError:
+        return
+    if s.cold_bf16:
+        figure.note = (f"{weights / 1e6:.0f} MB of bf16 weights: {percentile(s.cold_bf16, 50):.2f} s "
+                       f"through modelq / {percentile(s.inproc_bf16, 50):.2f} s from_pretrained in process")
+    if weights < LARGE_BYTES:
+        figure.note = (figure.note or "") + f" (under {LARGE_BYTES // 10**6} MB: fixed costs weigh more)"
 
 
 def ratios(top: list[float], bottom: list[float]) -> list[float]:

@@ -11,7 +11,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import Field, StrictBool, field_validator, model_validator
+from pydantic import Field, StrictBool, WithJsonSchema, field_validator, model_validator
 
 from schemas.base import Contract
 from schemas.text import (
@@ -158,6 +158,14 @@ def check_device(device: Any) -> str | int:
 
 DeviceMap = str | dict[str, str | int]
 
+SIZE_JSON_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_BYTES},
+                              {"type": "string", "maxLength": MAX_SIZE_TEXT, "pattern": f"^(?:{SIZE})$"}],
+                    "description": "Bytes, or a size such as '30GiB', '500MB' (units case-insensitive)."}
+"""What a size is on the way in, in the JSON Schema pydantic makes of these models (the gateway's
+OpenAPI, which the gateway holds bodies to): bytes, or accelerate's unit strings ('30GiB')."""
+Size = Annotated[int, WithJsonSchema(SIZE_JSON_SCHEMA, mode="validation")]
+"""A byte count; taken as a number or a unit string (see `check_size`), always stored as bytes."""
+
 
 class PlacementSpec(Contract):
     """accelerate placement: a `device_map` strategy, one device, or a module map.
@@ -167,7 +175,7 @@ class PlacementSpec(Contract):
     """
 
     device_map: DeviceMap | None = None
-    max_memory: dict[str, int] | None = None
+    max_memory: dict[str, Size] | None = None
 
     @field_validator("device_map", mode="before")
     @classmethod

@@ -71,10 +71,16 @@ def adapter_arg(value: str) -> dict[str, Any]:
 def show(record: JobRecord, as_json: bool) -> None:
     if as_json:
         click.echo(record.model_dump_json(indent=2))
-    else:
+    else:  # plain text: rich is not imported for it (a fresh `modelq status` stays quick)
         from tasks import render
 
-        render.console().print(render.record_table(record))
+        click.echo(render.record_text(record, bold=_styled(sys.stdout)))
+
+
+def _styled(stream: Any) -> bool:
+    """Whether to print bold keys, as rich decided it: a terminal, NO_COLOR unset, TERM not dumb."""
+    return (stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM", "") != "dumb")
 
 
 def submit(job: dict[str, Any]) -> Any:

@@ -23,10 +23,15 @@ def follow(store: Store, job_id: str, timeout: float | None = None,
                 return
             block = max(1, min(poll_ms, int(left * 1000)))
         batch = store.events(job_id, after=after, block_ms=block)
+        ended = not batch and store.get(job_id).terminal
+        if ended:
+            # The job ended between the read and the record: its last events went in with the
+            # terminal record (one transaction), so one more read, without waiting, has them.
+            batch = store.events(job_id, after=after)
         for entry_id, event in batch:
             after = entry_id  # the next read starts past it
             yield event
             if event.status in TERMINAL:
                 return
-        if not batch and store.get(job_id).terminal:
+        if ended:  # ended (or its events expired) past the events read
             return

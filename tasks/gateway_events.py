@@ -70,22 +70,28 @@ class EventStreams:
         """The job's events after stream id `after`, as SSE messages, until the terminal one."""
         try:
             while True:
-                batch = await self._read(job_id, after)
+                batch = await self._read(job_id, after, self.keepalive_ms)
+                ended = not batch and await self._ended(job_id)
+                if ended:  # its last events went in with the terminal record: read them at once
+                    batch = await self._read(job_id, after, None)
                 for after, event in batch:
                     yield f"id: {after}\nevent: {event.status.value}\ndata: {event.model_dump_json()}\n\n"
                     if event.status in TERMINAL:
                         return
+                if ended:  # ended (or expired) past the events read
+                    return
                 if not batch:
-                    record = await self.record(job_id)
-                    if record is None or record.terminal:  # ended (or expired) past the events read
-                        return
                     yield ": keepalive\n\n"
         except redis.RedisError as exc:
             error = {"type": "BrokerUnavailable", "message": f"Redis is unreachable ({type(exc).__name__})",
                      "retryable": True}
             yield f"event: error\ndata: {json.dumps(error)}\n\n"
 
-    async def _read(self, job_id: str, after: str) -> list[tuple[str, Event]]:
+    async def _ended(self, job_id: str) -> bool:
+        record = await self.record(job_id)
+        return record is None or record.terminal
+
+    async def _read(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, Event]]:
         reply = cast(list[Any] | None, await self.redis.xread(
-            {self.keys.events(job_id): after}, count=200, block=self.keepalive_ms))
+            {self.keys.events(job_id): after}, count=200, block=block_ms))
         return parse_events(job_id, reply)

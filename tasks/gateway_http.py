@@ -3,14 +3,17 @@
 Every answer that is not a success is `{"error": {type, message, retryable}}` (`ErrorResponse`),
 whether modelq raised it (a `ModelqError`), Redis failed, or the framework refused the request
 (unknown route, wrong method, a body that is not JSON). A job body is read here, never by the
-framework: refused with 413 past `Settings.max_body_bytes` before anything is parsed, and with
+framework: refused with 413 past `Settings.max_body_bytes` before anything is parsed (the rest
+of the body read and discarded first, within bounds, so that the client reads the 413), and with
 400 when it is not UTF-8 JSON or nests deeper than `MAX_JSON_DEPTH`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -19,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from schemas import (
     AccessDenied,
@@ -40,6 +44,10 @@ STATUS: dict[type[ModelqError], int] = {
     QuotaExceeded: 429,
     BrokerUnavailable: 503, TimedOut: 504,
 }
+DRAIN_BYTES = 64 << 20
+"""Bytes of a refused (413) body the gateway reads and discards before it closes (see `drain`)."""
+DRAIN_SECONDS = 10.0
+"""How long the gateway goes on reading a refused body before it closes (nginx: 30 s at most)."""
 MAX_JSON_DEPTH = 64
 """Arrays and objects nest at most this deep in a job body (a job itself nests about 4 deep)."""
 
@@ -124,14 +132,19 @@ class BodyTooLarge(Exception):
 
 
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, read chunk by chunk and refused as soon as it passes `limit`."""
+    """The body as a JSON object, read chunk by chunk and refused as soon as it passes `limit`
+    (the rest drained first, see `drain`)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        if request.headers.get("expect", "").lower() != "100-continue":  # else: never sent
+            await drain(request.stream())
         raise BodyTooLarge(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await drain(stream)
             raise BodyTooLarge(limit)
         chunks.append(chunk)
     try:
@@ -149,6 +162,26 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
         raise InvalidJob(f"a job is a JSON object, not {type(value).__name__}: send "
                          '{"kind": ..., ...} as `modelq schema` describes it')
     return value
+
+
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read and discard the rest of a refused body, up to DRAIN_BYTES and DRAIN_SECONDS.
+
+    The server closes the connection after a 413; closing a socket with unread bytes in it
+    sends a reset, and a client still sending (urllib, requests: they read only once the body
+    is sent) then sees `Connection reset by peer` instead of the 413. Reading the rest first,
+    bounded as nginx bounds its lingering close, lets the answer through; past either bound
+    the connection is closed as before.
+    """
+    drained = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in chunks:
+                drained += len(chunk)
+                if drained > DRAIN_BYTES:
+                    return
+    except (TimeoutError, ClientDisconnect):
+        return
 
 
 def _too_deep() -> InvalidJob:

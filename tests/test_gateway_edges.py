@@ -3,15 +3,22 @@ refusals too), bounded bodies, the published contract, and the async event strea
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio
 from fastapi.testclient import TestClient
 
+from schemas import JobRecord, JobStatus, LoadJob
 from tasks.gateway import create_gateway
+from tasks.gateway_events import EventStreams
 from tasks.gateway_http import MAX_JSON_DEPTH
+from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.store import Store, now
 from tests.test_gateway import error_of
 
 LOAD = {"model": {"repo_id": "org/model"}}
@@ -96,3 +103,32 @@ def test_bodies_are_held_to_the_documented_json_types(http: TestClient) -> None:
         == 202  # the documented string forms
     gone = error_of(http.post("/v1/jobs/attach", json={"model_key": "a" * 32, "adapter": "/tmp/lora"}), 404)
     assert gone["type"] == "ModelNotFound"
+
+
+def test_an_event_stream_reads_the_last_events_of_a_job_that_ends_between_its_reads(
+        settings: Settings) -> None:
+    """The follower's race on the gateway side: a read waits out with nothing, the job ends
+    inside it, the record says terminal; the stream must still send the terminal event."""
+    store = Store(redis.Redis.from_url(settings.redis_url), Keys(settings.key_prefix), 60)
+    store.create(JobRecord(job_id="j1", kind="load", tenant="t1", status=JobStatus.queued,
+                           created_at=now(), job=LoadJob(model="o/m", tenant="t1")))
+    streams = EventStreams(lambda: redis.asyncio.Redis.from_url(settings.redis_url),
+                           Keys(settings.key_prefix), keepalive_ms=50)
+    read = streams._read
+    empty_reads: list[str] = []
+
+    async def read_then_end(job_id: str, after: str, *block_ms: int | None) -> Any:
+        batch = await read(job_id, after, *block_ms)
+        if not batch and not empty_reads:
+            empty_reads.append(after)
+            store.transition("j1", JobStatus.failed, message="boom")
+        return batch
+
+    streams._read = read_then_end  # type: ignore[method-assign]
+
+    async def messages() -> list[str]:
+        return [message async for message in streams.sse("j1", "0-0")]
+
+    sent = "".join(asyncio.run(messages()))
+    assert empty_reads, "the stream never waited out an empty read"
+    assert [line[7:] for line in sent.splitlines() if line.startswith("event: ")] == ["queued", "failed"]

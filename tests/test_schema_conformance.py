@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis_jsonschema import from_schema
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from schemas import InvalidJob, parse_job
 from schemas.text import MAX_JSON_DEPTH
 from tasks.schema_doc import SCHEMA_ID, json_schema
+from tests.support.jsonschema_strategies import from_schema
 
 KEY = "0123456789abcdef0123456789abcdef"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -199,6 +199,20 @@ from_the_schema = st.deferred(lambda: st.one_of(
     _from_definition("QuantizationSpec").map(lambda spec: load(quantization=spec)),
     _from_definition("PlacementSpec").map(lambda spec: load(placement=spec)),
     _from_definition("AdapterSpec").map(lambda spec: load(adapters=[spec]))))
+
+
+def test_the_schema_generator_draws_filled_objects() -> None:
+    """The generator under the locked hypothesis reaches optional properties and nested maps,
+    not only `{}` (an adapter that stopped every object at once would pass the test below)."""
+    seen: set[str] = set()
+
+    @settings(GENERATED, max_examples=40)
+    @given(spec=_from_definition("PlacementSpec"))
+    def draw(spec: dict[str, Any]) -> None:
+        seen.update(key for key, value in spec.items() if value)
+
+    draw()
+    assert seen == {"device_map", "max_memory"}
 
 
 @settings(GENERATED, max_examples=40)

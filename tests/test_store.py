@@ -162,6 +162,29 @@ def test_follow_yields_from_the_start_until_the_terminal_event(store: Store) -> 
     assert seen == [("queued", "submitted"), ("running", None), ("running", None), ("failed", "boom")]
 
 
+def test_follow_reads_the_last_events_of_a_job_that_ends_between_its_reads(store: Store) -> None:
+    """The race behind a follower that stopped after `queued, running`: its read waits out with
+    nothing, the job ends, then the follower sees the terminal record. It must still yield the
+    events written with that record (here the job ends exactly inside the empty read)."""
+    _new(store)
+    store.transition("j1", JobStatus.running)
+    read = store.events
+    empty_reads: list[str] = []
+
+    def read_then_end(job_id: str, after: str = "0-0", block_ms: int | None = None) -> Any:
+        batch = read(job_id, after=after, block_ms=block_ms)
+        if not batch and not empty_reads:
+            empty_reads.append(after)
+            store.report("j1", Stage.loading)
+            store.transition("j1", JobStatus.failed, message="boom")
+        return batch
+
+    store.events = read_then_end  # type: ignore[method-assign]
+    seen = [(e.status.value, e.message) for e in follow(store, "j1", timeout=30, poll_ms=50)]
+    assert empty_reads, "the follower never waited out an empty read"
+    assert seen == [("queued", "submitted"), ("running", None), ("running", None), ("failed", "boom")]
+
+
 def test_follow_stops_at_its_timeout_and_on_a_terminal_record(store: Store) -> None:
     _new(store)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""No bytes on a queue stop a worker: whatever kombu cannot decode is moved aside.
+"""No bytes on a queue stop a worker: whatever kombu or Celery cannot take is moved aside.
 
 kombu's Redis transport parses what its BRPOP pops and decodes the message's body inside
 its read loop, so bytes that are not JSON, or an envelope whose `body_encoding` is base64
@@ -6,7 +6,9 @@ over bytes that are not base64 (or an encoding it does not know, a content type 
 does not accept, no delivery tag) raised out of the consumer: the worker died, or the bytes
 were lost. `transport_for(settings)` is the transport class the worker's Celery app uses:
 kombu's own (plain or Sentinel) with its read replaced by one that keeps the popped bytes
-until they have been checked. Bad ones go, with their queue and the reason, onto
+until they have been checked, and a decoded message of the wrong shape (headers that are a
+string: kombu's own parse raised AttributeError) that kombu or Celery still fails on is caught
+around the delivery (`refused`). Bad ones go, with their queue and the reason, onto
 `Keys.dead_letters` (`DeadLetters`), are logged and counted; the worker goes on.
 
 This module only guards the read; it never changes a job record.
@@ -52,6 +54,11 @@ def problem(message: Any) -> str | None:
         return "not a kombu envelope"
     if "delivery_tag" not in message["properties"]:
         return "a kombu envelope with no delivery tag"
+    if not isinstance(message.get("headers") or {}, dict):
+        return f"headers that are a {type(message['headers']).__name__}, not an object"
+    info = message["properties"].get("delivery_info")
+    if not isinstance(info, dict) or not {"exchange", "routing_key"} <= info.keys():
+        return "a delivery_info that is not an object with an exchange and a routing_key"
     encoding = message["properties"].get("body_encoding")
     body = message.get("body")
     if encoding == "base64":
@@ -115,6 +122,31 @@ class DeadLetters:
             log.error("could not keep the undecodable message from queue %s: %s", queue, exc)
 
 
+def refused(channel: Any, deliver: Callable[[], None], message: dict[str, Any]) -> str | None:
+    """Run `deliver` (kombu's parse, then Celery's); None if it went through, else why not.
+
+    `problem` names the wrong shapes known to stop a worker; this is the net for the rest: a
+    decoded message that kombu or Celery fails on (an error that is not the broker's) is
+    taken off the unacked set, if it got there, and moved aside like undecodable bytes.
+    Errors of the broker connection propagate as before, for kombu to reconnect.
+    """
+    transport = channel.connection
+    broker_errors = (*transport.connection_errors, *transport.channel_errors, redis.RedisError)
+    try:
+        deliver()
+        return None
+    except broker_errors:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a wrong shape raises inside kombu or Celery
+        log.exception("kombu or Celery could not take a decoded message")
+        tag = message["properties"]["delivery_tag"]
+        try:
+            channel.qos.reject(tag, requeue=False)
+        except (KeyError, redis.RedisError):  # never reached the unacked set
+            pass
+        return f"a message kombu or Celery could not take ({type(exc).__name__}: {str(exc)[:LOGGED_BYTES]})"
+
+
 def transport_for(settings: Settings, counted: Callable[[], None] | None = None) -> type[Any]:
     """kombu's Redis transport for `settings`' URL, with every delivered message checked;
     `counted` is called once for each message moved aside (a metric)."""
@@ -135,9 +167,10 @@ def transport_for(settings: Settings, counted: Callable[[], None] | None = None)
             queue = bytes_to_str(popped[0]).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
             message, reason = read(popped[1])
-            if reason is None:
-                base._deliver(self.connection, message, queue)  # checked: past our `_deliver`
-            else:
+            if reason is None:  # checked: past our `_deliver`
+                reason = refused(self, lambda: base._deliver(self.connection, message, queue),
+                                 message)
+            if reason is not None:
                 with self.conn_or_acquire() as client:
                     dead.put(client, queue, reason, popped[1])
             return True
@@ -150,8 +183,9 @@ def transport_for(settings: Settings, counted: Callable[[], None] | None = None)
     def _deliver(self: Any, message: Any, queue: str) -> None:
         """Broadcasts (remote control), which kombu parses itself, are checked here."""
         reason = problem(message)
+        if reason is None and self.channels:
+            reason = refused(self.channels[0], lambda: base._deliver(self, message, queue), message)
         if reason is None:
-            base._deliver(self, message, queue)
             return
         for channel in self.channels:
             with channel.conn_or_acquire() as client:
