@@ -17,7 +17,7 @@ from tasks.client import Client
 from tasks.keys import Keys
 from tests.support.tenancy import send_raw
 from worker.jobs.gather import Gatherer, job_message
-from worker.modeltasks.batch import joined_arguments, mixable, split_args, split_values
+from worker.modeltasks.joining import joined_arguments, mixable, split_args, split_values
 from worker.modeltasks.registry import TaskContext, TaskSpec
 
 

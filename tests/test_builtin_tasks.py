@@ -237,7 +237,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(folders: dict[str, Path]) 
 
 
 def test_batches_are_length_sorted_and_capped_by_padded_tokens() -> None:
-    from worker.modeltasks.builtin.batching import BatchRunner
+    from worker.modeltasks.builtin.padded_batches import BatchRunner
 
     runner = BatchRunner([5, 50, 10, 40, 45, 1], batch_size=3, max_tokens=100)
     assert list(runner.batches()) == [[1, 4], [3, 2], [0, 5]]  # 50*2 <= 100 < 50*3; 40*3 > 100

@@ -34,8 +34,8 @@ from worker.handlers.run import RunHandler, _device, _tokenizer, info_as_used, o
 from worker.jobs.batching import Member, StopCheck
 from worker.models.cache import Entry
 from worker.modeltasks.activation import adapter_state
-from worker.modeltasks.batch import BASE, Split, joined_arguments, mixable, split_args, split_values
 from worker.modeltasks.io import no_paths
+from worker.modeltasks.joining import BASE, Split, joined_arguments, mixable, split_args, split_values
 from worker.modeltasks.registry import TaskContext, TaskHooks, call_task
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Built-in `modelq.generate`: complete a list of prompts, in batches.
 
-Prompts run in length-sorted batches (batching.py), left-padded with an attention mask;
+Prompts run in length-sorted batches (padded_batches.py), left-padded with an attention mask;
 `batch_size=1` runs them one at a time, unpadded. In float32, greedy results equal the
 one-at-a-time results; in bf16/fp16 padding may change the last bits of a logit and so,
 rarely, a token (transformers #25921, #29029).
@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from schemas.errors import InvalidJob
-from worker.modeltasks.builtin.batching import (
+from worker.modeltasks.builtin.padded_batches import (
     BatchRunner,
     adapter_arguments,
     check_batching,

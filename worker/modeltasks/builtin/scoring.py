@@ -4,7 +4,7 @@ Scores are lm-evaluation-harness's `HFLM` scores (tokenization in encoding.py): 
 input is the context and continuation together, left-truncated to the model's length, and
 the continuation's log-probability is summed at its positions; `is_greedy` says whether
 each continuation token is the argmax there. Both tasks are batchable: requests run in
-length-sorted batches (batching.py), left-padded with an attention mask and explicit
+length-sorted batches (padded_batches.py), left-padded with an attention mask and explicit
 position ids, so each row sees exactly the positions it sees alone. Only the scored
 positions' logits leave the model where it can (`logits_to_keep`), and only those are
 turned into float32 log-probabilities: never a [tokens, vocab] float32 matrix.
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from schemas.errors import InvalidJob
-from worker.modeltasks.builtin.batching import (
+from worker.modeltasks.builtin.encoding import HarnessTokens, Window
+from worker.modeltasks.builtin.padded_batches import (
     BatchRunner,
     adapter_arguments,
     check_batching,
@@ -27,7 +28,6 @@ from worker.modeltasks.builtin.batching import (
     left_padded,
     pad_id,
 )
-from worker.modeltasks.builtin.encoding import HarnessTokens, Window
 from worker.modeltasks.registry import TaskContext, model_task
 
 Request = str | Sequence[str]

@@ -23,7 +23,6 @@ from peft.tuners.lora import LoraLayer
 
 from schemas.errors import InvalidJob
 from worker.modeltasks.activation import adapter_parameters
-from worker.modeltasks.builtin.batching import seeded
 from worker.modeltasks.builtin.lora import (
     check_name,
     create_adapter,
@@ -31,6 +30,7 @@ from worker.modeltasks.builtin.lora import (
     require_adapter,
     write_adapter,
 )
+from worker.modeltasks.builtin.padded_batches import seeded
 from worker.modeltasks.registry import TaskContext, model_task
 from worker.training.checkpoints import CheckpointStore
 from worker.training.data import encode_rows, read_rows
