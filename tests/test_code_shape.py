@@ -136,3 +136,17 @@ def test_no_two_modules_import_each_other() -> None:
                     seen.add(nxt)
                     stack.append((nxt, (*path, nxt)))
     assert not circles, f"import circles: {sorted(set(circles))[:5]}"
+
+
+def test_the_wheel_holds_every_package() -> None:
+    """pyproject's package list finds every folder of the three layers (worker/models, ...):
+    a subpackage missing from it installs from a checkout (editable) and not from a wheel."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set(find_packages(where=str(ROOT), include=config["packages"]["find"]["include"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for package in PACKAGES
+               for p in (ROOT / package).rglob("__init__.py")}
+    assert folders and folders <= found, f"not in the wheel: {sorted(folders - found)}"
