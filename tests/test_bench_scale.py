@@ -1,8 +1,9 @@
 """`python -m bench.scale` end to end at a tiny size: every figure present and sane.
 
 The targets are for the full run (README, Benchmarks); here the pool is 16 simulated
-workers, a 1,000-record backlog and a 2 s worker TTL, in two rounds (the second one in the
-reverse order, N workers first), so it finishes in under two minutes.
+workers, a 1,000-record backlog and a 2 s worker TTL, in one round, so that it takes about a
+minute (it was the suite's longest test at two rounds: 105-143 s); the full run's rounds
+alternate their order, which a single round does not show.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> No
     out = tmp_path / "scale.json"
     subprocess.run(
         [sys.executable, "-m", "bench.scale", "--workers", "16", "--backlog", "1000",
-         "--submits", "20", "--rounds", "2", "--seconds", "10", "--victims", "2", "--jobs-per-victim", "2",
+         "--submits", "20", "--rounds", "1", "--seconds", "10", "--victims", "2", "--jobs-per-victim", "2",
          "--interval", "0.5", "--ttl", "2", "--tenant-jobs", "20", "--json", str(out)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=320,
         stdout=subprocess.DEVNULL)
@@ -36,15 +37,15 @@ def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> No
         assert 0 < found[key]["median"] < 100, (key, found[key])
     assert 0 < found["registry_bytes_per_submit"]["median"] < 4096  # a route, not a registry read
     assert 0 < found["ls_seconds"]["median"] < 30
-    assert 0 < found["reap_seconds"]["median"] < 30 and found["reap_seconds"]["runs"] == 4
+    assert 0 < found["reap_seconds"]["median"] < 30 and found["reap_seconds"]["runs"] == 2
     assert found["jobs_not_exactly_one_terminal"]["median"] == 0
     context = report["context"]
     assert context["backlog"] == 1000 and context["redis_keys"] > 2000
-    rounds = context["rounds"]  # 1 then 16 workers, then 16 then 1: a sample of each ratio a round
-    assert [(r["one"]["workers"], r["many"]["workers"]) for r in rounds] == [(1, 16), (1, 16)]
+    rounds = context["rounds"]  # 1 then 16 workers: a sample of each ratio
+    assert [(r["one"]["workers"], r["many"]["workers"]) for r in rounds] == [(1, 16)]
     assert all(r["many"]["killed"] == 2 for r in rounds)
-    assert rounds[1]["many"]["submits"] > 0 and rounds[1]["one"]["submits"] > 0
-    assert found["submit_scale_ratio"]["runs"] == 2
+    assert rounds[0]["many"]["submits"] > 0 and rounds[0]["one"]["submits"] > 0
+    assert found["submit_scale_ratio"]["runs"] == 1
     assert context["terminal_check"]["jobs"] == context["jobs_flowed"] > 20
     assert context["terminal_check"]["statuses"] == {"succeeded": context["jobs_flowed"]}
     if found["tenant_queue_ratio"]["median"] is None:
