@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 MAX_README_LINES = 300
-TEST_COMMAND = "python3 -m pytest -q -n 3 --dist worksteal"  # what .ci/run runs, as the README tells a reader to
+TEST_COMMAND = "python3 -m pytest -q -n 3 --dist worksteal"  # what .ci/run runs, as the README says
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
