@@ -82,14 +82,14 @@ class RunHandler(Handler):
         assert key is not None
         with self.residents.cache.using(key):  # never evicted meanwhile; keep-alive from the end
             if job.model.load is None:
-                cache_hit = self._find(key, job.tenant, reporter)
+                cache_hit = self.find_model(key, job.tenant, reporter)
             entry = self.residents.owned(key, job.tenant)
-            self._check_shared(job, entry, spec)
+            self.check_shared(job, entry, spec)
             value, info = self._call(job, entry, reporter)
         return RunResult(model_key=key, value=value, seconds=round(time.monotonic() - started, 4),
                          cache_hit=cache_hit, model=info)
 
-    def _find(self, key: str, tenant: str, reporter: Reporter) -> bool:
+    def find_model(self, key: str, tenant: str, reporter: Reporter) -> bool:
         """Whether model `key` was resident here; when it is not, it is loaded again from its
         spec if one is kept that `tenant` may use (its holder died, or it was evicted)."""
         cache = self.residents.cache
@@ -135,7 +135,7 @@ class RunHandler(Handler):
         used = entry.info if changed else info_as_used(entry.info, ctx.adapters or ())
         return outcome.value, policy.view(used, entry, tenant)
 
-    def _check_shared(self, job: RunJob, entry: Entry, spec: TaskSpec) -> None:
+    def check_shared(self, job: RunJob, entry: Entry, spec: TaskSpec) -> None:
         """A shared base is never changed by a task: the built-in adapter tasks and any task
         registered with changes_adapters=True are refused there."""
         if entry.tenant == SHARED_TENANT and (job.task in ADAPTER_TASKS or spec.changes_adapters):

@@ -97,9 +97,9 @@ class RunBatches:
             key, cache_hit = loaded.model_key, loaded.cache_hit
         assert key is not None
         if job.model.load is None:  # its holder may have died: loaded again from its spec
-            cache_hit = self.run._find(key, job.tenant, member.reporter)
+            cache_hit = self.run.find_model(key, job.tenant, member.reporter)
         entry = self.run.residents.owned(key, job.tenant)
-        self.run._check_shared(job, entry, spec)
+        self.run.check_shared(job, entry, spec)
         wanted = self._wanted(entry, job)
         split = split_args(spec, job.args, job.kwargs)
         assert split is not None  # its batch_key said so

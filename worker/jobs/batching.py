@@ -127,7 +127,8 @@ class Batcher:
         members = []
         for begun, _ in joined:
             attempt = begun.attempt
-            guard = runner.recorder.guard(attempt, runner.timeout(attempt), runner.options.faults,
+            guard = runner.recorder.guard(attempt, runner.time_limit(attempt.handler, attempt.job),
+                                          runner.options.faults,
                                           cancel_seen=begun.cancel)
             members.append(Member(attempt.job_id, attempt.job, guard.reporter, guard))
         soonest = min(members, key=lambda m: m.guard.deadline)

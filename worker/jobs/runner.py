@@ -167,11 +167,9 @@ class Runner:
     def execute(self, begun: Begun) -> Outcome:
         """Run a started attempt alone, under its guard, and write its final record."""
         attempt = begun.attempt
-        return self.recorder.execute(attempt, self.timeout(attempt), self.options.faults,
+        return self.recorder.execute(attempt, self.time_limit(attempt.handler, attempt.job),
+                                     self.options.faults,
                                      cancel_seen=begun.cancel)
-
-    def timeout(self, attempt: Attempt) -> float:
-        return self.time_limit(attempt.handler, attempt.job)
 
     def finish(self, attempt: Attempt) -> None:
         """Stop renewing the attempt's lease; release it and its claims if no final record did."""
