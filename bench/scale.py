@@ -259,8 +259,12 @@ def fill(report: Report, one: dict[str, Any], many: dict[str, Any], ttl: float) 
     if lost:
         reaps.note = "; ".join(filter(None, [reaps.note, f"{lost} dead worker queue(s) not "
                                              f"emptied within {6 * ttl + 30:.0f}s"]))
-    report.figure("redis_cpu_per_1k_submits_ratio").add(
-        many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
+    net = report.figure("redis_cpu_per_1k_submits_ratio")
+    if one["redis_cpu_per_1k"] > 0 and many["redis_cpu_per_1k"] > 0:
+        net.add(many["redis_cpu_per_1k"] / one["redis_cpu_per_1k"])
+    else:  # the background measured around the loop took all of it: too few submits to tell
+        net.note = ("a round's submits cost Redis less than the noise of its background "
+                    "(net 0 s): run more --submits or --seconds")
     report.figure("redis_cpu_per_1k_submits_ratio_gross").add(
         many["redis_cpu_per_1k_gross"] / one["redis_cpu_per_1k_gross"])
     report.figure("ls_seconds").add(many["ls_seconds"])

@@ -33,8 +33,10 @@ def test_scale_bench_reports_every_figure_and_loses_no_job(tmp_path: Path) -> No
     report = json.loads(out.read_text())
     found = report["figures"]
     assert set(found) == {f.key for f in figures()}
-    for key in ("submit_scale_ratio", "submit_scale_p99_ratio", "redis_cpu_per_1k_submits_ratio"):
+    for key in ("submit_scale_ratio", "submit_scale_p99_ratio", "redis_cpu_per_1k_submits_ratio_gross"):
         assert 0 < found[key]["median"] < 100, (key, found[key])
+    net = found["redis_cpu_per_1k_submits_ratio"]  # at this size the background can swallow it
+    assert (0 < net["median"] < 100) if net["runs"] else "less than the noise" in net["note"], net
     assert 0 < found["registry_bytes_per_submit"]["median"] < 4096  # a route, not a registry read
     assert 0 < found["ls_seconds"]["median"] < 30
     assert 0 < found["reap_seconds"]["median"] < 30 and found["reap_seconds"]["runs"] == 2
