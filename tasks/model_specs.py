@@ -10,7 +10,8 @@ it. A shared base's spec has no adapters: they belong to tenants.
 
 Cost stays flat per job: one HSET with its TTL per fresh load (and a read and a write per
 attach), a TTL renewal at most every
-quarter TTL per model and worker (`touch`), a DEL when `modelq unload` frees it, one HGETALL
+quarter TTL per model and worker (`touch`), a DEL when `modelq unload` frees it from its last
+live holder, one HGETALL
 when a key must be loaded again; nothing lists or scans specs. A spec nobody loads or uses
 for `ttl` seconds lapses with its TTL.
 """
@@ -128,12 +129,23 @@ class ModelSpecs:
             return
         self._mark(model_key)
 
-    def forget(self, model_key: str) -> None:
-        """Drop the spec: the model was unloaded on purpose (best effort)."""
+    def forget(self, model_key: str, worker: str = "") -> None:
+        """Drop the spec: the model was unloaded on purpose from `worker`. Kept while another
+        live worker still holds the key (its routing index names it), so that a run job on the
+        key can still be loaded again if that holder dies. Best effort."""
         with self._lock:
             self._touched.pop(model_key, None)
+        holders, spec = self.keys.holders(model_key), self.keys.model_spec(model_key)
+
+        def apply(pipe: Any) -> None:
+            names = {text(n) for n in cast(list[bytes], pipe.hkeys(holders))} - {worker}
+            if names and any(cast(list[bytes | None],
+                                  pipe.mget([self.keys.worker(n) for n in sorted(names)]))):
+                return
+            pipe.multi()
+            pipe.delete(spec)
         try:
-            self.redis.delete(self.keys.model_spec(model_key))
+            self.redis.transaction(apply, holders, spec)
         except redis.RedisError as exc:
             log.warning("could not drop the load spec of %s: %s", model_key, exc)
 

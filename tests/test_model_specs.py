@@ -162,3 +162,19 @@ def test_a_worker_loads_a_lost_key_from_its_spec_with_its_adapters_for_its_tenan
     assert ModelSpecs(client, KEYS, ttl=600).get(key) is None  # unloaded on purpose: forgotten
     with pytest.raises(ModelNotFound):
         run(survivor, "alice")
+
+
+def test_unload_keeps_the_spec_while_another_live_worker_holds_the_key(client: redis.Redis) -> None:
+    specs = ModelSpecs(client, KEYS, ttl=600)
+    specs.remember(KEY, "alice", LOAD)
+    client.hset(KEYS.holders(KEY), mapping={"w": "alice", "gone": "alice"})  # w unloads; gone died
+    specs.forget(KEY, "w")
+    assert specs.get(KEY) is None  # no other live holder: unloaded on purpose, forgotten
+    specs.remember(KEY, "alice", LOAD)
+    client.set(KEYS.worker("other"), b"{}")
+    client.hset(KEYS.holders(KEY), "other", "alice")
+    specs.forget(KEY, "w")
+    assert specs.get(KEY) == ("alice", LOAD)  # "other" still serves it: if it dies, it respawns
+    client.delete(KEYS.worker("other"))
+    specs.forget(KEY, "w")
+    assert specs.get(KEY) is None

@@ -96,4 +96,4 @@ class UnloadHandler(Handler):
 
     def _forget(self, key: str) -> None:
         if self.specs is not None:
-            self.specs.forget(key)
+            self.specs.forget(key, self.residents.identity.name)
