@@ -36,8 +36,8 @@ from bench.scale_redis import ReapWatch, counters, out_bytes, terminal_check, wa
 from bench.scale_windows import background_rate, net_cpu, windowed
 from schemas import JobRecord, JobStatus, LoadJob, ModelRef
 from tasks.client import Client
-from tasks.registry import request_key
 from tasks.settings import Settings
+from tasks.state.registry import request_key
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool
 

@@ -19,7 +19,7 @@ import redis
 from bench.figures import percentile
 from bench.scale_redis import counters
 from schemas import LoadJob
-from tasks.keys import Keys
+from tasks.state.keys import Keys
 
 
 def quiet_window(tell: Callable[[str], Any], client: redis.Redis, keys: Keys,

@@ -3,7 +3,7 @@
 The backlog (a million job records, written by one server-side loop from a real record),
 Redis's own counters (bytes sent, CPU seconds), the watch on dead workers' queues, and the
 check that every job the bench submitted ended in exactly one terminal record. Key names
-come from tasks/keys.py.
+come from tasks/state/keys.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from schemas import TERMINAL, JobRecord
-from tasks.keys import Keys
-from tasks.store import parse_events
+from tasks.state.keys import Keys
+from tasks.state.store import parse_events
 
 ID, TENANT = "@@ID@@", "@@T@@"
 

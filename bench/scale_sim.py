@@ -37,9 +37,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas import ResidentModel
-from tasks.connection import connect
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.connection import connect
+from tasks.state.keys import Keys
 from tasks.tenants import load_tenants
 from worker.recovery.heartbeat import Heartbeat, WorkerState
 from worker.recovery.reaper import Reaper, reap_every

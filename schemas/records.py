@@ -1,6 +1,6 @@
 """What a job's record and event stream say: status, stage, progress, result, error.
 
-No torch here. `tasks/store.py` is the one place records change.
+No torch here. `tasks/state/store.py` is the one place records change.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class ResidentModel(Contract):
     keep_alive_seconds: float | None = None
     shared_by: tuple[str, ...] = ()  # tenants using this shared base (its tenant is '*')
     last_used: datetime
-    request_keys: tuple[str, ...] = ()  # tasks.registry.request_key of the loads it serves
+    request_keys: tuple[str, ...] = ()  # tasks.state.registry.request_key of the loads it serves
 
 
 class WorkerInfo(Versioned):

@@ -16,8 +16,8 @@ from celery import Celery
 from celery.local import Proxy
 from kombu import Queue
 
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.keys import Keys
 
 TASK_RUN = "modelq.run"
 """The one task: run a job envelope (load, attach or unload)."""
@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_serializer="json",
         event_serializer="json",
-        task_ignore_result=True,  # records live in tasks/store.py, not a result backend
+        task_ignore_result=True,  # records live in tasks/state/store.py, not a result backend
         # At least once: ack after the job ends; a worker that dies leaves the task queued.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -28,8 +28,8 @@ import redis
 
 from schemas.errors import AccessDenied
 from schemas.tenants import Signature
-from tasks.connection import text
-from tasks.keys import Keys
+from tasks.state.connection import text
+from tasks.state.keys import Keys
 from tasks.tenants import Tenants
 
 

@@ -31,14 +31,14 @@ from schemas import (
     parse_job,
 )
 from tasks.auth import sign
-from tasks.connection import connect
-from tasks.events import follow
-from tasks.keys import Keys
-from tasks.registry import Registry, Route, check_model_owner
 from tasks.settings import Settings
-from tasks.store import Store, now, submitted
+from tasks.state.connection import connect
+from tasks.state.events import follow
+from tasks.state.keys import Keys
+from tasks.state.registry import Registry, Route, check_model_owner
+from tasks.state.store import Store, now, submitted
+from tasks.state.turns import announce
 from tasks.tenants import DEFAULT_TENANT, check_submit_quota, parse_limits, pick_queue, visible_workers
-from tasks.turns import announce
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -107,7 +107,7 @@ class Client:
         except Exception as exc:
             self._forget(job_id, job.tenant, route)
             raise BrokerUnavailable(self._unreachable(exc)) from exc
-        if limits is not None:  # its share takes its turns (tasks/turns.py)
+        if limits is not None:  # its share takes its turns (tasks/state/turns.py)
             announce(self.redis, self.keys, base, queue, worker_ttl=self.settings.worker_ttl_seconds)
         log.debug("submitted job %s (%s) to %s", job_id, job.kind, queue)
         return JobHandle(self, job_id, submitted=True)
@@ -122,7 +122,7 @@ class Client:
     def _route_and_create(self, record: JobRecord) -> Route:
         """The job's route (with the tenant's limits) and its record written, in one round
         trip: both scripts pipelined by digest (a script Redis forgot, after a restart, runs
-        alone). The route's cost does not grow with the pool (tasks/lua/route.lua)."""
+        alone). The route's cost does not grow with the pool (tasks/state/lua/route.lua)."""
         calls = [(self.registry.route_script, self.registry.route_call(record.job)),
                  (self.store.create_script, self.store.create_call(record))]
         with self.redis.pipeline(transaction=False) as pipe:

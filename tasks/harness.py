@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model  # type: ignore[import-untyped]
 
 from schemas import JobStatus, LoadJob, RunJob, RunResult, WorkerInfo
 from tasks.client import Client
-from tasks.registry import request_key
+from tasks.state.registry import request_key
 from tasks.tenants import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def _target(model_key: str | None, pretrained: str | None, load: LoadJob | dict[
     if model_key is not None:
         return {"model_key": str(model_key)}
     if load is None:
-        from tasks.cli_jobs import load_spec
+        from tasks.cli.jobs import load_spec
 
         spec = load_spec(str(pretrained), tenant, {k: v for k, v in flags.items() if k in LOAD_FLAGS})
         load = {k: v for k, v in spec.items() if k != "kind"}

@@ -37,8 +37,8 @@ from schemas import TERMINAL, JobStatus, WorkerInfo
 from schemas.errors import AccessDenied, QuotaExceeded
 from schemas.jobs import check_tenant, describe
 from schemas.tenants import Tenant, TenantLimits
-from tasks.connection import text
-from tasks.keys import SHARED_QUEUE, Keys, queue_list, tenant_queues
+from tasks.state.connection import text
+from tasks.state.keys import SHARED_QUEUE, Keys, queue_list, tenant_queues
 
 DEFAULT_TENANT = "default"
 
@@ -147,7 +147,7 @@ def share_waiting(client: redis.Redis, tenants: Tenants, base: str = SHARED_QUEU
     A producer that finds no published limits (no worker with a tenants file has run yet)
     sends every job to the one shared queue, first come first served: a worker calls this
     at start, before it consumes, so that work queued while no worker was up gets the same
-    fair turns as work queued later (its turns sweep, tasks/turns.py, then finds them).
+    fair turns as work queued later (its turns sweep, tasks/state/turns.py, then finds them).
     Oldest first, each message keeps its place in its tenant's share; messages of no known
     tenant (or not readable) stay where they were. A worker that dies between taking a
     message and putting it in a share loses it: the lost job sweep (worker/recovery/rescue.py

@@ -10,9 +10,9 @@ import pytest
 from schemas import AccessDenied, LoadJob, ModelRef
 from schemas.jobs import Envelope, decode_envelope
 from tasks.auth import canonical, sign, verify
-from tasks.connection import connect
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.connection import connect
+from tasks.state.keys import Keys
 from tasks.tenants import TenantsFileError, authenticate, load_tenants, parse_tenants
 
 ALICE_KEY = "alice-key-0123456789abcdef"

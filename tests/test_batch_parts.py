@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from schemas import LoadJob, ResultTooLarge, RunJob, TaskFailed
 from tasks.client import Client
-from tasks.keys import Keys
+from tasks.state.keys import Keys
 from tests.support.tenancy import send_raw
 from worker.jobs.gather import Gatherer, job_message
 from worker.modeltasks.joining import joined_arguments, mixable, split_args, split_values

@@ -24,8 +24,8 @@ import redis
 from schemas import JobStatus, LoadJob, ModelRef
 from tasks.app import create_app, default_app
 from tasks.client import Client
-from tasks.keys import worker_queue
 from tasks.settings import Settings
+from tasks.state.keys import worker_queue
 from tests.support.fault_waits import wait_for
 from tests.support.tenancy import tenant_client, write_tenants
 from tests.support.workers import WorkerPool
@@ -116,7 +116,7 @@ def test_inspect_and_events_answer_from_a_worker(redis_url: str, settings: Setti
     listed = celery(redis_url, "inspect", "active_queues", "--timeout", "10", "-d", node, "--json")
     queues = {q["name"] for q in json.loads(listed)[node]}
     own = worker_queue("w1")
-    assert queues == {"modelq", own}  # the tenant shares reach them by turns (tasks/turns.py)
+    assert queues == {"modelq", own}  # the tenant shares reach them by turns (tasks/state/turns.py)
     registered = celery(redis_url, "inspect", "registered", "--timeout", "10", "-d", node)
     assert "* modelq.run" in registered
 

@@ -13,17 +13,17 @@ import redis
 from rich.console import Console
 
 from schemas import ErrorInfo, JobRecord, JobStatus, LoadJob
-from tasks.keys import Keys
-from tasks.render import record_table, record_text
+from tasks.cli.render import record_table, record_text
 from tasks.settings import Settings
-from tasks.store import Store, now
+from tasks.state.keys import Keys
+from tasks.state.store import Store, now
 
 NOT_NEEDED = ("rich", "celery", "kombu", "torch", "transformers", "worker", "fastapi", "starlette",
-              "httpx", "uvicorn", "jsonschema", "tasks.app", "tasks.gateway")
+              "httpx", "uvicorn", "jsonschema", "tasks.app", "tasks.gateway.api")
 """Modules `modelq status` has no use for (each costs a fresh process tens of milliseconds)."""
 PROBE = """
 import sys
-from tasks.cli import main
+from tasks.cli.main import main
 try:
     main({args!r})
 except SystemExit as exc:

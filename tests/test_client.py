@@ -21,8 +21,8 @@ from schemas import (
     decode_envelope,
 )
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
 from tasks.settings import Settings
+from tasks.state.keys import SHARED_QUEUE
 
 KEY = "0123456789abcdef0123456789abcdef"
 

@@ -123,7 +123,7 @@ def test_the_settings_page_keeps_the_marker_the_hook_replaces() -> None:
 def test_the_cli_reference_has_every_command_with_its_flags() -> None:
     import click
 
-    from tasks.cli import main
+    from tasks.cli.main import main
 
     hook = load_hook("cli_reference")
     reference = hook.cli_reference()

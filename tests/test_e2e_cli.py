@@ -14,7 +14,7 @@ import redis
 
 from schemas import JobRecord, JobStatus, LoadJob
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
+from tasks.state.keys import SHARED_QUEUE
 from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -21,7 +21,7 @@ import pytest
 
 from schemas import JobStatus, LoadJob
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
+from tasks.state.keys import SHARED_QUEUE
 from tests.support.fault_waits import VISIBILITY_TIMEOUT, started_events, wait_for
 from tests.support.long_tasks import marker_lines
 from tests.support.workers import WorkerPool

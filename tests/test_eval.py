@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tasks.cli import main
+from tasks.cli.main import main
 from tasks.client import Client
 from tasks.settings import Settings
 from tests.support.models import build_bpe_model

@@ -22,8 +22,8 @@ from kombu import Connection, Exchange
 from schemas import InvalidJob, Job, JobKind, JobRecord, JobStatus, LoadJob, ModelqError, ModelRef, parse_job
 from tasks.app import TASK_RUN
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
-from tasks.store import now
+from tasks.state.keys import SHARED_QUEUE
+from tasks.state.store import now
 from tests.support.workers import WorkerPool
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,7 @@ import openapi_spec_validator  # type: ignore[import-untyped]
 from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from tasks.gateway import create_gateway
+from tasks.gateway.api import create_gateway
 from tasks.settings import Settings
 from tasks.tenants import load_tenants
 from tests.support.tenancy import write_tenants

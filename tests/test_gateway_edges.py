@@ -13,12 +13,12 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 
 from schemas import JobRecord, JobStatus, LoadJob
-from tasks.gateway import create_gateway
-from tasks.gateway_events import EventStreams
-from tasks.gateway_http import MAX_JSON_DEPTH
-from tasks.keys import Keys
+from tasks.gateway.api import create_gateway
+from tasks.gateway.events import EventStreams
+from tasks.gateway.http import MAX_JSON_DEPTH
 from tasks.settings import Settings
-from tasks.store import Store, now
+from tasks.state.keys import Keys
+from tasks.state.store import Store, now
 from tests.test_gateway import error_of
 
 LOAD = {"model": {"repo_id": "org/model"}}

@@ -21,7 +21,7 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 from schemathesis.schemas import APIOperation, BaseSchema
 
-from tasks.gateway import create_gateway
+from tasks.gateway.api import create_gateway
 from tasks.settings import Settings
 
 load_all_checks()

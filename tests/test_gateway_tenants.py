@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from tasks.client import Client
-from tasks.gateway import create_gateway
-from tasks.keys import Keys, tenant_queues
+from tasks.gateway.api import create_gateway
 from tasks.settings import Settings
+from tasks.state.keys import Keys, tenant_queues
 from tasks.tenants import load_tenants
 from tests.support.models import build_hub_cache
 from tests.support.tenancy import copy_into, dump_redis, write_tenants

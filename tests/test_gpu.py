@@ -14,7 +14,7 @@ import pytest
 
 from schemas import JobRecord, JobStatus, LoadJob, ModelInfo, ModelRef, RunResult
 from tasks.client import Client
-from tasks.keys import worker_queue
+from tasks.state.keys import worker_queue
 from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]

@@ -14,8 +14,8 @@ import pytest
 
 from schemas import JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.keys import Keys
 from tests.support.fault_waits import wait_for, wait_stage
 from tests.support.workers import WorkerPool
 

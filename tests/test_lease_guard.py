@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from schemas import Cancelled, LoadJob, Stage
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.keys import Keys
 from worker.fault_hooks import Faults
 from worker.jobs.guard import CANCEL_POLL_SECONDS, GuardHooks, JobGuard, Opened, Watchdog
 from worker.jobs.lease import Leases

@@ -12,7 +12,7 @@ import pytest
 from schemas import Envelope, InvalidJob, JobStatus, LoadJob
 from tasks.client import Client
 from tasks.logs import PLAIN_FORMAT, PlainFormatter, escape_controls
-from tasks.store import now
+from tasks.state.store import now
 from tests.support.tenancy import send_raw
 from tests.support.workers import WorkerPool
 

@@ -16,10 +16,10 @@ from pydantic import ValidationError
 
 from schemas import LoadJob, ModelRef
 from schemas.specs import SIZE_JSON_SCHEMA, PlacementSpec
-from tasks.cli import main
+from tasks.cli.main import main
+from tasks.cli.schema_doc import json_schema
 from tasks.client import Client
-from tasks.gateway import create_gateway
-from tasks.schema_doc import json_schema
+from tasks.gateway.api import create_gateway
 from tasks.settings import Settings
 
 GIB = 2**30

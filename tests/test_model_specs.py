@@ -1,4 +1,4 @@
-"""Load specs by model key (tasks/model_specs.py), the routing that falls back on them, and
+"""Load specs by model key (tasks/state/model_specs.py), the routing that falls back on them, and
 the worker that loads a lost key from its spec (worker/handlers/respawn.py), against a real
 Redis with no worker processes: a run job on a key no live worker holds goes where a load
 would, and is loaded again there, when a spec of its tenant (or a shared one) is kept, and
@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from schemas import AttachAdapterJob, LoadJob, ModelNotFound, ModelRef, RunJob, UnloadJob
-from tasks.keys import SHARED_QUEUE, Keys, worker_queue
-from tasks.model_specs import ModelSpecs
-from tasks.registry import Registry
+from tasks.state.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.state.model_specs import ModelSpecs
+from tasks.state.registry import Registry
 from tasks.tenants import load_tenants
 from tests.support.registry import KEY, Pool, resident
 from tests.support.tenancy import write_tenants

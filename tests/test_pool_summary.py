@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from schemas import ResidentModel, WorkerInfo
+from tasks.cli.pool_listing import Listed, listed, read_pool
+from tasks.cli.pool_summary import summarize, summary_lines
 from tasks.client import Client
-from tasks.keys import Keys
-from tasks.pool_listing import Listed, listed, read_pool
-from tasks.pool_summary import summarize, summary_lines
 from tasks.settings import Settings
+from tasks.state.keys import Keys
 from worker.recovery.heartbeat import Heartbeat, WorkerState
 
 NOW = datetime.now(UTC)
@@ -118,7 +118,7 @@ def test_ls_on_a_large_pool_imports_no_schemas_rich_or_client(redis_url: str) ->
     """What keeps `modelq ls` fast at pool scale (bench.scale's ls_seconds): it starts without
     the modules that cost most to import, and parses entries without validating them."""
     _register(redis_url, 12)  # past SMALL_POOL: the summary only, plain lines
-    code = ("import sys\nfrom tasks.cli import main\ntry:\n    main(['ls'])\nexcept SystemExit:\n"
+    code = ("import sys\nfrom tasks.cli.main import main\ntry:\n    main(['ls'])\nexcept SystemExit:\n"
             "    pass\nprint('IMPORTED', sorted(m for m in ('schemas', 'rich', 'tasks.client', "
             "'celery', 'kombu') if m in sys.modules))")
     env = {**os.environ, "MODELQ_REDIS_URL": redis_url, "COLUMNS": "100"}

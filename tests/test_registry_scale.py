@@ -12,9 +12,9 @@ from redis.connection import Connection
 
 from schemas import LoadJob, ModelRef, ResidentModel
 from tasks.client import Client
-from tasks.keys import Keys
-from tasks.registry import Registry, request_key
 from tasks.settings import Settings
+from tasks.state.keys import Keys
+from tasks.state.registry import Registry, request_key
 from tests.support.registry import NOW, Pool, resident
 from worker.recovery.heartbeat import Heartbeat, WorkerNameTaken, WorkerState
 from worker.recovery.reaper import Reaper

@@ -23,9 +23,9 @@ import pytest
 
 from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client, JobHandle
-from tasks.keys import worker_queue
 from tasks.settings import Settings
-from tasks.store import now
+from tasks.state.keys import worker_queue
+from tasks.state.store import now
 from tests.support.fault_waits import marked_model, started_events, wait_for, wait_stage
 from tests.support.workers import WorkerPool, WorkerProcess
 from worker.fault_hooks import KILL_MARKER

@@ -18,7 +18,7 @@ import pytest
 from schemas import Envelope, JobRecord, JobStatus, LoadJob
 from tasks.client import Client
 from tasks.settings import Settings
-from tasks.store import now, submitted
+from tasks.state.store import now, submitted
 from worker.app import WorkerApp, WorkerOptions
 from worker.fault_hooks import FaultSettings
 from worker.jobs.attempt import Outcome

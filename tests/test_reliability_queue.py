@@ -13,7 +13,7 @@ import pytest
 
 from schemas import JobStatus, LoadJob, ModelRef
 from tasks.client import Client
-from tasks.keys import DEFAULT_KEYS, worker_queue
+from tasks.state.keys import DEFAULT_KEYS, worker_queue
 from tests.support.fault_waits import wait_for
 from tests.support.workers import WorkerPool
 from worker.recovery.quarantine import KEPT_BYTES, entry, problem, read

@@ -15,7 +15,7 @@ import pytest
 
 from schemas import AdapterSpec, JobStatus, LoadJob, ModelRef, Stage
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
+from tasks.state.keys import SHARED_QUEUE
 from tests.support.fault_waits import (
     fault_env,
     marked_model,

@@ -9,8 +9,8 @@ import uuid
 import redis
 
 from schemas import JobKind, JobRecord, JobStatus, LoadJob, ModelRef
-from tasks.keys import UNACKED_HASH, UNACKED_INDEX, Keys
-from tasks.store import Store, now
+from tasks.state.keys import UNACKED_HASH, UNACKED_INDEX, Keys
+from tasks.state.store import Store, now
 from worker.recovery.rescue import Redelivery, Resend
 
 KEYS = Keys()

@@ -18,9 +18,9 @@ from schemas import (
     TaskNotFound,
     UnloadJob,
 )
-from tasks.keys import SHARED_QUEUE, Keys, worker_queue
-from tasks.registry import Registry, check_model_owner, claim, request_key
-from tasks.store import Store
+from tasks.state.keys import SHARED_QUEUE, Keys, worker_queue
+from tasks.state.registry import Registry, check_model_owner, claim, request_key
+from tasks.state.store import Store
 from tests.support.registry import KEY, Pool, resident
 
 KEYS = Keys()

@@ -16,7 +16,7 @@ from referencing import Registry, Resource
 
 from schemas import InvalidJob, parse_job
 from schemas.text import MAX_JSON_DEPTH
-from tasks.schema_doc import SCHEMA_ID, json_schema
+from tasks.cli.schema_doc import SCHEMA_ID, json_schema
 from tests.support.jsonschema_strategies import from_schema
 
 KEY = "0123456789abcdef0123456789abcdef"

@@ -32,7 +32,7 @@ from schemas import (
 from schemas.errors import ERROR_TYPES
 from schemas.jobs import MAX_RUN_ARGUMENTS_BYTES
 from schemas.records import BaseModelInfo
-from tasks.schema_doc import json_schema
+from tasks.cli.schema_doc import json_schema
 
 KEY = "0123456789abcdef0123456789abcdef"
 NOW = datetime(2025, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""tasks/store.py against the real redis-server: transitions, terminal records, write
+"""tasks/state/store.py against the real redis-server: transitions, terminal records, write
 conflicts, revisions, event order and follow()."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from schemas import JobNotFound, JobRecord, JobStatus, LoadJob, Progress, Stage
-from tasks.events import follow
-from tasks.keys import Keys
 from tasks.settings import Settings
-from tasks.store import Store, now
+from tasks.state.events import follow
+from tasks.state.keys import Keys
+from tasks.state.store import Store, now
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tenant turns (tasks/turns.py): the fair choice is made in Redis when a job is taken.
+"""Tenant turns (tasks/state/turns.py): the fair choice is made in Redis when a job is taken.
 
 The end-to-end behaviour (a flood does not hold back a small tenant, through a real worker)
 is tests/test_tenants_fairness.py; here the script's turns are checked message by message.
@@ -11,9 +11,9 @@ from pathlib import Path
 import redis
 
 from tasks.client import Client
-from tasks.keys import Keys
+from tasks.state.keys import Keys
+from tasks.state.turns import DEPTH, Turns, announce
 from tasks.tenants import load_tenants, single_tenant
-from tasks.turns import DEPTH, Turns, announce
 from tests.support.tenancy import write_tenants
 
 KEYS = Keys()

@@ -11,8 +11,8 @@ import pytest
 
 from schemas import JobStatus, LoadJob, QuotaExceeded
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE, tenant_queues
 from tasks.settings import Settings
+from tasks.state.keys import SHARED_QUEUE, tenant_queues
 from tasks.tenants import load_tenants, pick_queue, publish_limits, read_limits
 from tests.support.tenancy import copy_into, tenant_client, write_tenants
 from tests.support.workers import WorkerPool

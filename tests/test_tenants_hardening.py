@@ -12,8 +12,8 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from schemas import JobStatus, LoadJob
 from tasks.client import Client
-from tasks.keys import SHARED_QUEUE
 from tasks.settings import Settings
+from tasks.state.keys import SHARED_QUEUE
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerPool
 

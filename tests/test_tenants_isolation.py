@@ -21,12 +21,12 @@ from schemas import (
     UnloadJob,
 )
 from schemas.jobs import Envelope
-from tasks import render
 from tasks.auth import sign
+from tasks.cli import render
 from tasks.client import Client
-from tasks.keys import worker_queue
 from tasks.settings import Settings
-from tasks.store import now
+from tasks.state.keys import worker_queue
+from tasks.state.store import now
 from tests.support.models import build_hub_cache, build_pickle_only_model, build_remote_code_model
 from tests.support.tenancy import copy_into, dump_redis, send_raw, tenant_client, write_tenants
 from tests.support.workers import WorkerPool, WorkerProcess
@@ -207,7 +207,7 @@ def test_tenants_end_to_end(client: Client, pool: WorkerPool, settings: Settings
     text = dump_redis(client.redis) + worker.log_text()
     for secret in (*KEYS.values(), CAROL_TOKEN, AMBIENT_TOKEN, "KEYMARKER", "TOKENMARKER"):
         assert secret not in text
-    assert "tenant shares of them by turns" in worker.log_text()  # tasks/turns.py
+    assert "tenant shares of them by turns" in worker.log_text()  # tasks/state/turns.py
 
 
 def _resident(client: Client, key: str) -> Any:

@@ -10,9 +10,9 @@ import redis
 
 from schemas import Envelope, Job, JobRecord, JobStatus, LoadJob, RunResult, UnloadJob, parse_job
 from tasks.client import Client
-from tasks.keys import Keys, worker_queue
 from tasks.settings import Settings
-from tasks.store import now, submitted
+from tasks.state.keys import Keys, worker_queue
+from tasks.state.store import now, submitted
 from worker.app import WorkerApp, WorkerOptions
 from worker.fault_hooks import FaultSettings
 from worker.jobs.attempt import Outcome

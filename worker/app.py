@@ -21,15 +21,15 @@ from typing import Any
 import redis
 
 from schemas import LoadJob
-from tasks.connection import connect
-from tasks.keys import Keys
 from tasks.logs import JobContext, set_worker
-from tasks.model_specs import ModelSpecs
-from tasks.registry import claim
 from tasks.settings import Settings
-from tasks.store import Store
+from tasks.state.connection import connect
+from tasks.state.keys import Keys
+from tasks.state.model_specs import ModelSpecs
+from tasks.state.registry import claim
+from tasks.state.store import Store
+from tasks.state.turns import Turns
 from tasks.tenants import Tenants, load_tenants, publish_limits, share_waiting
-from tasks.turns import Turns
 from worker import device as devices
 from worker.fault_hooks import AllocationFaults, Faults, FaultSettings
 from worker.handlers import handler_table
@@ -124,7 +124,7 @@ class WorkerApp:
     @property
     def queues(self) -> list[str]:
         """The queues this worker consumes: the shared one and its own (their tenant shares
-        reach them by turns, tasks/turns.py)."""
+        reach them by turns, tasks/state/turns.py)."""
         return [self.keys.queue(), self.keys.worker_queue(self.name)]
 
     def run(self, payload: Any) -> Outcome:

@@ -1,7 +1,7 @@
 """The worker side's commands of `modelq`: `modelq worker` and `modelq demo`.
 
 Registered under the `modelq.commands` entry-point group (pyproject.toml), which the
-command line (tasks/cli.py) loads by name: the torch-free layer never names this one.
+command line (tasks/cli/main.py) loads by name: the torch-free layer never names this one.
 torch is imported only when a command runs.
 """
 
@@ -15,7 +15,7 @@ from typing import NoReturn
 import click
 
 from schemas import ModelqError, parse_bytes
-from tasks.cli_common import FAILED, INVALID, fail, local_ref, settings_of_command
+from tasks.cli.common import FAILED, INVALID, fail, local_ref, settings_of_command
 
 
 @click.command()

@@ -33,11 +33,11 @@ from schemas import (
     QuantMethod,
     RunResult,
 )
-from tasks import render
+from tasks.cli import render
+from tasks.cli.watch import follow_with_bar
 from tasks.client import Client
 from tasks.embedded import read_state
 from tasks.settings import Settings
-from tasks.watch import follow_with_bar
 
 DEMO_SEED = 7
 BUILT_MARKER = ".built-v2"  # v2: the model folder carries a tokenizer (v1 folders are rebuilt)

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from schemas import JobKind, JobRecord, JobStatus, ModelInfo
-from tasks.keys import queue_list
+from tasks.state.keys import queue_list
 
 log = logging.getLogger(__name__)
 

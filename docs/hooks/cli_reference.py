@@ -36,7 +36,7 @@ def cli_reference() -> str:
         sys.path.insert(0, str(ROOT))
     import click
 
-    from tasks.cli import main
+    from tasks.cli.main import main
 
     root = click.Context(main, info_name="modelq", terminal_width=WIDTH, max_content_width=WIDTH)
     sections = []

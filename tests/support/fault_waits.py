@@ -1,7 +1,7 @@
 """Helpers for fault tests and benches: worker settings that make faults quick to see, and waits.
 
 Shared by tests/test_reliability_*.py and bench/reliability.py; nothing here starts processes
-(tests/support/workers.py does) or knows key names beyond tasks/keys.py.
+(tests/support/workers.py does) or knows key names beyond tasks/state/keys.py.
 """
 
 from __future__ import annotations

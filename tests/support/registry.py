@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import redis
 
 from schemas import LoadJob, ResidentModel
-from tasks.keys import Keys
-from tasks.registry import request_key
+from tasks.state.keys import Keys
+from tasks.state.registry import request_key
 from worker.recovery.heartbeat import Heartbeat, WorkerState
 
 NOW = datetime.now(UTC)

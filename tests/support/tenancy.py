@@ -15,7 +15,7 @@ from schemas.jobs import AttachAdapterJob, Envelope, LoadJob, UnloadJob
 from tasks.auth import sign
 from tasks.client import Client
 from tasks.settings import Settings
-from tasks.store import now
+from tasks.state.store import now
 
 
 def write_tenants(path: Path, tenants: dict[str, dict[str, Any]]) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from tasks.keys import Keys
+from tasks.state.keys import Keys
 
 
 class WorkerProcess:

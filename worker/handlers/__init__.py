@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import LoadJob, ModelInfo, RunResult, Stage
-from tasks.model_specs import ModelSpecs
+from tasks.state.model_specs import ModelSpecs
 from worker.jobs.progress import Reporter
 from worker.models.admission import Admission
 from worker.models.cache import ModelCache

@@ -11,7 +11,7 @@ import time
 
 from schemas import AdapterSpec, AttachAdapterJob, ModelInfo, ModelNotFound, Stage, UnloadJob
 from schemas.tenants import SHARED_TENANT
-from tasks.model_specs import ModelSpecs
+from tasks.state.model_specs import ModelSpecs
 from worker.handlers import Handler
 from worker.jobs.progress import Reporter
 from worker.models.cache import release_memory
@@ -49,7 +49,7 @@ class AttachHandler(Handler):
 
 class UnloadHandler(Handler):
     """Frees a resident model, or detaches one adapter from it. A model freed on purpose
-    takes its load spec along (tasks/model_specs.py): a run job naming it is not found."""
+    takes its load spec along (tasks/state/model_specs.py): a run job naming it is not found."""
 
     def __init__(self, residents: Residents, specs: ModelSpecs | None = None) -> None:
         self.residents = residents

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from schemas import AdapterSpec, Cancelled, DType, LoadJob, ModelInfo, ModelRef, RunResult, Stage
 from schemas.errors import ModelqError
 from schemas.tenants import SHARED_TENANT
-from tasks.model_specs import ModelSpecs
-from tasks.registry import request_key
+from tasks.state.model_specs import ModelSpecs
+from tasks.state.registry import request_key
 from worker.access import Access
 from worker.errors import translate
 from worker.handlers import Claim, Handler

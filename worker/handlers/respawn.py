@@ -2,13 +2,13 @@
 
 When a worker dies, run jobs naming a model key it held (queued on it, or submitted after)
 reach another worker (the reaper moves its queues; routing sends new ones as a load would
-go). That worker finds the key's load spec (tasks/model_specs.py) and loads the model as
+go). That worker finds the key's load spec (tasks/state/model_specs.py) and loads the model as
 that load job would, for the run job's tenant: a private model's spec is its owner's alone
 (another tenant's key stays not found), a shared base's is anyone's. A key whose spec now
 loads a different model (its files changed) fails with ModelNotFound naming the new key.
 
 What is recovered: the model as its load made it, with the saved adapters attached to it since
-(attach jobs, later loads: tasks/model_specs.py keeps them with the spec of a private model).
+(attach jobs, later loads: tasks/state/model_specs.py keeps them with the spec of a private model).
 What is not: adapters added in memory by tasks and never saved, and anything a task changed
 in place.
 """
@@ -19,7 +19,7 @@ import logging
 
 from schemas import ModelNotFound
 from schemas.tenants import SHARED_TENANT
-from tasks.model_specs import ModelSpecs
+from tasks.state.model_specs import ModelSpecs
 from worker.handlers.load import LoadHandler
 from worker.jobs.progress import Reporter
 

@@ -21,7 +21,7 @@ from redis.retry import Retry
 from schemas import Cancelled, ErrorInfo, JobRecord, JobStatus, Progress, Stage, TimedOut
 from schemas.errors import JobNotFound, ModelqError
 from schemas.jobs import Job
-from tasks.store import Store
+from tasks.state.store import Store
 from worker.errors import poisons_process, scrub, translate
 from worker.fault_hooks import Faults
 from worker.handlers import Claim, Handler

@@ -22,7 +22,7 @@ from schemas import ErrorInfo, JobStatus
 from schemas.errors import AccessDenied, JobNotFound
 from schemas.jobs import Envelope
 from tasks.auth import verify
-from tasks.store import Store
+from tasks.state.store import Store
 from tasks.tenants import Tenants
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 A batch starts with the message Celery delivered (worker/jobs/batching.py); `Gatherer`
 looks at the oldest messages waiting on the worker's queues for more jobs the batch may
 take, and takes each one the way kombu's consumer takes a message: off the queue's list
-and into the unacked hash with its index, in one script (tasks/lua/batch_take.lua). So a
+and into the unacked hash with its index, in one script (tasks/state/lua/batch_take.lua). So a
 taken message is never only in this process's memory: a worker killed mid-batch leaves it
 in the unacked hash, where the rescue sweep (worker/recovery/rescue.py) or kombu's restore
 puts it back, as it does for the message Celery delivered. `ack` removes it once the job's
@@ -28,8 +28,8 @@ import redis
 from schemas import Envelope, decode_envelope
 from schemas.errors import InvalidJob
 from tasks.app import TASK_RUN
-from tasks.keys import Keys, queue_list
-from tasks.scripts import script
+from tasks.state.keys import Keys, queue_list
+from tasks.state.scripts import script
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ safely, so the runner fails the job and the process exits for its supervisor.
 One watchdog thread serves every job of the process (starting a thread per job
 cost more than a cache hit's own work).
 
-This module never writes a record itself; `report` does (tasks/store.py via the runner).
+This module never writes a record itself; `report` does (tasks/state/store.py via the runner).
 """
 
 from __future__ import annotations

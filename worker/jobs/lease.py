@@ -2,7 +2,7 @@
 
 A lease is a Redis string with a TTL holding 'worker:pid'. The worker takes it
 with SET NX before running a job (in the same script that marks the job
-running, tasks/store.py Store.start), its heartbeat thread renews it, and it is
+running, tasks/state/store.py Store.start), its heartbeat thread renews it, and it is
 deleted with the job's final record. A lease therefore stays live exactly as long as its
 holder's heartbeat does: after a `kill -9` it lapses within the TTL and the next
 delivery of the job takes over (counted as a new attempt).
@@ -19,8 +19,8 @@ import threading
 
 import redis
 
-from tasks.keys import Keys
-from tasks.scripts import script
+from tasks.state.keys import Keys
+from tasks.state.scripts import script
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Leases:
 
     def lease(self, job_id: str) -> tuple[str, str, int]:
         """(key, token, ttl ms) of this process's lease on `job_id`, for the script that takes
-        it with the job's start (tasks/store.py Store.start: SET NX, then the record)."""
+        it with the job's start (tasks/state/store.py Store.start: SET NX, then the record)."""
         return self.keys.lease(job_id), self.token, self.ttl_ms
 
     def hold(self, job_id: str) -> None:

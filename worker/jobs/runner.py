@@ -12,7 +12,7 @@ cancelled. Deliveries are at least once, so each one is checked before it starts
   and after `max_attempts` it fails as WorkerLost instead (a job that keeps
   killing workers stops).
 
-A first attempt takes its lease and is marked running in one script (tasks/store.py
+A first attempt takes its lease and is marked running in one script (tasks/state/store.py
 Store.start). A job its handler's `cached` answers (a load the cache already serves as
 asked) is written from queued to succeeded at once (Store.run_through).
 
@@ -32,7 +32,7 @@ import redis
 
 from schemas import Envelope, JobRecord, JobStatus, Progress, WorkerLost, decode_envelope
 from schemas.errors import InvalidJob, ModelqError
-from tasks.store import Store, submitted
+from tasks.state.store import Store, submitted
 from worker.fault_hooks import Faults
 from worker.handlers import Handler
 from worker.jobs.attempt import Attempt, Outcome, Recorder, RunHooks, RunObserver

@@ -3,7 +3,7 @@
 The entry has a TTL, so a worker that dies without cleaning up vanishes within it. A beat
 renews that TTL and the worker's deadline (`Keys.deadlines`) in one small script, whatever
 the pool's size, and carries the worker's bid for the pool's reaper turn (worker/recovery/reaper.py);
-the entry and the routing index entries it implies (tasks/index.py) are written again only
+the entry and the routing index entries it implies (tasks/state/index.py) are written again only
 when what it says changes, or when it vanished. Each beat also runs `on_beat` (the worker's
 job leases, worker/jobs/lease.py), so a lease lives exactly as long as the heartbeat does.
 """
@@ -22,9 +22,9 @@ from typing import Any
 import redis
 
 from schemas import ResidentModel, WorkerInfo
-from tasks.index import memo_json
-from tasks.keys import Keys
-from tasks.scripts import script
+from tasks.state.index import memo_json
+from tasks.state.keys import Keys
+from tasks.state.scripts import script
 from worker.recovery.reaper import Reaper
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from tasks.keys import Keys
 from tasks.settings import Settings
+from tasks.state.keys import Keys
 
 log = logging.getLogger(__name__)
 

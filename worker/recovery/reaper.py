@@ -13,7 +13,7 @@ died with the worker); then the turn runs the sweeps it was given
 a worker TTL or two instead of the broker's visibility timeout; a queued job whose
 message was lost, sent again).
 
-Queue names come from tasks/keys.py; this module never changes a job record.
+Queue names come from tasks/state/keys.py; this module never changes a job record.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, cast
 
 import redis
 
-from tasks.connection import text
-from tasks.keys import Keys
-from tasks.scripts import script
+from tasks.state.connection import text
+from tasks.state.keys import Keys
+from tasks.state.scripts import script
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ class Reaper:
         """Reap up to BATCH dead workers of this prefix, then look again at the queues of those
         reaped before; how many waiting messages moved.
 
-        Each dead worker goes in one script (tasks/lua/registry_leave.lua), which checks that
+        Each dead worker goes in one script (tasks/state/lua/registry_leave.lua), which checks that
         it is still dead (it may have come back meanwhile); the second look is one script
-        (tasks/lua/registry_watch.lua). No round trip per message, none per live worker.
+        (tasks/state/lua/registry_watch.lua). No round trip per message, none per live worker.
         """
         leave = script(self.redis, "registry_leave")
         seconds, micros = self.redis.time()  # the clock the deadlines were set by

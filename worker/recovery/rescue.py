@@ -3,7 +3,7 @@
 Two sweeps, run on the reaper's turn (worker/recovery/reaper.py), so a lost job waits about a
 worker TTL, not the broker's visibility timeout (`max_load_seconds + 600`):
 
-- `Redelivery`: a message in kombu's unacked hash (tasks/keys.py `Keys.unacked_pairs`) whose
+- `Redelivery`: a message in kombu's unacked hash (tasks/state/keys.py `Keys.unacked_pairs`) whose
   job is `running` with no lease and whose worker has left the registry (a `kill -9`
   mid-load), or is still `queued` long after it was taken (a worker killed between
   taking a message and starting its job), goes back to its queue the way kombu's own
@@ -32,9 +32,9 @@ import redis
 from schemas import JobRecord, JobStatus
 from schemas.jobs import Envelope
 from tasks.auth import sign
-from tasks.connection import text
-from tasks.keys import Keys, queue_list
 from tasks.settings import Settings
+from tasks.state.connection import text
+from tasks.state.keys import Keys, queue_list
 from tasks.tenants import Tenants, pick_queue
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Connecting to Redis, for producers and workers alike (no torch, no key names here).
 
 `connect(settings)` is the one place a client is built: a plain redis:// URL or the
-master that Redis Sentinel names. Key names live in tasks/keys.py, scripts in
-tasks/scripts.py.
+master that Redis Sentinel names. Key names live in tasks/state/keys.py, scripts in
+tasks/state/scripts.py.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import redis
 import redis.asyncio
 
 from schemas import TERMINAL, Event, JobRecord
-from tasks.keys import Keys
-from tasks.store import not_found, parse_events
+from tasks.state.keys import Keys
+from tasks.state.store import not_found, parse_events
 
 log = logging.getLogger(__name__)
 

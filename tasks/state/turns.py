@@ -5,7 +5,7 @@ per unit of its priority, of the shared queue and of each worker's own queue), a
 producer sends a job's message to one of its tenant's shares (tasks/tenants.py
 `pick_queue`). A worker consumes two queues only, the shared one and its own, however many
 tenants there are: messages reach those lists from the shares by turns
-(tasks/lua/tenant_turns.lua), the oldest message of one share a turn, round robin over the
+(tasks/state/lua/tenant_turns.lua), the oldest message of one share a turn, round robin over the
 shares of that queue that hold messages (its ring, `Keys.turns`). So a flood from one
 tenant does not hold back another's jobs, and priority P (P shares) gives P turns to
 another's 1, as when every worker consumed every share and kombu rotated between them, but
@@ -37,8 +37,8 @@ from collections.abc import Mapping, Sequence
 
 import redis
 
-from tasks.keys import Keys, queue_list
-from tasks.scripts import script
+from tasks.state.keys import Keys, queue_list
+from tasks.state.scripts import script
 from tasks.tenants import Tenants
 
 log = logging.getLogger(__name__)

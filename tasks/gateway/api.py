@@ -20,14 +20,14 @@ from pydantic import SecretStr
 
 from schemas import AccessDenied, InvalidJob, JobRecord, WorkerInfo, parse_job
 from tasks.client import Client
-from tasks.connection import connect_async
-from tasks.gateway_events import MAX_FOLLOWERS, EventStreams
-from tasks.gateway_http import Unauthenticated, install_errors, read_json_body, responses
-from tasks.gateway_openapi import Documented, install_openapi, job_body
-from tasks.keys import Keys
-from tasks.registry import not_resident
+from tasks.gateway.events import MAX_FOLLOWERS, EventStreams
+from tasks.gateway.http import Unauthenticated, install_errors, read_json_body, responses
+from tasks.gateway.openapi import Documented, install_openapi, job_body
 from tasks.settings import Settings
-from tasks.store import not_found
+from tasks.state.connection import connect_async
+from tasks.state.keys import Keys
+from tasks.state.registry import not_resident
+from tasks.state.store import not_found
 from tasks.tenants import Tenants, visible_workers
 
 log = logging.getLogger(__name__)

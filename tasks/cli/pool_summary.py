@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from tasks.pool_listing import Listed
-from tasks.render import aligned, size
+from tasks.cli.pool_listing import Listed
+from tasks.cli.render import aligned, size
 
 STATES = ("ready", "full", "late")
 """A live worker's state: `ready` has free bytes, `full` has none, `late` missed a beat

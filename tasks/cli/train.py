@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from tasks.cli_common import TIMED_OUT, exit_for, fail, show, submit, submit_and_report, tenant_option
-from tasks.cli_jobs import load_options, load_spec
+from tasks.cli.common import TIMED_OUT, exit_for, fail, show, submit, submit_and_report, tenant_option
+from tasks.cli.jobs import load_options, load_spec
 
 
 @click.command()

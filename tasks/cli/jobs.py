@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from tasks.cli_common import INVALID, adapter_arg, fail, local_ref, submit_and_report, tenant_option
+from tasks.cli.common import INVALID, adapter_arg, fail, local_ref, submit_and_report, tenant_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -42,7 +42,7 @@ def client_of_command() -> Any:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    from tasks import render
+    from tasks.cli import render
 
     render.console(stderr=True).print(f"[red]error:[/red] {message}")
     sys.exit(code)
@@ -72,7 +72,7 @@ def show(record: JobRecord, as_json: bool) -> None:
     if as_json:
         click.echo(record.model_dump_json(indent=2))
     else:  # plain text: rich is not imported for it (a fresh `modelq status` stays quick)
-        from tasks import render
+        from tasks.cli import render
 
         click.echo(render.record_text(record, bold=_styled(sys.stdout)))
 

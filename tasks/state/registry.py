@@ -1,15 +1,15 @@
 """Reading the worker registry and choosing a queue for a job (no torch).
 
 Workers write their entries and the routing indexes those imply (worker/recovery/heartbeat.py,
-tasks/index.py); producers read them here. Routing is one script over the indexes
-(tasks/lua/route.lua), one round trip whatever the pool's size: a job for a resident
+tasks/state/index.py); producers read them here. Routing is one script over the indexes
+(tasks/state/lua/route.lua), one round trip whatever the pool's size: a job for a resident
 model goes to its holder's own queue; a new load goes to the live worker with the most
 free bytes, and a claim on its request key (`Keys.loading`) sends identical loads
 submitted meanwhile to the same worker, whose solo pool then serves them from its cache:
 one load per key. A run job is routed the same way among the workers that offer its
 task: to the holder of its model, or (with a load spec) as its load would be; a run job on
 a model key no live worker holds goes as a load would when the key's load spec is kept
-(tasks/model_specs.py), and the worker that takes it loads the model again.
+(tasks/state/model_specs.py), and the worker that takes it loads the model again.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from schemas import (
     WorkerInfo,
 )
 from schemas.tenants import SHARED_TENANT
-from tasks.connection import text
-from tasks.keys import Keys
-from tasks.registry_entries import beat_at, live_entries
-from tasks.scripts import script
+from tasks.state.connection import text
+from tasks.state.keys import Keys
+from tasks.state.registry_entries import beat_at, live_entries
+from tasks.state.scripts import script
 
 CANDIDATES = 32
 """The most entries of one routing index a route looks at (holders of a model, servers of a

@@ -1,6 +1,6 @@
 """The `modelq` command line (no torch): the group, and the commands that read the pool
-and records. Job commands live in tasks/cli_jobs.py and tasks/cli_run.py; what they share
-in tasks/cli_common.py.
+and records. Job commands live in tasks/cli/jobs.py and tasks/cli/run.py; what they share
+in tasks/cli/common.py.
 
 The worker side's commands (`modelq worker`, `modelq demo`) are found through the
 `modelq.commands` entry-point group and loaded only when named: this layer never
@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
-from tasks import cli_eval, cli_jobs, cli_run, cli_train
-from tasks.cli_common import (
+from tasks.cli import evaluate as cli_eval
+from tasks.cli import jobs as cli_jobs
+from tasks.cli import run as cli_run
+from tasks.cli import train as cli_train
+from tasks.cli.common import (
     FAILED,
     INVALID,
     TIMED_OUT,
@@ -104,14 +107,14 @@ def status(job_id: str, as_json: bool) -> None:
 @click.option("--timeout", default=None, type=float, help="Stop watching after this many seconds.")
 def watch(job_id: str, timeout: float | None) -> None:
     """Follow a job's events with a progress bar until it ends."""
-    from tasks.watch import follow_with_bar
+    from tasks.cli.watch import follow_with_bar
 
     client = client_of_command()
     _read(job_id, client)
     record = follow_with_bar(client, job_id, timeout)
     if not record.terminal:
         fail(f"job {job_id} is still {record.status.value}", TIMED_OUT)
-    from tasks import render
+    from tasks.cli import render
 
     render.console().print(render.record_table(record))
     sys.exit(exit_for(record))
@@ -152,9 +155,9 @@ def ls(show_all: bool, as_json: bool) -> None:
 
     import redis
 
-    from tasks import render
-    from tasks.pool_listing import read_pool
-    from tasks.pool_summary import summarize, summary_lines
+    from tasks.cli import render
+    from tasks.cli.pool_listing import read_pool
+    from tasks.cli.pool_summary import summarize, summary_lines
 
     if as_json:  # the full entries, validated: what scripts read
         click.echo(json.dumps([w.model_dump(mode="json") for w in client_of_command().workers()],
@@ -179,7 +182,7 @@ def ls(show_all: bool, as_json: bool) -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of jobs, records and events."""
-    from tasks.schema_doc import json_schema
+    from tasks.cli.schema_doc import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -212,7 +215,7 @@ def gateway(host: str, port: int, allow_unauthenticated: bool) -> None:
     import uvicorn
 
     from schemas import ModelqError
-    from tasks.gateway import create_gateway
+    from tasks.gateway.api import create_gateway
     from tasks.tenants import load_tenants
 
     settings = settings_of_command()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tasks.registry_entries import beat_at
+from tasks.state.registry_entries import beat_at
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
@@ -67,9 +67,9 @@ def read_pool(settings: Settings) -> list[Listed]:
         from tasks.client import Client
 
         return [listed(w.model_dump(mode="json")) for w in Client(settings).workers()]
-    from tasks.connection import connect
-    from tasks.keys import Keys
-    from tasks.registry_entries import live_entries
+    from tasks.state.connection import connect
+    from tasks.state.keys import Keys
+    from tasks.state.registry_entries import live_entries
 
     keys = Keys(settings.key_prefix)
     try:

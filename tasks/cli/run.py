@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from tasks.cli_common import (
+from tasks.cli.common import (
     INVALID,
     TIMED_OUT,
     client_of_command,
@@ -25,7 +25,7 @@ from tasks.cli_common import (
     submit_and_report,
     tenant_option,
 )
-from tasks.cli_jobs import load_options, load_spec
+from tasks.cli.jobs import load_options, load_spec
 
 _MODEL_KEY = re.compile(r"[0-9a-f]{16,64}")
 

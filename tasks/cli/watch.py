@@ -7,7 +7,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from schemas import JobRecord
-from tasks import render
+from tasks.cli import render
 
 
 def follow_with_bar(client: Any, job_id: str, timeout: float | None) -> JobRecord:

@@ -1,4 +1,4 @@
-"""The Lua scripts in tasks/lua/, read once per process and registered once per client (no torch).
+"""The Lua scripts in tasks/state/lua/, read once per process and registered once per client (no torch).
 
 Each .lua file starts with a comment listing its KEYS and ARGV; callers pass them in that
 order. A script is one whole file: no Lua is assembled from pieces in Python.
@@ -20,8 +20,8 @@ _lock = threading.Lock()
 
 @cache
 def source(name: str) -> str:
-    """The Lua of tasks/lua/`name`.lua (package data, read once)."""
-    return resources.files("tasks").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The Lua of tasks/state/lua/`name`.lua (package data, read once)."""
+    return resources.files("tasks.state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 def script(client: redis.Redis, name: str) -> Script:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from schemas import Event, JobRecord
-    from tasks.pool_listing import Listed, ListedModel
+    from tasks.cli.pool_listing import Listed, ListedModel
 
 
 def size(n: int | None) -> str:

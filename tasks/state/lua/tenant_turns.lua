@@ -1,4 +1,4 @@
--- Fair turns between tenants' shares of queues (tasks/turns.py): for each queue given, note
+-- Fair turns between tenants' shares of queues (tasks/state/turns.py): for each queue given, note
 -- the named shares that hold messages in its ring of turns, then move messages from the
 -- shares in the ring onto the queue's own list, one per turn, oldest first in each share,
 -- until that list holds ARGV[1] messages. A share whose last message moves leaves the ring;

@@ -3,7 +3,7 @@
 A worker that loads a model fresh writes the load job that made it under its key
 (`Keys.model_spec`: the owner tenant and the LoadJob, its placement as the worker resolved
 it). When a run job names a key that no live worker holds, routing sends it on as a load
-would go (tasks/lua/route.lua) and the worker that takes it loads the model again from this
+would go (tasks/state/lua/route.lua) and the worker that takes it loads the model again from this
 spec (worker/handlers/respawn.py). Adapters attached to a private model later (attach jobs,
 later loads of the key) are added to its spec, and one detached on purpose is dropped from
 it. A shared base's spec has no adapters: they belong to tenants.
@@ -28,8 +28,8 @@ import redis
 
 from schemas import AdapterSpec, LoadJob
 from schemas.text import MAX_ADAPTERS
-from tasks.connection import text
-from tasks.keys import Keys
+from tasks.state.connection import text
+from tasks.state.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 -- A worker's full publish: its entry with its TTL, its deadline, and its routing index
--- entries brought in line with its new memo (tasks/index.py): the entries the old memo
+-- entries brought in line with its new memo (tasks/state/index.py): the entries the old memo
 -- lists and the new one does not are removed, the new ones written. Every index entry is
 -- keyed by the worker's name, so nothing another worker wrote is touched.
 -- KEYS: the worker's entry, its memo, worker deadlines, the offered tasks

@@ -1,10 +1,10 @@
 """The routing index entries a worker's registry entry implies, as its memo lists them (no torch).
 
 A worker's heartbeat writes its entry and these entries together (worker/recovery/heartbeat.py,
-tasks/lua/registry_publish.lua); a producer routes from them (tasks/lua/route.lua); the
+tasks/state/lua/registry_publish.lua); a producer routes from them (tasks/state/lua/route.lua); the
 reaper undoes them, and drains the worker's own queues, from the memo alone
-(tasks/lua/registry_leave.lua), so nothing on those paths scans the registry or the keyspace.
-Key names come from tasks/keys.py; this module only says which keys a worker is in.
+(tasks/state/lua/registry_leave.lua), so nothing on those paths scans the registry or the keyspace.
+Key names come from tasks/state/keys.py; this module only says which keys a worker is in.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas import WorkerInfo
-from tasks.keys import Keys
+from tasks.state.keys import Keys
 
 
 def memo(keys: Keys, info: WorkerInfo, queues: Iterable[str] = ()) -> dict[str, Any]:

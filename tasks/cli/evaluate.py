@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from tasks.cli_common import FAILED, INVALID, client_of_command, fail, tenant_option
-from tasks.cli_jobs import load_options, load_spec
+from tasks.cli.common import FAILED, INVALID, client_of_command, fail, tenant_option
+from tasks.cli.jobs import load_options, load_spec
 
 
 @click.command(name="eval")

@@ -1,4 +1,4 @@
--- Where a submitted job goes, from the routing indexes (tasks/keys.py) in one round trip,
+-- Where a submitted job goes, from the routing indexes (tasks/state/keys.py) in one round trip,
 -- whatever the pool's size: at most ARGV[6] candidates of each index are looked at, and
 -- only those whose deadline is in the future (a dead worker's stale entries are ignored).
 -- KEYS: worker deadlines, the tenant's limits, the free-bytes zset (the task's for a run

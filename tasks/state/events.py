@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from schemas import TERMINAL, Event
-from tasks.store import Store
+from tasks.state.store import Store
 
 
 def follow(store: Store, job_id: str, timeout: float | None = None,

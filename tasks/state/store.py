@@ -2,7 +2,7 @@
 
 The record protocol
 -------------------
-A job's keys (tasks/keys.py): `job` (the JobRecord JSON), `revision` (an integer that every
+A job's keys (tasks/state/keys.py): `job` (the JobRecord JSON), `revision` (an integer that every
 write of the record increments; 1 is the record as submitted), `events` (a stream of Event
 JSON), `done` (a one-entry stream written with the final record, which waiters block on)
 and `cancel` (a flag). A worker also holds the job's `lease`, and a load its routing
@@ -21,7 +21,7 @@ Who writes which status:
 A final record never changes again: `_next` refuses any change to one, and every write is
 a compare-and-set on the revision, so no write lands on a record its writer did not read.
 
-Which script does which transition (tasks/lua/, loaded by tasks/scripts.py):
+Which script does which transition (tasks/state/lua/, loaded by tasks/state/scripts.py):
 
 - record_create.lua, `create`: the record at revision 1 (SET NX), its first event and its
   tenant index entries.
@@ -54,9 +54,9 @@ from typing import Any, cast
 import redis
 
 from schemas import TERMINAL, Event, Job, JobKind, JobNotFound, JobRecord, JobStatus, Progress, Stage
-from tasks.connection import MAX_BLOCK_SECONDS, text
-from tasks.keys import Keys
-from tasks.scripts import script
+from tasks.state.connection import MAX_BLOCK_SECONDS, text
+from tasks.state.keys import Keys
+from tasks.state.scripts import script
 
 log = logging.getLogger(__name__)
 

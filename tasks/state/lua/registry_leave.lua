@@ -2,7 +2,7 @@
 -- (from its memo) and its entry go, and its memo keeps only its queues. Leaving keeps its
 -- deadline, at 0, so the reaper's next turn reaps it; reaping drains its own queues now,
 -- oldest first, and moves it from the deadlines to the reaped set, watched until ARGV[3]
--- ms from now (tasks/lua/registry_watch.lua) for messages the broker puts back late.
+-- ms from now (tasks/state/lua/registry_watch.lua) for messages the broker puts back late.
 -- KEYS: the worker's entry, its memo, worker deadlines, reaped workers
 -- ARGV: the worker's name, 'leave' or 'reap', for 'reap' the ms its queues stay watched
 -- Returns for 'reap': {} if the worker is live after all (its deadline is in the future or

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import redis
 
-from tasks.connection import text
-from tasks.keys import Keys
-from tasks.scripts import script
+from tasks.state.connection import text
+from tasks.state.keys import Keys
+from tasks.state.scripts import script
 
 
 def live_entries(client: redis.Redis, keys: Keys) -> list[tuple[float, bytes]]:

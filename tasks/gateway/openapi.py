@@ -108,7 +108,7 @@ def with_job_schemas(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _challenged(doc: dict[str, Any]) -> dict[str, Any]:
-    """`doc` with the `WWW-Authenticate: Bearer` header every 401 carries (tasks/gateway_http.py)."""
+    """`doc` with the `WWW-Authenticate: Bearer` header every 401 carries (tasks/gateway/http.py)."""
     challenge = {"description": "`Bearer`: send a tenant's key", "schema": {"type": "string"}}
     for operations in doc.get("paths", {}).values():
         for operation in operations.values():
@@ -128,7 +128,7 @@ def _key_optional(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _one_error_shape(doc: dict[str, Any]) -> dict[str, Any]:
     """FastAPI documents a 422 of its own shape for routes with parameters; the gateway
-    answers every 422 in the one error shape (tasks/gateway_http.py), so say that instead."""
+    answers every 422 in the one error shape (tasks/gateway/http.py), so say that instead."""
     ours = {"description": "A header or parameter is malformed (the message says which)",
             "content": {"application/json": {"schema": {"$ref": _REF + "ErrorResponse"}}}}
     for operations in doc.get("paths", {}).values():

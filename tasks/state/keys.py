@@ -64,14 +64,14 @@ class Keys:
         return f"{self.prefix}:workers:reaped"
 
     def worker_routes(self, name: str) -> str:
-        """String, no TTL: the worker's memo (JSON, tasks/index.py `Memo`) of the routing index
+        """String, no TTL: the worker's memo (JSON, tasks/state/index.py `Memo`) of the routing index
         entries it wrote and of its own queues with their shared destinations. Its heartbeat
         rewrites it with the entry; the reaper undoes and drains from it, then deletes it."""
         return f"{self.prefix}:worker:{name}:routes"
 
     def serving(self, request_key: str) -> str:
         """Set (routing index): names of the workers whose resident model serves loads with
-        request key `request_key` (tasks.registry.request_key). Members may be dead: readers
+        request key `request_key` (tasks.state.registry.request_key). Members may be dead: readers
         check `deadlines`."""
         return f"{self.prefix}:route:request:{request_key}"
 
@@ -95,7 +95,7 @@ class Keys:
 
     def model_spec(self, model_key: str) -> str:
         """Hash with a TTL: how model `model_key` was made, so that a run job naming it after
-        its last holder died loads it again (tasks/model_specs.py). 'owner': its tenant ('*'
+        its last holder died loads it again (tasks/state/model_specs.py). 'owner': its tenant ('*'
         for a shared base); 'load': the LoadJob JSON, as the worker placed it. Written by the
         worker that loads the model fresh; its TTL (Settings.record_ttl_seconds) renewed now
         and then while the model is used; deleted when `modelq unload` frees it."""
@@ -202,7 +202,7 @@ class Keys:
 
     def turns(self, queue: str) -> str:
         """List with a TTL: the tenant shares of `queue` that hold messages, in turn order
-        (tasks/turns.py; the right end has the next turn)."""
+        (tasks/state/turns.py; the right end has the next turn)."""
         return f"{self.prefix}:turns:{queue}"
 
     def turn_members(self, queue: str) -> str:
