@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import uvicorn
 
-from tasks.gateway.api import create_gateway
 from tasks.gateway import http as gateway_http
+from tasks.gateway.api import create_gateway
 from tasks.gateway.http import DRAIN_BYTES, drain
 from tasks.settings import Settings
 from tests.test_gateway import _free_port
