@@ -361,7 +361,8 @@ def test_train_on_an_nf4_base_that_served_generate_learns_and_leaves_the_base_al
         folders: dict[str, Path]) -> None:
     """bitsandbytes repacks a 4-bit weight for its CPU kernel on the first inference (no autograd
     through it): training after a generate must still lower the loss and change the adapter,
-    and leave every byte of the base (the repacked weights too) as the generate left it."""
+    and leave every byte of the base (the repacked weights too) as the generate left it, through
+    the adapter's save too (a state_dict() unpacks repacked weights in place)."""
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # type: ignore[no-untyped-call]
                                       bnb_4bit_compute_dtype=torch.float32)
     model = _base(folders, quantization_config=quantization, device_map={"": "cpu"})
@@ -372,8 +373,10 @@ def test_train_on_an_nf4_base_that_served_generate_learns_and_leaves_the_base_al
     adapter = {k: v for k, v in _raw(ctx.model, "-").items() if ".q." in k}
     generated = call_task(_ctx(ctx.model, folders, adapters=()), "modelq.generate", [PROMPTS],
                           {"max_new_tokens": 6}, LIMIT).value
-    out = _train(ctx, folders, "q", 10)
+    out = _train(ctx, folders, "q", 10, output_dir=str(folders["root"] / "nf4-trained"))
     assert out["losses"][-1] < out["losses"][0] - 0.05, out["losses"]
+    call_task(ctx, "modelq.save_adapter", ["q", str(folders["root"] / "nf4-saved")], {}, LIMIT)
+    assert (folders["root"] / "nf4-saved" / "adapter_model.safetensors").is_file()
     trained = {k: v for k, v in _raw(ctx.model, "-").items() if ".q." in k}
     assert any(not torch.equal(adapter[k], trained[k]) for k in adapter if "lora_A" in k)
     assert _same(before, _raw(ctx.model, skip="q"))

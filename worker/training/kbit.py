@@ -42,15 +42,27 @@ def quantized_4bit(model: torch.nn.Module) -> list[torch.nn.Module]:
 def base_for_training(model: torch.nn.Module, *, checkpointing: bool) -> Iterator[None]:
     """The model ready to train an adapter on (4-bit layers unpacked, checkpointing as asked)."""
     with ExitStack() as stack:
-        for layer in quantized_4bit(model):
-            stack.enter_context(_trainable_4bit(layer))
+        stack.enter_context(unpacked_4bit(model))
         if checkpointing:
             stack.enter_context(_checkpointing(model))
         yield
 
 
 @contextmanager
-def _trainable_4bit(layer: Any) -> Iterator[None]:
+def unpacked_4bit(model: torch.nn.Module) -> Iterator[None]:
+    """Each repacked 4-bit layer with a plain twin for the block's length, the very objects
+    inference had put back after. Around training, and around anything that takes the
+    model's `state_dict()` (peft's `save_pretrained`): bitsandbytes' `_save_to_state_dict`
+    unpacks a repacked CPU weight in place, quantizing its scales again, and the base would
+    answer differently from then on."""
+    with ExitStack() as stack:
+        for layer in quantized_4bit(model):
+            stack.enter_context(_plain_4bit(layer))
+        yield
+
+
+@contextmanager
+def _plain_4bit(layer: Any) -> Iterator[None]:
     weight = layer.weight
     packing = getattr(layer, "support_avx512bf16_for_cpu", False)
     data, state = weight.data, weight.quant_state

@@ -22,6 +22,7 @@ from schemas.errors import InvalidJob
 from schemas.jobs import check_adapter_name
 from worker.modeltasks.activation import adapter_parameters, set_active
 from worker.modeltasks.registry import TaskContext, model_task
+from worker.training.kbit import unpacked_4bit
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -130,7 +131,8 @@ def write_adapter(model: torch.nn.Module, adapter: str, folder: Path, *,
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as scratch:
         # "auto" would look the base up on the hub to compare vocab sizes (a network call)
-        model.save_pretrained(scratch, selected_adapters=[adapter], save_embedding_layers=False)
+        with unpacked_4bit(model):  # a repacked 4-bit base would be unpacked in place otherwise
+            model.save_pretrained(scratch, selected_adapters=[adapter], save_embedding_layers=False)
         source = Path(scratch) if adapter == "default" else Path(scratch) / adapter
         if base_model is not None:
             config_file = source / "adapter_config.json"
