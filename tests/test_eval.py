@@ -2,7 +2,8 @@
 
 On a local multiple-choice task (tests/data/harness: a task YAML and its JSON-lines data, no
 network), `modelq eval REF` prints the accuracy `lm_eval --model hf` gives on the same model
-folder, each choice's log-likelihood within 1e-4 of HFLM's, and its jobs ran on both workers.
+folder, each choice's log-likelihood within 1e-4 of HFLM's, and its jobs ran on both workers;
+`modelq eval --model-key KEY` on the model they now hold prints the same accuracy.
 """
 
 from __future__ import annotations
@@ -58,3 +59,12 @@ def test_modelq_eval_scores_as_lm_eval_hf_does_over_the_whole_pool(
 
     holders = sorted(w.name for w in Client(settings).workers() if w.models)
     assert holders == ["eval-a", "eval-b"]  # the chunks were spread over both workers
+    keys = {m.model_key for w in Client(settings).workers() for m in w.models}
+    assert len(keys) == 1  # one model, named by the same key on both workers
+    by_key = CliRunner().invoke(main, ["eval", "--model-key", keys.pop(), "--tasks", TASK,
+                                       "--include-path", str(DATA), "--batch-size", "8", "--json"],
+                                env={"MODELQ_REDIS_URL": settings.redis_url})
+    assert by_key.exit_code == 0, by_key.output
+    resident = json.loads(by_key.stdout)["results"][TASK]
+    assert {m: resident[m] for m in ("acc,none", "acc_norm,none")} == {
+        m: reference[m] for m in ("acc,none", "acc_norm,none")}
