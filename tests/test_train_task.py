@@ -152,6 +152,24 @@ def test_a_non_finite_loss_stops_the_job_naming_the_step_and_saves_nothing(root:
     assert CheckpointStore(root / "checkpoints" / "_" / "nan", 2).steps() == [1, 2]
 
 
+def test_a_failed_run_on_an_existing_adapter_leaves_its_weights_as_they_were(root: Path) -> None:
+    ctx = _ctx(root, None)
+    _train(ctx, root, steps=2)  # makes adapter "t" (lora=...) and trains it: jobs may now use it
+    before = _weights(ctx)
+    calls: list[int] = []
+
+    def poison_during_step_three() -> None:  # steps 1 and 2 change the adapter, then step 3 fails
+        calls.append(1)
+        if len(calls) == 7:
+            with torch.no_grad():
+                ctx.model.lm_head.weight[5, 0] = float("nan")
+    ctx.hooks.check_cancel = poison_during_step_three
+    with pytest.raises(TaskFailed, match="loss is not finite at step 3"):
+        _train(ctx, root, lora=None, checkpoint_steps=0)  # no lora: train the adapter that is there
+    after = _weights(ctx)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_schedule_eval_and_step_metrics(root: Path) -> None:
     reported: list[Any] = []
     ctx = _ctx(root, None, progress=lambda d, t, m: reported.append(m))

@@ -7,8 +7,9 @@ wrapper the entry does not know. `Before.take` notes what the entry holds before
 `Before.restore` undoes what the task did to it: adapters it added are deleted, tuner layers
 it injected are replaced by their base layers, parameters' `requires_grad`, the training
 mode and the active adapters are set back, and the entry holds its old model object again.
-Weights of adapters that were there before are not copied (a task that trains one and then
-fails leaves that adapter's weights as the failure found them).
+Weights of adapters that were there before are not copied here: `modelq.train_adapter` keeps
+a copy of the one it trains and puts it back itself (builtin/train.py); a user task that
+trains an existing adapter in place and then fails leaves it as the failure found it.
 """
 
 from __future__ import annotations

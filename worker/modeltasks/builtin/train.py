@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +81,38 @@ def train_adapter(ctx: TaskContext, adapter: str, dataset: str, steps: int, batc
     if checkpointing is None:
         checkpointing = bool(quantized_4bit(model))
     params = [p for _, p in named]
-    with training(model, params, name), base_for_training(model, checkpointing=checkpointing), \
-            seeded(ctx.device, options.seed):
-        if checkpoint is not None:
-            run.restore(checkpoint)
-            log.info("training %s resumes from step %d (%s)", name, checkpoint.step, store and store.folder)
-        _train(ctx, run, store, board_dir)
-    if folder is not None:
-        write_adapter(model, name, folder, base_model=ctx.base_model)
+    with _kept_on_failure(params, config is None):
+        with training(model, params, name), base_for_training(model, checkpointing=checkpointing), \
+                seeded(ctx.device, options.seed):
+            if checkpoint is not None:
+                run.restore(checkpoint)
+                log.info("training %s resumes from step %d (%s)", name, checkpoint.step,
+                         store and store.folder)
+            _train(ctx, run, store, board_dir)
+        if folder is not None:
+            write_adapter(model, name, folder, base_model=ctx.base_model)
     if store is not None and not options.keep_checkpoints_after:
         store.remove()
     return {"adapter": plain, "losses": run.losses, "output_dir": None if folder is None else str(folder),
             "resumed_from_step": run.resumed_from, "steps": options.steps, "eval_losses": run.eval_losses,
             "checkpoint_dir": None if store is None else str(store.folder), "dropped_rows": dropped}
+
+
+@contextmanager
+def _kept_on_failure(params: list[torch.nn.Parameter], existed: bool) -> Iterator[None]:
+    """An adapter that was there before the job gets its weights back when the job fails
+    (a non-finite loss, cancel, time limit, a failed save): the jobs using it afterwards see it
+    as it was, not half trained. One copy of its weights, on its device, for the job's length.
+    (An adapter the job made is deleted by the rollback of a failed task: handlers/rollback.py.)"""
+    saved = [p.detach().clone() for p in params] if existed else None
+    try:
+        yield
+    except BaseException:
+        if saved is not None:
+            with torch.no_grad():
+                for param, value in zip(params, saved, strict=True):
+                    param.copy_(value)
+        raise
 
 
 def _train(ctx: TaskContext, run: TrainingRun, store: CheckpointStore | None, board_dir: Path | None) -> None:
