@@ -5,6 +5,11 @@ base model resident in a modelq pool (under the name ``<prefix>-<step>``, not
 activated: whoever else uses the base keeps its adapters) and runs
 `modelq.loglikelihood` of a fixed list of eval texts with that adapter alone active.
 
+With `harness_tasks`, each checkpoint is also evaluated with lm-evaluation-harness through
+the pool (tasks/harness.py's `modelq` model, the `eval` extra; `include_path` for local task
+YAMLs): the harness's results per task land in `checkpoint.harness`, as `modelq eval
+--model-key KEY --adapter NAME` would print them.
+
 Training never waits on modelq: `on_save` only puts the checkpoint on a local queue.
 One background thread submits the attach, waits for it (the evaluation names the
 adapter, so it must be attached first, whichever worker holds the base), then submits
@@ -43,18 +48,22 @@ class CheckpointJobs:
     attach_job_id: str | None = None
     eval_job_id: str | None = None
     error: str | None = None  # why the chain stopped: the attach failed, Redis was unreachable
+    harness: dict[str, Any] | None = None  # lm-eval's results by task, with `harness_tasks`
 
 
 class ModelqCheckpointCallback(TrainerCallback):
     """Attach each saved checkpoint's adapter to the resident base `model_key` and score `eval_texts`."""
 
     def __init__(self, client: Client, model_key: str, eval_texts: Sequence[str], *,
-                 prefix: str = "ckpt", attach_timeout: float = 600.0) -> None:
+                 prefix: str = "ckpt", attach_timeout: float = 600.0,
+                 harness_tasks: Sequence[str] = (), include_path: str | None = None) -> None:
         self.client = client
         self.model_key = model_key
         self.eval_texts = list(eval_texts)
         self.prefix = prefix
         self.attach_timeout = attach_timeout
+        self.harness_tasks = list(harness_tasks)
+        self.include_path = include_path
         self.checkpoints: list[CheckpointJobs] = []
         self._pending: queue.Queue[CheckpointJobs] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -93,7 +102,7 @@ class ModelqCheckpointCallback(TrainerCallback):
             checkpoint = self._pending.get()
             try:
                 self._submit(checkpoint)
-            except (ModelqError, OSError) as exc:  # BrokerUnavailable, TimedOut, InvalidJob, ...
+            except (ModelqError, OSError, RuntimeError, ValueError) as exc:  # Redis down, lm-eval refused
                 checkpoint.error = f"{type(exc).__name__}: {exc}"
                 log.warning("checkpoint %s: %s", checkpoint.step, checkpoint.error)
             finally:
@@ -113,6 +122,24 @@ class ModelqCheckpointCallback(TrainerCallback):
         evaluation = self.client.run("modelq.loglikelihood", model=self.model_key,
                                      adapters=[checkpoint.adapter], args=[self.eval_texts])
         checkpoint.eval_job_id = evaluation.job_id
+        if self.harness_tasks:
+            checkpoint.harness = self._harness(checkpoint.adapter)
+
+    def _harness(self, adapter: str) -> dict[str, Any]:
+        """lm-eval's results for `harness_tasks` on the base with `adapter`, over the pool
+        (this thread waits for them; training does not)."""
+        from lm_eval import simple_evaluate  # type: ignore[import-untyped]
+        from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]
+
+        from tasks.harness import ModelqLM
+
+        model = ModelqLM(model_key=self.model_key, adapter=adapter, client=self.client)
+        manager = None if self.include_path is None else TaskManager(
+            include_path=self.include_path, include_defaults=False)
+        results = simple_evaluate(model=model, tasks=self.harness_tasks, task_manager=manager)
+        if results is None:
+            raise RuntimeError("lm-eval returned no results")
+        return dict(results["results"])
 
 
 if __name__ == "__main__":

@@ -67,3 +67,30 @@ def test_trainer_callback_attaches_and_scores_each_checkpoint_without_blocking(
     # attached without activating: the later checkpoint did not take over the base
     assert "ckpt-20" not in base.result.model.active_adapters  # type: ignore[union-attr]
 
+
+
+def test_trainer_callback_evaluates_each_checkpoint_with_the_harness_as_lm_eval_hf_does(
+        client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    data = Path(__file__).resolve().parent / "data" / "harness"
+    monkeypatch.chdir(data)  # the task's data_files path is relative
+    pool.start("trainer-harness")
+    loaded = client.submit(LoadJob(model=str(models["llama"]), dtype="float32")).wait(timeout=120)
+    assert loaded.status is JobStatus.succeeded, loaded.error
+    folder = build_lora(models["llama"], tmp_path / "run" / "checkpoint-10", seed=10)
+    callback = ModelqCheckpointCallback(client, loaded.result.model_key,  # type: ignore[union-attr]
+                                        ["held-out text"], harness_tasks=["modelq_toy_mc"],
+                                        include_path=str(data))
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path / "run")),  # type: ignore[arg-type]
+                     SimpleNamespace(global_step=10, is_world_process_zero=True), None)  # type: ignore[arg-type]
+    assert callback.wait(timeout=240)
+    saved = callback.checkpoints[0]
+    assert saved.error is None and saved.harness is not None
+    expected = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={models['llama']},peft={folder},dtype=float32", device="cpu",
+        tasks=["modelq_toy_mc"], task_manager=TaskManager(include_path=str(data), include_defaults=False))
+    for metric in ("acc,none", "acc_norm,none"):
+        assert saved.harness["modelq_toy_mc"][metric] == expected["results"]["modelq_toy_mc"][metric], metric
