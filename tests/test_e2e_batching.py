@@ -187,6 +187,30 @@ def test_a_worker_killed_mid_batch_has_every_job_finished_once_elsewhere(
     assert len(running) > 1 and any(_result(r).batch_jobs > 1 for r in records)
 
 
+def test_jobs_naming_the_key_and_the_spec_that_loaded_it_share_a_call(
+        client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "acme_batch.py").write_text(SLOW_TASKS)
+    pool.start("mixer", "--tasks", "acme_batch", env={"PYTHONPATH": str(tmp_path)})
+    spec = LoadJob(model=str(models["llama"]))
+    key = _loaded_key(client.submit(spec).wait(timeout=120))
+    log = str(tmp_path / "done.txt")
+    blocker = client.run("acme.slow_echo", model=key, args=[["block"]], kwargs={"log": log, "seconds": 2.0})
+    _wait_until(lambda: client.status(blocker.job_id).status is JobStatus.running)
+    jobs = [client.run("acme.slow_echo", model=key if i % 2 else spec, args=[[f"item{i}"]],
+                       kwargs={"log": log, "seconds": 0.1}) for i in range(12)]  # queued meanwhile
+    assert _result(blocker.wait(timeout=60)).value == ["BLOCK"]
+    results = [_result(h.wait(timeout=120)) for h in jobs]
+    assert [r.value for r in results] == [[f"ITEM{i}"] for i in range(12)]
+    assert all(r.model_key == key for r in results)
+    # six name the key, six the spec: a call of more than six had both kinds
+    assert max(r.batch_jobs for r in results) > 6, [r.batch_jobs for r in results]
+
+
+def _loaded_key(record: JobRecord) -> str:
+    assert record.status is JobStatus.succeeded and isinstance(record.result, ModelInfo), record.error
+    return record.result.model_key
+
+
 def test_tenants_rows_in_a_mixed_batch_see_only_their_own_adapters(
         client: Client, pool: WorkerPool, settings: Any, models: dict[str, Path],
         reference: Any, tmp_path: Path) -> None:

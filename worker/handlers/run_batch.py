@@ -2,7 +2,8 @@
 
 The cross-job batcher (worker/jobs/batching.py) hands `RunBatches.run_batch` the started
 jobs whose `batch_key` is equal: the same batchable task, the same model (the same model
-key, or the same load spec) and equal arguments but the items. Each job is first checked
+key, or a load spec this worker's cache has served as that key, or else the same load spec)
+and equal arguments but the items. Each job is first checked
 as alone (its model found or loaded, its tenant's access, its adapters); one that fails
 there fails alone. The rest run in groups, one call each:
 
@@ -30,6 +31,7 @@ from peft import PeftModel
 
 from schemas import InvalidJob, ModelInfo, RunJob, RunResult, Stage
 from schemas.errors import ModelqError
+from tasks.state.registry import request_key
 from worker.handlers.run import RunHandler, _device, _tokenizer, info_as_used, own_active, path_resolver
 from worker.jobs.batching import Member, StopCheck
 from worker.models.cache import Entry
@@ -72,7 +74,20 @@ class RunBatches:
         split = split_args(spec, job.args, job.kwargs)
         if split is None:
             return None
-        return job.task, job.model.model_dump_json(), split.key
+        return job.task, self._model_of(job), split.key
+
+    def _model_of(self, job: RunJob) -> str:
+        """The model a job runs on, as far as this worker can tell before preparing it: a load
+        spec its cache has already served counts as that entry's key, so that jobs naming the
+        key and jobs naming the spec share a call. A hint only: each job's own load still runs
+        in `_prepare`, and rows are grouped by the entry they got there."""
+        if job.model.load is None:
+            return f"key:{job.model.model_key}"
+        wanted = request_key(job.model.load)
+        for entry in self.run.residents.cache.entries():
+            if wanted in entry.request_keys:
+                return f"key:{entry.key}"
+        return job.model.model_dump_json()
 
     def run_batch(self, members: Sequence[Member], check: StopCheck) -> int:
         rows: list[Row] = []
