@@ -187,7 +187,7 @@ def test_a_worker_killed_mid_batch_has_every_job_finished_once_elsewhere(
     assert len(running) > 1 and any(_result(r).batch_jobs > 1 for r in records)
 
 
-def test_jobs_naming_the_key_and_the_spec_that_loaded_it_share_a_call(
+def test_queued_jobs_share_a_call_however_they_name_the_model_and_keep_their_seeded_samples(
         client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "acme_batch.py").write_text(SLOW_TASKS)
     pool.start("mixer", "--tasks", "acme_batch", env={"PYTHONPATH": str(tmp_path)})
@@ -204,6 +204,18 @@ def test_jobs_naming_the_key_and_the_spec_that_loaded_it_share_a_call(
     assert all(r.model_key == key for r in results)
     # six name the key, six the spec: a call of more than six had both kinds
     assert max(r.batch_jobs for r in results) > 6, [r.batch_jobs for r in results]
+
+    # the same prompt and seed in four jobs sharing a call: each samples as a lone job does
+    sampled = {"max_new_tokens": TOKENS, "do_sample": True, "temperature": 1.5, "seed": 3}
+    blocker = client.run("acme.slow_echo", model=key, args=[["block"]], kwargs={"log": log, "seconds": 2.0})
+    _wait_until(lambda: client.status(blocker.job_id).status is JobStatus.running)
+    handles = [client.run("modelq.generate", model=key if i % 2 else spec, args=[PROMPTS[0]],
+                          kwargs=sampled) for i in range(4)]
+    shared = [_result(h.wait(timeout=120)) for h in handles]
+    lone = _result(client.run("modelq.generate", model=key, args=[PROMPTS[0]],
+                              kwargs=sampled).wait(timeout=60))
+    assert [r.batch_jobs for r in shared] == [4] * 4 and lone.batch_jobs == 1
+    assert [r.value for r in shared] == [lone.value] * 4
 
 
 def _loaded_key(record: JobRecord) -> str:

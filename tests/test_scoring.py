@@ -9,6 +9,7 @@ one at a time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -120,6 +121,13 @@ def test_a_seeded_sample_is_the_same_whatever_batch_it_lands_in(case: SimpleName
     assert repeated[0] == alone[0] and len(set(repeated)) > 1  # equal prompts: their own streams
     other = call_task(case.ctx, "modelq.generate", [PROMPTS[:3]], {**options, "seed": 6}, LIMIT).value
     assert other != alone
+    # a call shared by jobs (cross-job batching): equal prompts are counted within each job
+    three_jobs = replace(case.ctx, row_jobs=(0, 1, 2))
+    same = [PROMPTS[0]] * 3
+    assert call_task(three_jobs, "modelq.generate", [same], options, LIMIT).value == [alone[0]] * 3
+    two_jobs = replace(case.ctx, row_jobs=(0, 0, 1))
+    assert call_task(two_jobs, "modelq.generate", [same], options, LIMIT).value == [
+        repeated[0], repeated[1], repeated[0]]
 
 
 def test_scores_never_build_a_float32_matrix_of_every_position(case: SimpleNamespace,

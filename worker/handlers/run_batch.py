@@ -208,7 +208,8 @@ class RunBatches:
         ctx = TaskContext(model=first.entry.model, model_key=first.entry.key,
                           device=_device(first.entry.model), adapters=adapters,
                           hooks=self._hooks(rows, check), base_model=first.entry.base.ref,
-                          row_adapters=row_adapters)
+                          row_adapters=row_adapters, row_jobs=None if len(rows) == 1 else tuple(
+                              i for i, row in enumerate(rows) for _ in row.split.items))
         if len(rows) == 1:  # alone: exactly as the job asked
             outcome = call_task(ctx, first.job.task, first.job.args, first.job.kwargs,
                                 run.max_result_bytes, registry=run.registry)

@@ -193,6 +193,10 @@ class TaskContext:
     """In a batch of several jobs: each item's adapter as named on the model ("__base__" for
     none), for peft's mixed-adapter inference (`adapter_names=`). None: every item runs with
     `adapters`."""
+    row_jobs: tuple[int, ...] | None = None
+    """In a call shared by several jobs: each item's job (0, 1, ... in the joined list), so
+    that what a task counts per job (seeded sampling's equal prompts) is counted within the
+    item's own job. None: the items are one job's."""
     job_id: str | None = None
     """The run job's id (None in process): what keys a task's state that outlives an attempt,
     such as training checkpoints, so the job's next attempt on any worker finds it."""

@@ -6,9 +6,10 @@ one-at-a-time results; in bf16/fp16 padding may change the last bits of a logit 
 rarely, a token (transformers #25921, #29029).
 
 Sampling draws each row's tokens from its own generator, seeded from the job's `seed`, the
-prompt's text and how many equal prompts come before it in the list (the Gumbel-max trick
-on the temperature/top-p scores), so a prompt gets the same stream whatever batch it lands
-in. Without a seed the rows' seeds are random.
+prompt's text and how many equal prompts come before it in its job's list (the Gumbel-max
+trick on the temperature/top-p scores), so a prompt gets the same stream whatever batch it
+lands in, a call shared with other jobs included (`ctx.row_jobs`). Without a seed the rows'
+seeds are random.
 
 With `until` or `max_gen_toks` the call follows lm-evaluation-harness's `generate_until`:
 `max_gen_toks` new tokens (256 by default), the prompt left-truncated to the model's length
@@ -83,7 +84,7 @@ def generate(ctx: TaskContext, prompts: str | list[str], max_new_tokens: int = 3
     size, cap = check_batching(batch_size, max_batch_tokens)
     rows = _encode(ctx, texts, new_tokens, harness)
     sampling = Sampling(new_tokens, tuple(stops), float(temperature), float(top_p),
-                        row_seeds(seed, texts) if do_sample else None)
+                        row_seeds(seed, texts, ctx.row_jobs) if do_sample else None)
     adapters = adapter_arguments(ctx, len(texts))
     tokenizer = ctx.tokenizer
 
@@ -122,18 +123,21 @@ def _encode(ctx: TaskContext, texts: list[str], new_tokens: int, harness: bool) 
     return rows
 
 
-def row_seeds(seed: int | None, texts: Sequence[str]) -> tuple[int, ...]:
-    """One seed per prompt: from (seed, the prompt, its count among equal prompts before it);
-    random for each when `seed` is None."""
+def row_seeds(seed: int | None, texts: Sequence[str],
+              jobs: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One seed per prompt: from (seed, the prompt, its count among equal prompts before it in
+    its own job: `jobs`, each prompt's job in a shared call); random for each when `seed` is
+    None."""
     if seed is None:
         return tuple(secrets.randbits(SEED_BITS) for _ in texts)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidJob(f"seed must be an integer, not {seed!r}")
-    seen: Counter[str] = Counter()
+    seen: Counter[tuple[int, str]] = Counter()
     seeds = []
-    for text in texts:
-        digest = hashlib.sha256(f"{seed}\0{seen[text]}\0{text}".encode()).digest()
-        seen[text] += 1
+    for index, text in enumerate(texts):
+        counted = (0 if jobs is None else jobs[index], text)
+        digest = hashlib.sha256(f"{seed}\0{seen[counted]}\0{text}".encode()).digest()
+        seen[counted] += 1
         seeds.append(int.from_bytes(digest[:8], "big") >> (64 - SEED_BITS))
     return tuple(seeds)
 
