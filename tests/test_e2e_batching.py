@@ -145,6 +145,7 @@ SLOW_TASKS = textwrap.dedent('''
     import os
     import time
 
+    from tasks import logs
     from worker import TaskContext, model_task
 
     @model_task("acme.slow_echo", batchable=True)
@@ -156,6 +157,8 @@ SLOW_TASKS = textwrap.dedent('''
             time.sleep(0.05)
         with open(log, "a") as out:
             out.write("".join(f"{item} {os.getpid()}\\n" for item in items))
+        with open(log + ".context", "a") as out:  # the job ids this call's log lines carry
+            out.write(logs.context().get("job_id", "") + "\\n")
         return [item.upper() for item in items]
 ''')
 
@@ -204,6 +207,10 @@ def test_queued_jobs_share_a_call_however_they_name_the_model_and_keep_their_see
     assert all(r.model_key == key for r in results)
     # six name the key, six the spec: a call of more than six had both kinds
     assert max(r.batch_jobs for r in results) > 6, [r.batch_jobs for r in results]
+    contexts = [set(line.split(",")) for line in Path(log + ".context").read_text().split()]
+    assert {blocker.job_id} in contexts  # a lone job's lines name it, a shared call's name them all
+    biggest = max(contexts, key=len)
+    assert biggest <= {h.job_id for h in jobs} and len(biggest) == max(r.batch_jobs for r in results)
 
     # the same prompt and seed in four jobs sharing a call: each samples as a lone job does
     sampled = {"max_new_tokens": TOKENS, "do_sample": True, "temperature": 1.5, "seed": 3}

@@ -29,6 +29,7 @@ import redis
 
 from schemas import Cancelled, Envelope, TimedOut
 from schemas.errors import ModelqError
+from tasks import logs
 from worker.jobs.attempt import Outcome
 from worker.jobs.gather import Gatherer, Taken
 from worker.jobs.guard import CANCEL_POLL_SECONDS, WATCHDOG, JobGuard
@@ -131,6 +132,8 @@ class Batcher:
                                           runner.options.faults,
                                           cancel_seen=begun.cancel)
             members.append(Member(attempt.job_id, attempt.job, guard.reporter, guard))
+        tenants = {member.job.tenant for member in members}  # log lines of the call name every job
+        logs.set_job(",".join(m.job_id for m in members), tenants.pop() if len(tenants) == 1 else None)
         soonest = min(members, key=lambda m: m.guard.deadline)
         WATCHDOG.watch(soonest.job_id, time.monotonic() + max(0.0, soonest.guard.deadline
                                                               - time.monotonic()),
