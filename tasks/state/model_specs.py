@@ -3,17 +3,16 @@
 A worker that loads a model fresh writes the load job that made it under its key
 (`Keys.model_spec`: the owner tenant and the LoadJob, its placement as the worker resolved
 it). When a run job names a key that no live worker holds, routing sends it on as a load
-would go (tasks/state/lua/route.lua) and the worker that takes it loads the model again from this
-spec (worker/handlers/respawn.py). Adapters attached to a private model later (attach jobs,
+would go (tasks/state/lua/route.lua) and the worker that takes it loads the model again
+from this spec (worker/handlers/respawn.py). Adapters attached to a private model later (attach jobs,
 later loads of the key) are added to its spec, and one detached on purpose is dropped from
 it. A shared base's spec has no adapters: they belong to tenants.
 
 Cost stays flat per job: one HSET with its TTL per fresh load (and a read and a write per
-attach), a TTL renewal at most every
-quarter TTL per model and worker (`touch`), a DEL when `modelq unload` frees it from its last
-live holder, one HGETALL
-when a key must be loaded again; nothing lists or scans specs. A spec nobody loads or uses
-for `ttl` seconds lapses with its TTL.
+attach), a TTL renewal at most every quarter TTL per model and worker (`touch`), a DEL when
+`modelq unload` frees it from its last live holder, one HGETALL when a key must be loaded
+again; nothing lists or scans specs. A spec nobody loads or uses for `ttl` seconds lapses
+with its TTL.
 """
 
 from __future__ import annotations
