@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from schemas import AccessDenied, InvalidJob, parse_job
-from tasks.gateway.api import create_gateway
+from tasks.gateway import create_gateway
 from tasks.settings import Settings
 from tests.support.workers import WorkerPool
 
