@@ -52,9 +52,9 @@ def base_for_training(model: torch.nn.Module, *, checkpointing: bool) -> Iterato
 def unpacked_4bit(model: torch.nn.Module) -> Iterator[None]:
     """Each repacked 4-bit layer with a plain twin for the block's length, the very objects
     inference had put back after. Around training, and around anything that takes the
-    model's `state_dict()` (peft's `save_pretrained`): bitsandbytes' `_save_to_state_dict`
-    unpacks a repacked CPU weight in place, quantizing its scales again, and the base would
-    answer differently from then on."""
+    model's `state_dict()`: bitsandbytes' `_save_to_state_dict` unpacks a repacked CPU weight
+    in place, quantizing its scales again, and the base would answer differently from then
+    on (saving an adapter avoids it another way: builtin/lora.py hands peft the tensors)."""
     with ExitStack() as stack:
         for layer in quantized_4bit(model):
             stack.enter_context(_plain_4bit(layer))

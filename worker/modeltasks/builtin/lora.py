@@ -22,7 +22,6 @@ from schemas.errors import InvalidJob
 from schemas.jobs import check_adapter_name
 from worker.modeltasks.activation import adapter_parameters, set_active
 from worker.modeltasks.registry import TaskContext, model_task
-from worker.training.kbit import unpacked_4bit
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -131,8 +130,11 @@ def write_adapter(model: torch.nn.Module, adapter: str, folder: Path, *,
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as scratch:
         # "auto" would look the base up on the hub to compare vocab sizes (a network call)
-        with unpacked_4bit(model):  # a repacked 4-bit base would be unpacked in place otherwise
-            model.save_pretrained(scratch, selected_adapters=[adapter], save_embedding_layers=False)
+        # handed the tensors as held, peft never calls the model's state_dict(): bitsandbytes'
+        # _save_to_state_dict would unpack a CPU-repacked 4-bit base in place (training/kbit.py)
+        held = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        model.save_pretrained(scratch, selected_adapters=[adapter], save_embedding_layers=False,
+                              state_dict=held)
         source = Path(scratch) if adapter == "default" else Path(scratch) / adapter
         if base_model is not None:
             config_file = source / "adapter_config.json"
