@@ -27,7 +27,7 @@ from tasks.settings import Settings
 from tasks.state.keys import worker_queue
 from tasks.state.store import now
 from tests.support.fault_waits import marked_model, started_events, wait_for, wait_stage
-from tests.support.workers import WorkerPool, WorkerProcess
+from tests.support.workers import WorkerPool
 from worker.fault_hooks import KILL_MARKER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,13 +49,6 @@ def default_client(redis_url: str) -> Client:
     return Client(Settings(redis_url=redis_url))
 
 
-def start_all(pool: WorkerPool, names: list[str], env: dict[str, str]) -> list[WorkerProcess]:
-    workers = [pool.start(name, env=env, wait=False) for name in names]
-    for worker in workers:
-        pool.wait_registered(worker, timeout=180)
-    return workers
-
-
 def terminal_writes(client: Client, job_id: str) -> int:
     """How many events moved the job to a terminal status (one, if it ended once)."""
     return sum(1 for _, e in client.store.events(job_id) if e.status in
@@ -66,7 +59,7 @@ def test_kill_9_mid_load_finishes_elsewhere_within_a_minute(default_client: Clie
                                                             pool: WorkerPool,
                                                             models: dict[str, Path]) -> None:
     # The delay only has to outlast the moment between seeing `loading` and the kill.
-    workers = start_all(pool, ["w1", "w2"], {**DEFAULTS, "MODELQ_TEST_STAGE_DELAY": "loading:5"})
+    workers = pool.start_all(["w1", "w2"], {**DEFAULTS, "MODELQ_TEST_STAGE_DELAY": "loading:5"})
     handle = default_client.submit(LoadJob(model=ModelRef(path=str(models["llama"]))))
     running = wait_stage(default_client, handle.job_id, Stage.loading)
     victim = next(w for w in workers if w.name == running.worker)
@@ -115,21 +108,12 @@ def test_crash_loop_stops_after_the_default_attempts_and_the_queue_drains(
         default_client: Client, pool: WorkerPool, models: dict[str, Path], tmp_path: Path) -> None:
     """Twin of test_reliability_worker's crash loop: each death is seen within 1.5 worker TTLs
     (15 s), so the default 3 attempts take well under a minute."""
-    live = start_all(pool, ["w1", "w2"], FAULTS)
+    live = pool.start_all(["w1", "w2"], FAULTS)
     bad = default_client.submit(LoadJob(model=ModelRef(path=str(
         marked_model(models["llama"], tmp_path, KILL_MARKER)))))
     good = [default_client.submit(LoadJob(model=ModelRef(path=str(models[m]))))
             for m in ("qwen2", "mistral")]
-    deaths, n = 0, 3
-    deadline = time.monotonic() + 150
-    while not default_client.status(bad.job_id).terminal:
-        assert time.monotonic() < deadline, f"the crash loop did not stop ({deaths} deaths)"
-        for worker in [w for w in live if not w.alive()]:  # restarted, as a supervisor would
-            deaths += 1
-            live.remove(worker)
-            live.append(pool.start(f"w{n}", env=FAULTS, wait=False))
-            n += 1
-        time.sleep(0.2)
+    pool.supervise(live, FAULTS, lambda: default_client.status(bad.job_id).terminal, 150, first=3)
 
     record = bad.wait(timeout=10)
     attempts = _FIELDS["max_attempts"].default
@@ -148,7 +132,7 @@ def test_a_load_longer_than_the_worker_ttl_runs_once_and_sigterm_finishes_a_load
     """Twin of test_reliability_worker's long load and SIGTERM: two 12 s loads at once, each
     longer than the 10 s worker TTL (the heartbeat keeps its lease, so no sweep puts its
     message back), one of them on a worker told to stop (it finishes the load, then leaves)."""
-    w1, w2 = start_all(pool, ["w1", "w2"], {**DEFAULTS, "MODELQ_TEST_STAGE_DELAY": "loading:12"})
+    w1, w2 = pool.start_all(["w1", "w2"], {**DEFAULTS, "MODELQ_TEST_STAGE_DELAY": "loading:12"})
     handles = []
     for worker, model in ((w1, "llama"), (w2, "qwen2")):
         monkeypatch.setattr(default_client.registry, "queue_for",

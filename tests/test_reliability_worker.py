@@ -24,18 +24,11 @@ from tests.support.fault_waits import (
     wait_for,
     wait_stage,
 )
-from tests.support.workers import WorkerPool, WorkerProcess
+from tests.support.workers import WorkerPool
 from worker.app import EXIT_POISONED
 from worker.fault_hooks import CUDA_MARKER, KILL_MARKER
 
 pytestmark = pytest.mark.e2e
-
-
-def start_all(pool: WorkerPool, names: list[str], env: dict[str, str]) -> list[WorkerProcess]:
-    workers = [pool.start(name, env=env, wait=False) for name in names]
-    for worker in workers:
-        pool.wait_registered(worker, timeout=180)
-    return workers
 
 
 def registered(client: Client) -> set[str]:
@@ -45,7 +38,7 @@ def registered(client: Client) -> set[str]:
 def test_kill_9_mid_load_redelivers_and_completes_once(client: Client, pool: WorkerPool,
                                                         models: dict[str, Path]) -> None:
     env = fault_env("loading:3")
-    live = start_all(pool, ["w1", "w2"], env)
+    live = pool.start_all(["w1", "w2"], env)
     for n, dtype in enumerate(("float32", "bfloat16"), start=3):  # then on the replacement pool
         handle = client.submit(LoadJob(model=ModelRef(path=str(models["llama"])), dtype=dtype))
         running = wait_stage(client, handle.job_id, Stage.loading)
@@ -69,21 +62,12 @@ def test_crash_loop_stops_as_worker_lost_and_the_queue_drains(client: Client, po
                                                               models: dict[str, Path],
                                                               tmp_path: Path) -> None:
     env = fault_env(MODELQ_MAX_ATTEMPTS="2")
-    live = start_all(pool, ["w1", "w2"], env)
+    live = pool.start_all(["w1", "w2"], env)
     marked = marked_model(models["llama"], tmp_path, KILL_MARKER)
     bad = client.submit(LoadJob(model=ModelRef(path=str(marked))))
     good = [client.submit(LoadJob(model=ModelRef(path=str(models[m])))) for m in ("qwen2", "mistral")]
 
-    deaths, n = 0, 3
-    deadline = time.monotonic() + 180
-    while not client.status(bad.job_id).terminal:
-        assert time.monotonic() < deadline, "the crash loop did not stop"
-        for worker in [w for w in live if not w.alive()]:
-            deaths += 1
-            live.remove(worker)
-            live.append(pool.start(f"w{n}", env=env, wait=False))
-            n += 1
-        time.sleep(0.2)
+    deaths = pool.supervise(live, env, lambda: client.status(bad.job_id).terminal, 180, first=3)
 
     record = bad.wait(timeout=10)
     assert record.status is JobStatus.failed and record.error is not None
@@ -100,7 +84,7 @@ def test_long_load_runs_once_and_sigterm_finishes_the_job(client: Client, pool: 
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A 7 s load outlives the 4 s visibility timeout: the broker redelivers it meanwhile. Sent
     # to the shared queue (as when no worker is preferred), the copy reaches the idle worker.
-    live = start_all(pool, ["w1", "w2"], fault_env("loading:7"))
+    live = pool.start_all(["w1", "w2"], fault_env("loading:7"))
     monkeypatch.setattr(client.registry, "queue_for", lambda job, route: SHARED_QUEUE)
     handle = client.submit(LoadJob(model=ModelRef(path=str(models["llama"]))))
     holder = wait_stage(client, handle.job_id, Stage.loading).worker

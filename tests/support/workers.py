@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -84,6 +84,29 @@ class WorkerPool:
         if wait:
             self.wait_registered(worker, timeout)
         return worker
+
+    def start_all(self, names: list[str], env: dict[str, str]) -> list[WorkerProcess]:
+        """Start workers `names` at once, then wait for each to register."""
+        workers = [self.start(name, env=env, wait=False) for name in names]
+        for worker in workers:
+            self.wait_registered(worker, timeout=180)
+        return workers
+
+    def supervise(self, live: list[WorkerProcess], env: dict[str, str], done: Callable[[], bool],
+                  timeout: float, first: int) -> int:
+        """Replace each worker of `live` that dies (w<first>, w<first+1>, ...), as a supervisor
+        would, until `done()`; the deaths seen. AssertionError past `timeout` seconds."""
+        deaths, n = 0, first
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"the crash loop did not stop ({deaths} deaths)"
+            for worker in [w for w in live if not w.alive()]:
+                deaths += 1
+                live.remove(worker)
+                live.append(self.start(f"w{n}", env=env, wait=False))
+                n += 1
+            time.sleep(0.2)
+        return deaths
 
     def wait_registered(self, worker: WorkerProcess, timeout: float = 90) -> None:
         client = redis.Redis.from_url(self.redis_url)
